@@ -1,0 +1,3 @@
+//! The dataplane: programs and state that move container packets between hosts.
+
+pub mod ebpf;

@@ -1,0 +1,7 @@
+//! `overlay-agent`: a flannel-compatible overlay network agent whose dataplane runs in eBPF.
+//!
+//! The crate is split along the architecture (see `docs/architecture.md`):
+//! - [`dataplane`]: what moves packets: the eBPF loader and its maps.
+#![deny(missing_docs)]
+
+pub mod dataplane;

@@ -1,0 +1,20 @@
+//! Types shared by the kernel side (`overlay-ebpf`) and user space (`overlay-agent`).
+//!
+//! Every type that crosses the user/kernel boundary through a map is `#[repr(C)]`, spells out its
+//! padding as named fields, and derives [`bytemuck::Pod`]: the derive refuses any type with
+//! implicit padding, so a layout that would leak uninitialised bytes into a map, or differ between
+//! the two compilers, does not compile.
+#![no_std]
+#![deny(missing_docs)]
+
+pub mod stats;
+
+pub use stats::{COUNTER_SLOTS, COUNTERS_MAP, Counter, CounterSlot};
+
+/// Names of the programs in the eBPF object, shared so the loader and the object cannot drift.
+pub mod programs {
+    /// XDP program on the underlay interface's ingress.
+    pub const XDP_INGRESS: &str = "xdp_ingress";
+    /// TC classifier on the overlay device's egress.
+    pub const TC_EGRESS: &str = "tc_egress";
+}
