@@ -4,7 +4,10 @@
 fn main() -> anyhow::Result<()> {
     let ebpf_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../overlay-ebpf");
     // overlay-common is compiled into the object too; aya-build only watches the package itself.
-    println!("cargo:rerun-if-changed={}", concat!(env!("CARGO_MANIFEST_DIR"), "/../overlay-common"));
+    println!(
+        "cargo:rerun-if-changed={}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../overlay-common")
+    );
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "overlay-ebpf",

@@ -29,7 +29,10 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
 }
 
 fn try_xdp_ingress(ctx: &XdpContext) -> Result<u32, ()> {
-    count(CounterSlot::XdpIngress, (ctx.data_end() - ctx.data()) as u64)?;
+    count(
+        CounterSlot::XdpIngress,
+        (ctx.data_end() - ctx.data()) as u64,
+    )?;
     Ok(xdp_action::XDP_PASS)
 }
 

@@ -18,6 +18,8 @@ pub fn require_root(test: &str) -> bool {
     if std::env::var_os("OVERLAY_TESTS_REQUIRE_ROOT").is_some_and(|v| v == "1") {
         panic!("{test}: needs root (network namespaces, eBPF), and OVERLAY_TESTS_REQUIRE_ROOT=1");
     }
-    eprintln!("SKIPPED {test}: needs root (network namespaces, eBPF); run `cargo xtask test` as root");
+    eprintln!(
+        "SKIPPED {test}: needs root (network namespaces, eBPF); run `cargo xtask test` as root"
+    );
     false
 }

@@ -1,1 +1,37 @@
-fn main(){}
+//! `cargo xtask <command>`: the project's setup, build, test and run steps, one module each.
+
+mod build;
+mod cmd;
+mod run;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "Setup, build, test and run overlay-agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install everything the build and tests need (idempotent; cheap when all is present).
+    Setup(setup::Options),
+    /// Build the agent with its embedded eBPF object.
+    Build(build::Options),
+    /// Run setup, then formatting, lints, unit tests and the root integration tests.
+    Test(test::Options),
+    /// Run the main job (the article's docker scenario in a local lab).
+    Run(run::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup(opts) => setup::setup(&opts),
+        Command::Build(opts) => build::build(&opts).map(|_| ()),
+        Command::Test(opts) => test::test(&opts),
+        Command::Run(opts) => run::run(&opts),
+    }
+}

@@ -118,7 +118,8 @@ impl EbpfDataplane {
             }
         }
         let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, programs::TC_EGRESS)?;
-        tc.attach(interface, TcAttachType::Egress).map_err(attach_err)?;
+        tc.attach(interface, TcAttachType::Egress)
+            .map_err(attach_err)?;
         Ok(())
     }
 
@@ -158,9 +159,10 @@ where
         kind: "program",
         name,
     })?;
-    program
-        .try_into()
-        .map_err(|source| EbpfError::Program { program: name, source })
+    program.try_into().map_err(|source| EbpfError::Program {
+        program: name,
+        source,
+    })
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK, whose default (64 KiB) is too small for

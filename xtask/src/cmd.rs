@@ -1,0 +1,104 @@
+//! Running external commands with their command line shown, so long steps show progress.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+/// Prints a progress line for a step.
+pub fn step(msg: impl std::fmt::Display) {
+    eprintln!("==> {msg}");
+}
+
+/// Runs `cmd` with inherited stdio, failing with the command line if it does not succeed.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("    $ {}", display(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {}", display(cmd)))?;
+    if !status.success() {
+        bail!("{} failed: {status}", display(cmd));
+    }
+    Ok(())
+}
+
+/// Runs `cmd` quietly and returns its stdout, or None when it cannot start or fails.
+pub fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn display(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&arg.to_string_lossy());
+    }
+    s
+}
+
+/// The cargo that runs this xtask, so nested builds use the same toolchain.
+pub fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Whether this process runs as root (namespaces, eBPF and apt need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_path_buf()
+}
+
+/// Totals of libtest's `test result:` lines.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TestTotals {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+/// Runs a `cargo test` command, echoing its stdout as it comes, and adds its `test result:` lines
+/// to `totals`.
+pub fn run_tests(cmd: &mut Command, totals: &mut TestTotals) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    eprintln!("    $ {}", display(cmd));
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", display(cmd)))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part
+                    .split_whitespace()
+                    .filter(|w| *w != "ok." && *w != "FAILED.");
+                if let (Some(n), Some(what)) = (words.next(), words.next())
+                    && let Ok(n) = n.parse::<u64>()
+                {
+                    match what {
+                        "passed" => totals.passed += n,
+                        "failed" => totals.failed += n,
+                        "ignored" => totals.ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{} failed: {status}", display(cmd));
+    }
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! `cargo xtask test`: everything CI checks, in the order that fails fastest.
+
+use crate::{
+    cmd::{TestTotals, cargo, is_root, run, run_tests, step, workspace_root},
+    setup,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Skip `setup` (when you know everything is installed).
+    #[arg(long)]
+    pub no_setup: bool,
+}
+
+pub fn test(opts: &Options) -> anyhow::Result<()> {
+    if !is_root() {
+        anyhow::bail!(
+            "the integration tests create network namespaces and load eBPF programs: run as root"
+        );
+    }
+    if !opts.no_setup {
+        setup::setup(&setup::Options {})?;
+    }
+    let root = workspace_root();
+
+    step("test: rustfmt check");
+    run(cargo()
+        .current_dir(&root)
+        .args(["fmt", "--all", "--", "--check"]))?;
+
+    // overlay-ebpf is not a default member (it only builds for the BPF target), so the default
+    // members are exactly the user-space crates.
+    step("test: clippy -D warnings on the user-space crates");
+    run(cargo()
+        .current_dir(&root)
+        .args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+
+    let mut totals = TestTotals::default();
+    step("test: unit tests");
+    run_tests(
+        cargo().current_dir(&root).args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "overlay-ebpf",
+            "--exclude",
+            "overlay-tests",
+        ]),
+        &mut totals,
+    )?;
+
+    // Single-threaded: the tests share the kernel's namespaces, links and BPF state.
+    // OVERLAY_TESTS_REQUIRE_ROOT turns a skipped root test into a failure, so CI cannot pass by
+    // skipping.
+    step("test: integration tests (network namespaces, eBPF, etcd)");
+    run_tests(
+        cargo()
+            .current_dir(&root)
+            .args([
+                "test",
+                "--package",
+                "overlay-tests",
+                "--",
+                "--test-threads=1",
+            ])
+            .env("OVERLAY_TESTS_REQUIRE_ROOT", "1"),
+        &mut totals,
+    )?;
+
+    if totals.passed == 0 {
+        anyhow::bail!("no test ran");
+    }
+    step("test: all steps passed");
+    // The plain closing line CI reads, summing every test binary above.
+    println!(
+        "xtask: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    Ok(())
+}
