@@ -5,6 +5,7 @@
 //! `OVERLAY_TESTS_REQUIRE_ROOT=1` (set by `cargo xtask test`) turns the skip into a failure, so CI
 //! can never pass by skipping.
 
+pub mod lab;
 pub mod netns;
 
 /// Returns true when the test may run; prints why and returns false when it must skip.

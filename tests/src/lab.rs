@@ -1,0 +1,248 @@
+//! Simulated container hosts: the rig shared by the integration tests, `cargo xtask run` and
+//! `cargo xtask bench`.
+//!
+//! ```text
+//!   [lab-net]  bridge ul0 --+-- ulh1 <-veth-> eth0 [host h1] docker0 -- vh1c <-veth-> eth0 [container]
+//!                           +-- ulh2 <-veth-> eth0 [host h2] docker0 -- ...
+//! ```
+//! The underlay is 198.18.0.0/24 (RFC 2544's benchmarking range, never routed anywhere), host *i*
+//! is 198.18.0.*i*. Each host gets a docker0-like bridge configured the way docker configures it
+//! from subnet.env (`--bip=FLANNEL_SUBNET --mtu=FLANNEL_MTU`) and one container namespace behind it.
+//! Nothing is created in the caller's own namespace; dropping the lab deletes every namespace.
+
+use std::net::Ipv4Addr;
+
+use crate::netns::{NetNs, NetNsError, veth};
+
+/// Interface name of a host's underlay NIC, inside the host namespace.
+pub const UNDERLAY_IF: &str = "eth0";
+/// Name of the docker-like bridge on each host.
+pub const DOCKER_BRIDGE: &str = "docker0";
+
+/// The rig's shape.
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    /// Prefix of every namespace name (kept short: names show up in `ip netns`).
+    pub prefix: String,
+    /// Number of hosts.
+    pub hosts: usize,
+    /// MTU of the underlay links.
+    pub underlay_mtu: u32,
+}
+
+impl Default for LabConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "ovl".into(),
+            hosts: 3,
+            underlay_mtu: 1500,
+        }
+    }
+}
+
+/// A running rig. Hosts are dropped before the underlay switch.
+#[derive(Debug)]
+pub struct Lab {
+    /// The simulated hosts, in order.
+    pub hosts: Vec<Host>,
+    /// The namespace holding the underlay bridge.
+    pub switch: NetNs,
+}
+
+/// One simulated host.
+#[derive(Debug)]
+pub struct Host {
+    /// 1-based host number.
+    pub number: usize,
+    /// The container, once [`Host::start_docker`] ran. Declared before `ns` so it drops first.
+    pub container: Option<Container>,
+    /// The host's network namespace.
+    pub ns: NetNs,
+    /// The host's address on the underlay.
+    pub underlay_ip: Ipv4Addr,
+}
+
+/// A container namespace behind a host's docker bridge.
+#[derive(Debug)]
+pub struct Container {
+    /// The container's namespace; its interface is `eth0`.
+    pub ns: NetNs,
+    /// The container's address (the second address of the host's subnet, as docker hands out).
+    pub ip: Ipv4Addr,
+}
+
+/// Errors building the rig.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// A namespace or link operation failed.
+    #[error(transparent)]
+    NetNs(#[from] NetNsError),
+    /// subnet.env could not be read or lacks a field docker needs.
+    #[error("subnet.env: {reason}")]
+    SubnetEnv {
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl Lab {
+    /// Builds the underlay and the hosts (no docker bridges yet).
+    pub fn new(config: &LabConfig) -> Result<Self, LabError> {
+        let switch = NetNs::new(&format!("{}-net", config.prefix))?;
+        switch.ip(&["link", "add", "ul0", "type", "bridge"])?;
+        switch.ip(&["link", "set", "ul0", "up"])?;
+        let mtu = config.underlay_mtu.to_string();
+        let mut hosts = Vec::with_capacity(config.hosts);
+        for number in 1..=config.hosts {
+            let ns = NetNs::new(&format!("{}-h{number}", config.prefix))?;
+            let port = format!("ulh{number}");
+            veth(&switch, &port, &ns, UNDERLAY_IF)?;
+            switch.ip(&["link", "set", &port, "master", "ul0", "mtu", &mtu])?;
+            ns.ip(&["link", "set", UNDERLAY_IF, "mtu", &mtu])?;
+            let underlay_ip = Ipv4Addr::new(198, 18, 0, number as u8);
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{underlay_ip}/24"),
+                "dev",
+                UNDERLAY_IF,
+            ])?;
+            // A container host forwards between its bridge and the overlay.
+            ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+            hosts.push(Host {
+                number,
+                container: None,
+                ns,
+                underlay_ip,
+            });
+        }
+        Ok(Self { hosts, switch })
+    }
+}
+
+impl Host {
+    /// Does what docker does with `--bip=FLANNEL_SUBNET --mtu=FLANNEL_MTU` read from subnet.env:
+    /// a bridge holding the gateway address, and one container with the next address behind it.
+    pub fn start_docker(&mut self, env: &SubnetEnv) -> Result<&Container, LabError> {
+        let bip = format!("{}/{}", env.gateway, env.prefix_len);
+        let mtu = env.mtu.to_string();
+        self.ns
+            .ip(&["link", "add", DOCKER_BRIDGE, "type", "bridge"])?;
+        self.ns.ip(&["link", "set", DOCKER_BRIDGE, "mtu", &mtu])?;
+        self.ns.ip(&["addr", "add", &bip, "dev", DOCKER_BRIDGE])?;
+        self.ns.ip(&["link", "set", DOCKER_BRIDGE, "up"])?;
+
+        let ns = NetNs::new(&format!("{}-c", self.ns.name()))?;
+        let host_if = format!("vh{}c", self.number);
+        veth(&self.ns, &host_if, &ns, "eth0")?;
+        self.ns.ip(&[
+            "link",
+            "set",
+            &host_if,
+            "master",
+            DOCKER_BRIDGE,
+            "mtu",
+            &mtu,
+        ])?;
+        let ip = Ipv4Addr::from(u32::from(env.gateway) + 1);
+        ns.ip(&["link", "set", "eth0", "mtu", &mtu])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{ip}/{}", env.prefix_len),
+            "dev",
+            "eth0",
+        ])?;
+        ns.ip(&["route", "add", "default", "via", &env.gateway.to_string()])?;
+        Ok(self.container.insert(Container { ns, ip }))
+    }
+}
+
+/// What docker reads from flannel's subnet.env.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetEnv {
+    /// FLANNEL_NETWORK's address.
+    pub network: Ipv4Addr,
+    /// FLANNEL_NETWORK's prefix length.
+    pub network_len: u8,
+    /// FLANNEL_SUBNET's address: the bridge's (gateway) address.
+    pub gateway: Ipv4Addr,
+    /// FLANNEL_SUBNET's prefix length.
+    pub prefix_len: u8,
+    /// FLANNEL_MTU.
+    pub mtu: u32,
+}
+
+impl SubnetEnv {
+    /// Parses flannel's `KEY=value` lines.
+    pub fn parse(text: &str) -> Result<Self, LabError> {
+        let get = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .map(str::trim)
+                .ok_or_else(|| LabError::SubnetEnv {
+                    reason: format!("no {key}"),
+                })
+        };
+        let cidr = |key: &str| -> Result<(Ipv4Addr, u8), LabError> {
+            let value = get(key)?;
+            let bad = || LabError::SubnetEnv {
+                reason: format!("{key}={value} is not an IPv4 CIDR"),
+            };
+            let (addr, len) = value.split_once('/').ok_or_else(bad)?;
+            Ok((
+                addr.parse().map_err(|_| bad())?,
+                len.parse().map_err(|_| bad())?,
+            ))
+        };
+        let (network, network_len) = cidr("FLANNEL_NETWORK")?;
+        let (gateway, prefix_len) = cidr("FLANNEL_SUBNET")?;
+        let mtu = get("FLANNEL_MTU")?;
+        let mtu = mtu.parse().map_err(|_| LabError::SubnetEnv {
+            reason: format!("FLANNEL_MTU={mtu} is not a number"),
+        })?;
+        Ok(Self {
+            network,
+            network_len,
+            gateway,
+            prefix_len,
+            mtu,
+        })
+    }
+
+    /// The host's subnet (FLANNEL_SUBNET with the host bits cleared).
+    pub fn subnet(&self) -> (Ipv4Addr, u8) {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0);
+        (
+            Ipv4Addr::from(u32::from(self.gateway) & mask),
+            self.prefix_len,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_flannel_subnet_env() {
+        let env = SubnetEnv::parse(
+            "FLANNEL_NETWORK=172.16.0.0/12\nFLANNEL_SUBNET=172.16.21.1/24\nFLANNEL_MTU=1472\n\
+             FLANNEL_IPMASQ=false\n",
+        )
+        .unwrap();
+        assert_eq!(env.gateway, Ipv4Addr::new(172, 16, 21, 1));
+        assert_eq!(env.mtu, 1472);
+        assert_eq!(env.subnet(), (Ipv4Addr::new(172, 16, 21, 0), 24));
+        assert_eq!(env.network_len, 12);
+    }
+
+    #[test]
+    fn rejects_missing_mtu() {
+        assert!(
+            SubnetEnv::parse("FLANNEL_NETWORK=10.0.0.0/8\nFLANNEL_SUBNET=10.1.0.1/24\n").is_err()
+        );
+    }
+}
