@@ -4,4 +4,7 @@
 //! - [`dataplane`]: what moves packets: the eBPF loader and its maps.
 #![deny(missing_docs)]
 
+pub mod cli;
+pub mod control;
+pub mod daemon;
 pub mod dataplane;

@@ -1,23 +1,32 @@
-use anyhow::Context as _;
-use clap::Parser;
+use std::io::IsTerminal as _;
 
-/// Flannel-compatible overlay network agent whose dataplane runs in eBPF.
-#[derive(Debug, Parser)]
-#[command(name = "overlay-agent", version)]
-struct Cli {}
+use overlay_agent::{cli::Cli, daemon};
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse_args();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.log_level())),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    let dataplane = overlay_agent::dataplane::ebpf::EbpfDataplane::load()
-        .context("the eBPF dataplane cannot run on this host")?;
-    drop(dataplane);
-    tracing::info!("eBPF object loads; the control plane arrives with the next release");
-    Ok(())
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("starting the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(daemon::run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{}", overlay_agent::control::etcd::error_chain(&e));
+            std::process::ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+        }
+    }
 }

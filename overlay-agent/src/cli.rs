@@ -1,0 +1,336 @@
+//! The command line: flanneld's flags with flanneld's defaults, each also read from the
+//! environment as `FLANNELD_<FLAG>`, plus the agent's own flags.
+//!
+//! Unit files written for flanneld keep working: Go-style single-dash long flags
+//! (`-etcd-endpoints=...`) are accepted (see [`normalize_go_flags`]), boolean flags take
+//! `--flag`, `--flag=true` and `--flag=false` like Go's `flag` package, and glog's
+//! `--logtostderr` is accepted and ignored (the agent always logs to stderr, which systemd keeps).
+
+use std::{
+    ffi::OsString,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use clap::{Parser, ValueEnum};
+
+/// Which datapath forwards overlay packets for the udp and vxlan backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DatapathKind {
+    /// eBPF when the kernel allows it, else the TUN device.
+    Auto,
+    /// eBPF programs (XDP/TC); fails when they cannot load.
+    Ebpf,
+    /// A TUN device driven from user space, as flanneld's udp backend does.
+    Tun,
+}
+
+/// Flannel-compatible overlay network agent whose dataplane runs in eBPF.
+///
+/// A drop-in replacement for flanneld: same flags, same etcd data, same subnet.env.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "overlay-agent", version)]
+pub struct Cli {
+    /// Comma-separated etcd endpoints.
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
+    pub etcd_endpoints: Vec<String>,
+
+    /// etcd prefix under which the network config and the leases live.
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_PREFIX",
+        default_value = "/coreos.com/network"
+    )]
+    pub etcd_prefix: String,
+
+    /// TLS key file of the client certificate used to reach etcd.
+    #[arg(long, env = "FLANNELD_ETCD_KEYFILE")]
+    pub etcd_keyfile: Option<PathBuf>,
+
+    /// TLS client certificate file used to reach etcd.
+    #[arg(long, env = "FLANNELD_ETCD_CERTFILE")]
+    pub etcd_certfile: Option<PathBuf>,
+
+    /// CA file that signed etcd's server certificate.
+    #[arg(long, env = "FLANNELD_ETCD_CAFILE")]
+    pub etcd_cafile: Option<PathBuf>,
+
+    /// etcd user name (etcd authentication).
+    #[arg(long, env = "FLANNELD_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+
+    /// etcd password (etcd authentication).
+    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+
+    /// Interface (name or IPv4 address) to use for inter-host traffic; repeatable, first found
+    /// wins. Default: the interface of the default route.
+    #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',')]
+    pub iface: Vec<String>,
+
+    /// Regex matched against interface names and IPv4 addresses, when no --iface matches;
+    /// repeatable.
+    #[arg(long, env = "FLANNELD_IFACE_REGEX", value_delimiter = ',')]
+    pub iface_regex: Vec<String>,
+
+    /// IPv4 address other hosts reach this one at (default: the interface's address).
+    #[arg(long, env = "FLANNELD_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
+
+    /// Where to write the subnet file that docker's unit reads.
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_FILE",
+        default_value = "/run/flannel/subnet.env"
+    )]
+    pub subnet_file: PathBuf,
+
+    /// flanneld's directory for multi-network subnet files; accepted, unused.
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_DIR",
+        default_value = "/run/flannel/networks"
+    )]
+    pub subnet_dir: PathBuf,
+
+    /// Renew the lease this many minutes before it expires.
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u32).range(1..=1439)
+    )]
+    pub subnet_lease_renew_margin: u32,
+
+    /// Tell docker (via FLANNEL_IPMASQ) that the agent masquerades traffic leaving the overlay.
+    #[arg(
+        long,
+        env = "FLANNELD_IP_MASQ",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = parse_go_bool
+    )]
+    pub ip_masq: bool,
+
+    /// Address the health endpoint listens on.
+    #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
+    pub healthz_ip: IpAddr,
+
+    /// Port of the health endpoint (`GET /healthz`); 0 turns it off.
+    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
+    pub healthz_port: u16,
+
+    /// Log verbosity, as glog's -v: 0 info, 1-2 debug, 3 and more trace. RUST_LOG overrides it.
+    #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]
+    pub verbosity: u8,
+
+    /// Accepted for compatibility with glog; logs always go to stderr.
+    #[arg(
+        long,
+        env = "FLANNELD_LOGTOSTDERR",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value = "true",
+        default_missing_value = "true",
+        value_parser = parse_go_bool
+    )]
+    pub logtostderr: bool,
+
+    /// Datapath for the udp and vxlan backends (the alloc backend needs none).
+    #[arg(long, env = "FLANNELD_DATAPATH", value_enum, default_value_t = DatapathKind::Auto)]
+    pub datapath: DatapathKind,
+
+    /// Lifetime of the subnet lease in etcd (e.g. 30s, 90m, 24h); it is renewed before it ends.
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_LEASE_TTL",
+        default_value = "24h",
+        value_parser = parse_ttl
+    )]
+    pub subnet_lease_ttl: Duration,
+}
+
+impl Cli {
+    /// Parses the process's arguments, accepting Go-style single-dash long flags.
+    pub fn parse_args() -> Self {
+        Self::parse_from(normalize_go_flags(std::env::args_os()))
+    }
+
+    /// The tracing filter directive that `-v` asks for.
+    pub fn log_level(&self) -> &'static str {
+        match self.verbosity {
+            0 => "info",
+            1 | 2 => "debug",
+            _ => "trace",
+        }
+    }
+}
+
+/// Go's `strconv.ParseBool`, which flanneld's boolean flags and variables use.
+fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean (true or false)")),
+    }
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    // etcd rounds lease TTLs to whole seconds and refuses 0.
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".to_owned());
+    }
+    Ok(d)
+}
+
+/// Long flags (without dashes) that Go's `flag` package would also accept with one dash.
+const LONG_FLAGS: &[&str] = &[
+    "etcd-endpoints",
+    "etcd-prefix",
+    "etcd-keyfile",
+    "etcd-certfile",
+    "etcd-cafile",
+    "etcd-username",
+    "etcd-password",
+    "iface",
+    "iface-regex",
+    "public-ip",
+    "subnet-file",
+    "subnet-dir",
+    "subnet-lease-renew-margin",
+    "ip-masq",
+    "healthz-ip",
+    "healthz-port",
+    "logtostderr",
+    "version",
+    "datapath",
+    "subnet-lease-ttl",
+];
+
+/// Rewrites `-etcd-endpoints=x` to `--etcd-endpoints=x` for the known long flags, since Go's
+/// `flag` package treats one and two dashes alike and unit files use both. Stops at `--`.
+pub fn normalize_go_flags(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut rest_verbatim = false;
+    for (i, arg) in args.into_iter().enumerate() {
+        if i == 0 || rest_verbatim {
+            out.push(arg);
+            continue;
+        }
+        if arg == "--" {
+            rest_verbatim = true;
+            out.push(arg);
+            continue;
+        }
+        let rewritten = arg.to_str().and_then(|s| {
+            let name = s.strip_prefix('-').filter(|n| !n.starts_with('-'))?;
+            let flag = name.split_once('=').map_or(name, |(f, _)| f);
+            LONG_FLAGS
+                .contains(&flag)
+                .then(|| OsString::from(format!("-{s}")))
+        });
+        out.push(rewritten.unwrap_or(arg));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        let argv = std::iter::once("overlay-agent")
+            .chain(args.iter().copied())
+            .map(OsString::from);
+        Cli::try_parse_from(normalize_go_flags(argv))
+    }
+
+    #[test]
+    fn defaults_are_flanneld_defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(
+            c.etcd_endpoints,
+            ["http://127.0.0.1:4001", "http://127.0.0.1:2379"]
+        );
+        assert_eq!(c.etcd_prefix, "/coreos.com/network");
+        assert_eq!(c.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
+        assert_eq!(c.subnet_lease_renew_margin, 60);
+        assert!(!c.ip_masq);
+        assert_eq!(c.healthz_ip, IpAddr::from([0, 0, 0, 0]));
+        assert_eq!(c.healthz_port, 0);
+        assert_eq!(c.datapath, DatapathKind::Auto);
+        assert_eq!(c.subnet_lease_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(c.log_level(), "info");
+    }
+
+    #[test]
+    fn article_command_line() {
+        let c = parse(&[
+            "--etcd-endpoints=http://H:2379",
+            "--etcd-prefix=/flannel",
+            "--logtostderr=true",
+            "--subnet-dir=/run/flannel/networks",
+            "--subnet-file=/run/flannel/subnet.env",
+        ])
+        .unwrap();
+        assert_eq!(c.etcd_endpoints, ["http://H:2379"]);
+        assert_eq!(c.etcd_prefix, "/flannel");
+    }
+
+    #[test]
+    fn go_style_flags() {
+        let c = parse(&[
+            "-etcd-endpoints=http://a:1,http://b:2",
+            "-iface",
+            "eth0",
+            "--iface=10.0.0.1",
+            "-ip-masq",
+            "-v=2",
+            "--logtostderr",
+            "-subnet-lease-ttl=90m",
+            "-public-ip=127.0.0.9",
+        ])
+        .unwrap();
+        assert_eq!(c.etcd_endpoints, ["http://a:1", "http://b:2"]);
+        assert_eq!(c.iface, ["eth0", "10.0.0.1"]);
+        assert!(c.ip_masq);
+        assert_eq!(c.verbosity, 2);
+        assert_eq!(c.log_level(), "debug");
+        assert_eq!(c.subnet_lease_ttl, Duration::from_secs(90 * 60));
+        assert_eq!(c.public_ip, Some(Ipv4Addr::new(127, 0, 0, 9)));
+        assert!(!parse(&["--ip-masq=false"]).unwrap().ip_masq);
+        assert!(parse(&["--ip-masq=T"]).unwrap().ip_masq);
+        assert_eq!(parse(&["--v=3"]).unwrap().verbosity, 3);
+        assert_eq!(parse(&["-v", "1"]).unwrap().verbosity, 1);
+    }
+
+    #[test]
+    fn rejects_out_of_range() {
+        assert!(parse(&["--subnet-lease-renew-margin=0"]).is_err());
+        assert!(parse(&["--subnet-lease-renew-margin=1440"]).is_err());
+        assert!(parse(&["--subnet-lease-ttl=500ms"]).is_err());
+        assert!(parse(&["--subnet-lease-ttl=soon"]).is_err());
+        assert!(parse(&["--ip-masq=maybe"]).is_err());
+        assert!(parse(&["--datapath=dpdk"]).is_err());
+        assert!(parse(&["--public-ip=::1"]).is_err());
+    }
+
+    #[test]
+    fn single_dash_rewrite_is_limited_to_known_flags() {
+        let argv = ["x", "-v=1", "-iface=lo", "-zz", "--", "-iface=eth0"].map(OsString::from);
+        let out = normalize_go_flags(argv);
+        assert_eq!(
+            out,
+            ["x", "-v=1", "--iface=lo", "-zz", "--", "-iface=eth0"].map(OsString::from)
+        );
+    }
+}

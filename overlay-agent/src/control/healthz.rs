@@ -1,0 +1,121 @@
+//! `GET /healthz`: 200 when the lease is held and the datapath is up, else 503 with a one-line
+//! reason. A tiny HTTP/1.0-style responder: one request per connection, no dependency.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpListener,
+};
+
+/// The agent's health as `/healthz` reports it.
+#[derive(Debug, Clone)]
+pub struct Health(Arc<Mutex<State>>);
+
+#[derive(Debug)]
+struct State {
+    /// Until when the lease is known to be held; `None` while none is held.
+    lease_until: Option<Instant>,
+    /// Why no lease is held (when `lease_until` is `None`).
+    lease_reason: String,
+    /// Why the datapath is not up; `None` when it is.
+    datapath: Option<String>,
+}
+
+impl Health {
+    /// Starts with no lease (for `reason`) and the datapath not started.
+    pub fn new(reason: &str) -> Self {
+        Self(Arc::new(Mutex::new(State {
+            lease_until: None,
+            lease_reason: reason.to_owned(),
+            datapath: Some("datapath not started".to_owned()),
+        })))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that a lease is held until `until` (its etcd expiry; far away for a reservation).
+    pub fn lease_held(&self, until: Instant) {
+        self.state().lease_until = Some(until);
+    }
+
+    /// Records that no lease is held, and why.
+    pub fn lease_lost(&self, reason: impl Into<String>) {
+        let mut s = self.state();
+        s.lease_until = None;
+        s.lease_reason = reason.into();
+    }
+
+    /// Records the datapath's state: `None` when up, else why not.
+    pub fn datapath(&self, reason: Option<String>) {
+        self.state().datapath = reason;
+    }
+
+    /// `None` when healthy, else the reason.
+    pub fn reason(&self) -> Option<String> {
+        let s = self.state();
+        match s.lease_until {
+            None => return Some(s.lease_reason.clone()),
+            // Renewal failed for the whole TTL (etcd unreachable): etcd has dropped the lease.
+            Some(t) if t <= Instant::now() => {
+                return Some(
+                    "the lease expired: it could not be renewed (etcd unreachable?)".into(),
+                );
+            }
+            Some(_) => {}
+        }
+        s.datapath.clone()
+    }
+}
+
+/// Binds the endpoint; the returned listener is served by [`serve`].
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves `/healthz` until the task is dropped.
+pub async fn serve(listener: TcpListener, health: Health) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let health = health.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let mut len = 0;
+            // Only the request line matters; read until it is complete, briefly.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while len < buf.len() && !buf[..len].contains(&b'\n') {
+                    match conn.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => len += n,
+                    }
+                }
+            })
+            .await;
+            let line = String::from_utf8_lossy(&buf[..len]);
+            let mut parts = line.split_whitespace();
+            let (status, body) = match (parts.next(), parts.next()) {
+                (Some("GET"), Some("/healthz")) => match health.reason() {
+                    None => ("200 OK", "ok\n".to_owned()),
+                    Some(r) => ("503 Service Unavailable", format!("{r}\n")),
+                },
+                (Some("GET"), Some(_)) => ("404 Not Found", "not found\n".to_owned()),
+                _ => ("400 Bad Request", "bad request\n".to_owned()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
