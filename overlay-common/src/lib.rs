@@ -7,14 +7,19 @@
 #![no_std]
 #![deny(missing_docs)]
 
+pub mod maps;
 pub mod stats;
 
 pub use stats::{COUNTER_SLOTS, COUNTERS_MAP, Counter, CounterSlot};
 
 /// Names of the programs in the eBPF object, shared so the loader and the object cannot drift.
 pub mod programs {
-    /// XDP program on the underlay interface's ingress.
-    pub const XDP_INGRESS: &str = "xdp_ingress";
-    /// TC classifier on the overlay device's egress.
-    pub const TC_EGRESS: &str = "tc_egress";
+    /// TC classifier on the overlay device's egress: encapsulates towards peers.
+    pub const TC_ENCAP: &str = "tc_encap";
+    /// TC classifier on the underlay interface's ingress: checks the sender and decapsulates.
+    pub const TC_DECAP: &str = "tc_decap";
 }
+
+/// Version of the maps' layout and the programs' contract. Pinned objects of another version are
+/// replaced, never reused.
+pub const ABI_VERSION: u32 = 1;

@@ -1,33 +1,69 @@
-//! Packet counters kept by the eBPF programs in a per-CPU array map.
+//! Packet counters kept by the eBPF programs in a per-CPU array map, one slot per outcome.
 
 use bytemuck::{Pod, Zeroable};
 
 /// Name of the per-CPU array map holding one [`Counter`] per [`CounterSlot`].
 pub const COUNTERS_MAP: &str = "COUNTERS";
 
-/// What a slot of the counters map counts. The discriminant is the map index.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CounterSlot {
-    /// Packets seen by the XDP program on the underlay interface.
-    XdpIngress = 0,
-    /// Packets seen by the TC classifier on the overlay device's egress.
-    TcEgress = 1,
+macro_rules! slots {
+    ($($(#[doc = $doc:literal])* $name:ident = $idx:literal,)*) => {
+        /// What a slot of the counters map counts. The discriminant is the map index.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum CounterSlot {
+            $($(#[doc = $doc])* $name = $idx,)*
+        }
+
+        impl CounterSlot {
+            /// Every slot, in index order.
+            pub const ALL: &[CounterSlot] = &[$(CounterSlot::$name,)*];
+
+            /// A short name for logs and metrics.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(CounterSlot::$name => stringify!($name),)*
+                }
+            }
+        }
+    };
 }
 
-impl CounterSlot {
-    /// Every slot, in index order.
-    pub const ALL: [CounterSlot; COUNTER_SLOTS as usize] =
-        [CounterSlot::XdpIngress, CounterSlot::TcEgress];
+slots! {
+    /// Encapsulated and sent towards a peer.
+    Encapsulated = 0,
+    /// No peer owns the destination: handed to the TUN device (the userspace slow path).
+    EncapNoPeer = 1,
+    /// Not an IPv4 packet on the overlay device: handed to the TUN device.
+    EncapNotIpv4 = 2,
+    /// A helper failed while encapsulating (no room, redirect refused): dropped.
+    EncapError = 3,
+    /// Decapsulated and delivered straight into a local container.
+    DecapDelivered = 4,
+    /// Decapsulated and handed to the host stack (unknown endpoint, or delivery via stack).
+    DecapToStack = 5,
+    /// Overlay packet from an address that is not a known peer: dropped.
+    DropNotPeer = 6,
+    /// Overlay packet whose inner source is not in the sending peer's subnets: dropped.
+    DropSpoofed = 7,
+    /// Overlay packet too short or with a bad inner header: dropped.
+    DropMalformed = 8,
+    /// VXLAN packet with the wrong flags, VNI or inner destination MAC: dropped.
+    DropBadVxlan = 9,
+    /// Overlay packet that is a fragment or has IP options: passed to the stack untouched.
+    PassUnparsed = 10,
+    /// A helper failed while decapsulating: dropped.
+    DecapError = 11,
+}
 
+/// Number of entries in the counters map.
+pub const COUNTER_SLOTS: u32 = 12;
+
+impl CounterSlot {
     /// Index of this slot in the counters map.
     pub const fn index(self) -> u32 {
         self as u32
     }
 }
-
-/// Number of entries in the counters map.
-pub const COUNTER_SLOTS: u32 = 2;
 
 /// Packets and bytes, one per CPU per slot; user space sums the CPUs.
 #[repr(C)]
@@ -35,7 +71,7 @@ pub const COUNTER_SLOTS: u32 = 2;
 pub struct Counter {
     /// Packets counted.
     pub packets: u64,
-    /// Bytes counted, as the program saw them (L2 for XDP, the skb length for TC).
+    /// Bytes counted (the skb length as the program saw it).
     pub bytes: u64,
 }
 
@@ -67,6 +103,7 @@ mod tests {
 
     #[test]
     fn slots_are_dense_indices() {
+        assert_eq!(CounterSlot::ALL.len(), COUNTER_SLOTS as usize);
         for (i, slot) in CounterSlot::ALL.iter().enumerate() {
             assert_eq!(slot.index() as usize, i);
         }
@@ -77,16 +114,7 @@ mod tests {
         let mut a = Counter::default();
         a.add(100);
         a.add(50);
-        let b = Counter {
-            packets: 1,
-            bytes: 7,
-        };
-        assert_eq!(
-            a.merged(b),
-            Counter {
-                packets: 3,
-                bytes: 157
-            }
-        );
+        let b = Counter { packets: 1, bytes: 7 };
+        assert_eq!(a.merged(b), Counter { packets: 3, bytes: 157 });
     }
 }

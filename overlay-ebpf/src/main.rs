@@ -1,63 +1,89 @@
 //! eBPF programs of the overlay dataplane.
 //!
-//! Entry points are thin: each calls a `try_*` function and turns its result into the program's
-//! verdict, so the logic reads as ordinary fallible Rust.
+//! - `tc_encap` (TC egress on the overlay TUN device): wraps container packets for peers in
+//!   flannel's `udp` or `vxlan` format and redirects them out of the underlay interface.
+//! - `tc_decap` (TC ingress on the underlay interface): accepts overlay packets from known peers
+//!   only, strips the outer headers and delivers the inner packet straight into the container
+//!   (`bpf_redirect_peer`) or to the host stack.
+//!
+//! Entry points are thin: each calls a `try_*` function, counts its outcome and returns its verdict.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{
-    bindings::{TC_ACT_UNSPEC, xdp_action},
-    macros::{classifier, map, xdp},
-    maps::PerCpuArray,
-    programs::{TcContext, XdpContext},
-};
-use overlay_common::{COUNTER_SLOTS, Counter, CounterSlot};
+mod decap;
+mod encap;
+mod wire;
 
-/// Per-CPU packet counters, one slot per [`CounterSlot`]. Per-CPU so that counting needs no atomics
-/// and no cache line bounces between cores.
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT,
+    macros::{classifier, map},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    programs::TcContext,
+};
+use overlay_common::{
+    COUNTER_SLOTS, Counter, CounterSlot,
+    maps::{Config, Endpoint, MAX_ENDPOINTS, MAX_PEERS, Peer, PeerAddr},
+};
+
+/// Per-CPU packet counters, one slot per [`CounterSlot`]: no atomics, no shared cache lines.
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
-/// Ingress on the underlay interface. Counts and passes for now; decapsulation comes with the
-/// dataplane.
-#[xdp]
-pub fn xdp_ingress(ctx: XdpContext) -> u32 {
-    match try_xdp_ingress(&ctx) {
-        Ok(action) => action,
-        Err(()) => xdp_action::XDP_PASS,
+#[map(name = "CONFIG")]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "PEERS")]
+static PEERS: LpmTrie<[u8; 4], Peer> = LpmTrie::with_max_entries(MAX_PEERS, 0);
+
+#[map(name = "PEER_ADDRS")]
+static PEER_ADDRS: HashMap<[u8; 4], PeerAddr> = HashMap::with_max_entries(MAX_PEERS, 0);
+
+#[map(name = "ENDPOINTS")]
+static ENDPOINTS: HashMap<[u8; 4], Endpoint> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// What a program decided: the counter to bump (None for traffic that is not ours) and the verdict.
+pub struct Outcome {
+    slot: Option<CounterSlot>,
+    action: i32,
+}
+
+impl Outcome {
+    const fn new(slot: CounterSlot, action: i32) -> Self {
+        Self {
+            slot: Some(slot),
+            action,
+        }
+    }
+
+    const fn not_ours(action: i32) -> Self {
+        Self { slot: None, action }
     }
 }
 
-fn try_xdp_ingress(ctx: &XdpContext) -> Result<u32, ()> {
-    count(
-        CounterSlot::XdpIngress,
-        (ctx.data_end() - ctx.data()) as u64,
-    )?;
-    Ok(xdp_action::XDP_PASS)
-}
-
-/// Egress on the overlay device. Counts and hands the packet on (TC_ACT_UNSPEC: the next program
-/// in the tcx chain, or the default action) so that it never hides traffic from other programs.
 #[classifier]
-pub fn tc_egress(ctx: TcContext) -> i32 {
-    match try_tc_egress(&ctx) {
-        Ok(action) => action,
-        Err(()) => TC_ACT_UNSPEC,
-    }
+pub fn tc_encap(ctx: TcContext) -> i32 {
+    finish(&ctx, encap::try_encap(&ctx), CounterSlot::EncapError)
 }
 
-fn try_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
-    count(CounterSlot::TcEgress, u64::from(ctx.len()))?;
-    Ok(TC_ACT_UNSPEC)
+#[classifier]
+pub fn tc_decap(ctx: TcContext) -> i32 {
+    finish(&ctx, decap::try_decap(&ctx), CounterSlot::DecapError)
 }
 
+/// Counts the outcome and returns its verdict. A helper error mid-way leaves the packet half
+/// rewritten, so it is dropped (and counted) rather than passed on.
 #[inline(always)]
-fn count(slot: CounterSlot, len: u64) -> Result<(), ()> {
-    let counter = COUNTERS.get_ptr_mut(slot.index()).ok_or(())?;
-    // SAFETY: the pointer comes from the map lookup and is valid for this CPU's slot; per-CPU
-    // values are never touched concurrently.
-    unsafe { (*counter).add(len) };
-    Ok(())
+fn finish(ctx: &TcContext, result: Result<Outcome, i64>, error_slot: CounterSlot) -> i32 {
+    let len = u64::from(ctx.len());
+    let outcome = result.unwrap_or(Outcome::new(error_slot, TC_ACT_SHOT as i32));
+    if let Some(slot) = outcome.slot
+        && let Some(counter) = COUNTERS.get_ptr_mut(slot.index())
+    {
+        // SAFETY: the pointer comes from the map lookup and is this CPU's value; per-CPU values
+        // are never touched concurrently.
+        unsafe { (*counter).add(len) };
+    }
+    outcome.action
 }
 
 #[cfg(not(test))]
@@ -66,7 +92,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
-/// GPL-compatible, as helpers such as bpf_redirect_neigh's neighbours require.
+/// GPL-compatible: bpf_redirect_neigh and bpf_redirect_peer are GPL-only helpers.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,21 +1,30 @@
-//! Loads the embedded eBPF object, attaches its programs and reads its maps.
+//! The eBPF datapath: loads the embedded object, attaches `tc_encap` to the overlay device's egress
+//! and `tc_decap` to the underlay interface's ingress, and keeps the maps in step with the peers
+//! and local containers.
 //!
 //! The object is compiled by this crate's build script and embedded in the binary, so the agent
 //! never depends on a file next to it, and a binary always runs the programs it was built with.
 
+use std::{collections::HashMap, net::Ipv4Addr};
+
 use aya::{
     Ebpf,
-    maps::PerCpuArray,
-    programs::{SchedClassifier, TcAttachType, Xdp},
+    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{SchedClassifier, TcAttachType},
 };
-use overlay_common::{COUNTERS_MAP, Counter, CounterSlot, programs};
-
-pub use aya::programs::XdpMode;
+use overlay_common::{
+    COUNTERS_MAP, Counter, CounterSlot,
+    maps::{
+        CONFIG_MAP, Config, ENDPOINTS_MAP, Encap, Endpoint, FLAG_DELIVER_VIA_STACK, PEER_ADDRS_MAP,
+        PEERS_MAP, Peer, PeerAddr,
+    },
+    programs,
+};
 
 /// The eBPF object built from `overlay-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay"));
 
-/// Errors of loading, attaching and reading the eBPF dataplane.
+/// Errors of loading, attaching and driving the eBPF datapath.
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
     /// The kernel refused the object: no BPF syscall, missing CAP_BPF/CAP_NET_ADMIN, or a map type
@@ -44,8 +53,7 @@ pub enum EbpfError {
         #[source]
         source: aya::programs::ProgramError,
     },
-    /// Attaching a program to an interface failed (no such interface, mode unsupported by the
-    /// driver, another program in the way).
+    /// Attaching a program to an interface failed.
     #[error("attaching {program} to {interface}: {source}")]
     Attach {
         /// The program's name.
@@ -56,20 +64,57 @@ pub enum EbpfError {
         #[source]
         source: aya::programs::ProgramError,
     },
-    /// A map could not be opened or read.
-    #[error("reading map {map}: {source}")]
+    /// A map operation failed (full map, kernel refusal).
+    #[error("{operation} in map {map}: {source}")]
     Map {
         /// The map's name.
         map: &'static str,
+        /// What was being done.
+        operation: &'static str,
         /// What aya reported.
         #[source]
         source: aya::maps::MapError,
     },
 }
 
-/// The loaded eBPF dataplane. Dropping it detaches every program it attached.
+/// How this host encapsulates and delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EbpfConfig {
+    /// Wire format.
+    pub encap: Encap,
+    /// This host's public IP: the outer source, and the only destination decapsulated.
+    pub public_ip: Ipv4Addr,
+    /// Interface index of the underlay interface.
+    pub underlay_ifindex: u32,
+    /// Overlay UDP port.
+    pub port: u16,
+    /// VXLAN network identifier (vxlan only).
+    pub vni: u32,
+    /// This host's VTEP MAC (vxlan only).
+    pub vtep_mac: [u8; 6],
+    /// Deliver decapsulated packets through the host stack (netfilter FORWARD, docker's rules)
+    /// instead of straight into containers.
+    pub deliver_via_stack: bool,
+}
+
+/// A peer subnet and where it lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerRoute {
+    /// The peer's subnet address.
+    pub subnet: Ipv4Addr,
+    /// The subnet's prefix length.
+    pub prefix_len: u8,
+    /// The peer host's public IP.
+    pub public_ip: Ipv4Addr,
+    /// The peer's VTEP MAC (vxlan; zero for udp).
+    pub vtep_mac: [u8; 6],
+}
+
+/// The loaded eBPF datapath. Dropping it detaches the programs it attached in this process.
 pub struct EbpfDataplane {
     ebpf: Ebpf,
+    /// Peers as programmed, keyed by subnet, so removals and address refcounts need no map reads.
+    peers: HashMap<(Ipv4Addr, u8), PeerRoute>,
 }
 
 impl EbpfDataplane {
@@ -78,70 +123,195 @@ impl EbpfDataplane {
     pub fn load() -> Result<Self, EbpfError> {
         raise_memlock_limit();
         let mut ebpf = Ebpf::load(OBJECT).map_err(|source| EbpfError::Load { source })?;
-        let xdp: &mut Xdp = program_mut(&mut ebpf, programs::XDP_INGRESS)?;
-        xdp.load().map_err(|source| EbpfError::Program {
-            program: programs::XDP_INGRESS,
-            source,
-        })?;
-        let tc: &mut SchedClassifier = program_mut(&mut ebpf, programs::TC_EGRESS)?;
-        tc.load().map_err(|source| EbpfError::Program {
-            program: programs::TC_EGRESS,
-            source,
-        })?;
-        Ok(Self { ebpf })
+        for name in [programs::TC_ENCAP, programs::TC_DECAP] {
+            classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|source| EbpfError::Program {
+                    program: name,
+                    source,
+                })?;
+        }
+        Ok(Self {
+            ebpf,
+            peers: HashMap::new(),
+        })
     }
 
-    /// Attaches the ingress XDP program to `interface` (looked up in the calling thread's network
-    /// namespace).
-    pub fn attach_xdp(&mut self, interface: &str, mode: XdpMode) -> Result<(), EbpfError> {
-        let xdp: &mut Xdp = program_mut(&mut self.ebpf, programs::XDP_INGRESS)?;
-        xdp.attach(interface, mode)
-            .map_err(|source| EbpfError::Attach {
-                program: programs::XDP_INGRESS,
-                interface: interface.to_owned(),
-                source,
-            })?;
-        Ok(())
-    }
-
-    /// Attaches the egress classifier to `interface` (tcx on kernels >= 6.6, clsact before).
-    pub fn attach_tc_egress(&mut self, interface: &str) -> Result<(), EbpfError> {
-        let attach_err = |source| EbpfError::Attach {
-            program: programs::TC_EGRESS,
-            interface: interface.to_owned(),
-            source,
+    /// Writes this host's settings; the programs pass everything until this is called.
+    pub fn configure(&mut self, cfg: &EbpfConfig) -> Result<(), EbpfError> {
+        let value = Config {
+            public_ip: cfg.public_ip.octets(),
+            underlay_ifindex: cfg.underlay_ifindex,
+            vni: cfg.vni,
+            port: cfg.port,
+            encap: cfg.encap as u8,
+            flags: if cfg.deliver_via_stack {
+                FLAG_DELIVER_VIA_STACK
+            } else {
+                0
+            },
+            vtep_mac: cfg.vtep_mac,
+            _pad: [0; 2],
         };
+        let mut map: Array<&mut MapData, Config> = self.map_mut(CONFIG_MAP)?;
+        map.set(0, value, 0)
+            .map_err(map_err(CONFIG_MAP, "writing the config"))
+    }
+
+    /// Attaches `tc_encap` to the overlay device's egress and `tc_decap` to the underlay's ingress
+    /// (interfaces looked up in the calling thread's network namespace; tcx links on kernels >= 6.6,
+    /// clsact before).
+    pub fn attach(&mut self, overlay_if: &str, underlay_if: &str) -> Result<(), EbpfError> {
+        self.attach_tc(programs::TC_ENCAP, overlay_if, TcAttachType::Egress)?;
+        self.attach_tc(programs::TC_DECAP, underlay_if, TcAttachType::Ingress)
+    }
+
+    fn attach_tc(
+        &mut self,
+        program: &'static str,
+        interface: &str,
+        attach_type: TcAttachType,
+    ) -> Result<(), EbpfError> {
         if !tcx_supported() {
             // Legacy tc needs the clsact qdisc; it may already be there, which is fine.
             if let Err(err) = aya::programs::tc::qdisc_add_clsact(interface) {
                 tracing::debug!(%interface, %err, "clsact qdisc not added (may exist already)");
             }
         }
-        let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, programs::TC_EGRESS)?;
-        tc.attach(interface, TcAttachType::Egress)
-            .map_err(attach_err)?;
+        classifier(&mut self.ebpf, program)?
+            .attach(interface, attach_type)
+            .map_err(|source| EbpfError::Attach {
+                program,
+                interface: interface.to_owned(),
+                source,
+            })?;
         Ok(())
+    }
+
+    /// Programs a peer subnet (replacing what the subnet had).
+    pub fn upsert_peer(&mut self, peer: PeerRoute) -> Result<(), EbpfError> {
+        let key = (peer.subnet, peer.prefix_len);
+        if self.peers.get(&key) == Some(&peer) {
+            return Ok(());
+        }
+        // Address first, so decapsulation accepts the peer by the time encapsulation uses it.
+        self.ref_peer_addr(peer.public_ip, 1)?;
+        let mut trie: LpmTrie<&mut MapData, [u8; 4], Peer> = self.map_mut(PEERS_MAP)?;
+        let value = Peer {
+            public_ip: peer.public_ip.octets(),
+            vtep_mac: peer.vtep_mac,
+            _pad: [0; 2],
+        };
+        trie.insert(
+            &Key::new(u32::from(peer.prefix_len), peer.subnet.octets()),
+            value,
+            0,
+        )
+        .map_err(map_err(PEERS_MAP, "inserting a peer"))?;
+        if let Some(old) = self.peers.insert(key, peer) {
+            self.ref_peer_addr(old.public_ip, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a peer subnet; unknown subnets are ignored.
+    pub fn remove_peer(&mut self, subnet: Ipv4Addr, prefix_len: u8) -> Result<(), EbpfError> {
+        let Some(old) = self.peers.remove(&(subnet, prefix_len)) else {
+            return Ok(());
+        };
+        let mut trie: LpmTrie<&mut MapData, [u8; 4], Peer> = self.map_mut(PEERS_MAP)?;
+        trie.remove(&Key::new(u32::from(prefix_len), subnet.octets()))
+            .map_err(map_err(PEERS_MAP, "removing a peer"))?;
+        self.ref_peer_addr(old.public_ip, -1)
+    }
+
+    /// The peers as programmed.
+    pub fn peers(&self) -> impl Iterator<Item = &PeerRoute> {
+        self.peers.values()
+    }
+
+    fn ref_peer_addr(&mut self, addr: Ipv4Addr, delta: i32) -> Result<(), EbpfError> {
+        let subnets =
+            self.peers.values().filter(|p| p.public_ip == addr).count() as i64 + i64::from(delta);
+        let mut map: BpfHashMap<&mut MapData, [u8; 4], PeerAddr> = self.map_mut(PEER_ADDRS_MAP)?;
+        if subnets <= 0 {
+            match map.remove(&addr.octets()) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(source) => Err(EbpfError::Map {
+                    map: PEER_ADDRS_MAP,
+                    operation: "removing a peer address",
+                    source,
+                }),
+            }
+        } else {
+            let value = PeerAddr {
+                subnets: subnets as u32,
+            };
+            map.insert(addr.octets(), value, 0)
+                .map_err(map_err(PEER_ADDRS_MAP, "inserting a peer address"))
+        }
+    }
+
+    /// Programs a local container for direct delivery.
+    pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, endpoint: Endpoint) -> Result<(), EbpfError> {
+        let mut map: BpfHashMap<&mut MapData, [u8; 4], Endpoint> = self.map_mut(ENDPOINTS_MAP)?;
+        map.insert(ip.octets(), endpoint, 0)
+            .map_err(map_err(ENDPOINTS_MAP, "inserting an endpoint"))
+    }
+
+    /// Forgets a local container; unknown addresses are ignored.
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), EbpfError> {
+        let mut map: BpfHashMap<&mut MapData, [u8; 4], Endpoint> = self.map_mut(ENDPOINTS_MAP)?;
+        match map.remove(&ip.octets()) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(EbpfError::Map {
+                map: ENDPOINTS_MAP,
+                operation: "removing an endpoint",
+                source,
+            }),
+        }
     }
 
     /// Reads the counters, summed over CPUs, one per [`CounterSlot`].
     pub fn counters(&self) -> Result<Vec<(CounterSlot, Counter)>, EbpfError> {
-        let map_err = |source| EbpfError::Map {
-            map: COUNTERS_MAP,
-            source,
-        };
         let map = self.ebpf.map(COUNTERS_MAP).ok_or(EbpfError::Missing {
             kind: "map",
             name: COUNTERS_MAP,
         })?;
-        let counters: PerCpuArray<_, Counter> = PerCpuArray::try_from(map).map_err(map_err)?;
+        let counters: PerCpuArray<_, Counter> =
+            PerCpuArray::try_from(map).map_err(map_err(COUNTERS_MAP, "opening"))?;
         CounterSlot::ALL
             .iter()
             .map(|&slot| {
-                let per_cpu = counters.get(&slot.index(), 0).map_err(map_err)?;
+                let per_cpu = counters
+                    .get(&slot.index(), 0)
+                    .map_err(map_err(COUNTERS_MAP, "reading"))?;
                 let total = per_cpu.iter().fold(Counter::default(), |a, b| a.merged(*b));
                 Ok((slot, total))
             })
             .collect()
+    }
+
+    fn map_mut<'a, M>(&'a mut self, name: &'static str) -> Result<M, EbpfError>
+    where
+        M: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(EbpfError::Missing { kind: "map", name })?;
+        M::try_from(map).map_err(map_err(name, "opening"))
+    }
+}
+
+fn map_err(
+    map: &'static str,
+    operation: &'static str,
+) -> impl Fn(aya::maps::MapError) -> EbpfError {
+    move |source| EbpfError::Map {
+        map,
+        operation,
+        source,
     }
 }
 
@@ -151,10 +321,10 @@ fn tcx_supported() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
-fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, EbpfError> {
     let program = ebpf.program_mut(name).ok_or(EbpfError::Missing {
         kind: "program",
         name,
@@ -180,4 +350,11 @@ fn raise_memlock_limit() {
             "could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11"
         );
     }
+}
+
+/// This host's VTEP MAC: derived from its public IP so it survives restarts without being stored,
+/// locally administered (0x02 bit) and unicast, and distinct for distinct public IPs.
+pub fn vtep_mac_for(public_ip: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = public_ip.octets();
+    [0x0e, 0xfa, a, b, c, d]
 }
