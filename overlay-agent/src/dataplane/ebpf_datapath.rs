@@ -1,0 +1,236 @@
+//! The eBPF datapath behind the control plane's [`Datapath`] interface: on `start` it lays out the
+//! overlay device as flannel does, configures and attaches the programs, then turns each peer
+//! event into map updates.
+
+use std::net::Ipv4Addr;
+
+use overlay_common::maps::Encap;
+
+use super::ebpf::{EbpfConfig, EbpfDataplane, EbpfError, PeerRoute, vtep_mac_for};
+use crate::{
+    control::{
+        config::Backend,
+        datapath::{Datapath, DatapathError, LocalLease},
+        peers::{Peer, PeerEvent},
+    },
+    host::{Netlink, OverlayDevice},
+};
+
+/// flannel's udp and vxlan formats, encapsulated and decapsulated in the kernel.
+pub struct EbpfDatapath {
+    backend: Backend,
+    encap: Encap,
+    public_ip: Ipv4Addr,
+    dataplane: EbpfDataplane,
+    /// Netlink is async; the datapath's calls are not, and run on a thread of their own.
+    runtime: tokio::runtime::Runtime,
+    started: bool,
+}
+
+impl EbpfDatapath {
+    /// Loads the programs (so a kernel or privilege problem shows before any lease is taken).
+    pub fn new(backend: Backend, public_ip: Ipv4Addr) -> Result<Self, EbpfError> {
+        let encap = match backend {
+            Backend::Vxlan { .. } => Encap::Vxlan,
+            _ => Encap::Udp,
+        };
+        let dataplane = EbpfDataplane::load()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread tokio runtime builds");
+        Ok(Self {
+            backend,
+            encap,
+            public_ip,
+            dataplane,
+            runtime,
+            started: false,
+        })
+    }
+
+    /// flannel's device names: `flannel0` for udp, `flannel.<VNI>` for vxlan.
+    fn device_name(&self) -> String {
+        match self.backend {
+            Backend::Vxlan { vni, .. } => format!("flannel.{vni}"),
+            _ => "flannel0".into(),
+        }
+    }
+
+    fn port_and_vni(&self) -> (u16, u32) {
+        match self.backend {
+            Backend::Vxlan { vni, port, .. } => (port, vni),
+            Backend::Udp { port } => (port, 0),
+            Backend::Alloc => (0, 0),
+        }
+    }
+
+    fn route_for(&self, peer: &Peer) -> Result<PeerRoute, String> {
+        let vtep_mac = match self.encap {
+            Encap::Vxlan => peer
+                .backend_data
+                .as_ref()
+                .and_then(|d| d.get("VtepMAC"))
+                .and_then(|m| m.as_str())
+                .and_then(parse_mac)
+                .ok_or_else(|| format!("lease {} has no valid BackendData.VtepMAC", peer.subnet))?,
+            _ => [0; 6],
+        };
+        if peer.backend_type != self.backend.type_name() {
+            return Err(format!(
+                "lease {} uses backend {}, this host {}",
+                peer.subnet,
+                peer.backend_type,
+                self.backend.type_name()
+            ));
+        }
+        Ok(PeerRoute {
+            subnet: peer.subnet.addr(),
+            prefix_len: peer.subnet.prefix(),
+            public_ip: peer.public_ip,
+            vtep_mac,
+        })
+    }
+}
+
+fn failed(context: impl Into<String>) -> impl FnOnce(EbpfError) -> DatapathError {
+    let context = context.into();
+    move |source| DatapathError::Failed {
+        context,
+        source: Box::new(source),
+    }
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl Datapath for EbpfDatapath {
+    fn describe(&self) -> String {
+        format!("eBPF ({})", self.backend.type_name())
+    }
+
+    fn backend_data(&self) -> Option<serde_json::Value> {
+        match self.backend {
+            Backend::Vxlan { vni, .. } => {
+                let m = vtep_mac_for(self.public_ip);
+                Some(serde_json::json!({
+                    "VNI": vni,
+                    "VtepMAC": format!(
+                        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                        m[0], m[1], m[2], m[3], m[4], m[5]
+                    ),
+                }))
+            }
+            _ => None,
+        }
+    }
+
+    fn start(&mut self, lease: &LocalLease) -> Result<(), DatapathError> {
+        let underlay = lease
+            .underlay
+            .as_ref()
+            .ok_or_else(|| DatapathError::Failed {
+                context: "starting the eBPF datapath".into(),
+                source: "no underlay interface (give --iface)".into(),
+            })?;
+        let device = OverlayDevice {
+            name: self.device_name(),
+            mtu: lease.mtu,
+            lease_addr: lease.subnet.addr(),
+            addr_prefix_len: match self.encap {
+                Encap::Vxlan => 32,
+                _ => lease.network.prefix(),
+            },
+            network: (lease.network.addr(), lease.network.prefix()),
+        };
+        let underlay_index = self
+            .runtime
+            .block_on(async {
+                let netlink = Netlink::connect()?;
+                device.ensure(&netlink).await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    netlink.link(&underlay.name).await?.index,
+                )
+            })
+            .map_err(|source| DatapathError::Failed {
+                context: format!("setting up {}", device.name),
+                source,
+            })?;
+        let (port, vni) = self.port_and_vni();
+        self.dataplane
+            .configure(&EbpfConfig {
+                encap: self.encap,
+                public_ip: lease.public_ip,
+                underlay_ifindex: underlay_index,
+                port,
+                vni,
+                vtep_mac: vtep_mac_for(self.public_ip),
+                deliver_via_stack: false,
+            })
+            .map_err(failed("configuring the eBPF programs"))?;
+        self.dataplane
+            .attach(&device.name, &underlay.name)
+            .map_err(failed(format!(
+                "attaching to {} and {}",
+                device.name, underlay.name
+            )))?;
+        tracing::info!(
+            device = %device.name,
+            underlay = %underlay.name,
+            "eBPF datapath up: encapsulating on {} egress, decapsulating on {} ingress",
+            device.name,
+            underlay.name
+        );
+        self.started = true;
+        Ok(())
+    }
+
+    fn apply(&mut self, event: &PeerEvent) -> Result<(), DatapathError> {
+        match event {
+            PeerEvent::Added(peer) => match self.route_for(peer) {
+                Ok(route) => self
+                    .dataplane
+                    .upsert_peer(route)
+                    .map_err(failed(format!("programming peer {}", peer.subnet))),
+                Err(reason) => {
+                    tracing::warn!("not forwarding to {}: {reason}", peer.subnet);
+                    Ok(())
+                }
+            },
+            PeerEvent::Removed(subnet) => self
+                .dataplane
+                .remove_peer(subnet.addr(), subnet.prefix())
+                .map_err(failed(format!("removing peer {subnet}"))),
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.started {
+            Ok(())
+        } else {
+            Err("eBPF datapath not started".into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_flannel_vtep_macs() {
+        assert_eq!(
+            parse_mac("c6:d2:32:6f:8f:44"),
+            Some([0xc6, 0xd2, 0x32, 0x6f, 0x8f, 0x44])
+        );
+        assert_eq!(parse_mac("c6:d2:32:6f:8f"), None);
+        assert_eq!(parse_mac("c6:d2:32:6f:8f:44:00"), None);
+        assert_eq!(parse_mac("zz:d2:32:6f:8f:44"), None);
+    }
+}
