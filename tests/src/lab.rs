@@ -156,6 +156,17 @@ impl Host {
         ns.ip(&["route", "add", "default", "via", &env.gateway.to_string()])?;
         Ok(self.container.insert(Container { ns, ip }))
     }
+
+    /// Undoes [`Host::start_docker`]: deletes the container namespace and the bridge, so the
+    /// host can be given another subnet.env (the benchmark reuses one rig for every mode).
+    pub fn stop_docker(&mut self) -> Result<(), LabError> {
+        self.container = None;
+        let links = self.ns.ip(&["-o", "link", "show", DOCKER_BRIDGE]);
+        if links.is_ok() {
+            self.ns.ip(&["link", "del", DOCKER_BRIDGE])?;
+        }
+        Ok(())
+    }
 }
 
 /// What docker reads from flannel's subnet.env.

@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: the project's setup, build, test and run steps, one module each.
 
+mod bench;
 mod build;
 mod cmd;
 mod run;
@@ -25,6 +26,8 @@ enum Command {
     Test(test::Options),
     /// Run the main job (the article's docker scenario in a local lab).
     Run(run::Options),
+    /// Benchmark every datapath against bare routes and flannel's backends on one rig.
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Command::Build(opts) => build::build(&opts).map(|_| ()),
         Command::Test(opts) => test::test(&opts),
         Command::Run(opts) => run::run(&opts),
+        Command::Bench(opts) => bench::bench(&opts),
     }
 }

@@ -67,6 +67,16 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
         &mut totals,
     )?;
 
+    // The bench's smoke test: the whole rig, every mode, 1 s per test. A mode that is not built
+    // yet is reported missing; a mode that breaks fails the step. The agent is built without
+    // optimisations here (its dependencies are already built for the tests above).
+    step("test: benchmark smoke test (cargo xtask bench --quick)");
+    run(std::process::Command::new(std::env::current_exe()?).args([
+        "bench",
+        "--quick",
+        "--debug-agent",
+    ]))?;
+
     if totals.passed == 0 {
         anyhow::bail!("no test ran");
     }
