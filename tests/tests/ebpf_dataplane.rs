@@ -260,3 +260,132 @@ fn removed_peer_becomes_unreachable_and_non_peers_are_dropped() {
     dps[1].upsert_peer(peer_route(&lab.hosts[0])).unwrap();
     ping(&lab.hosts[0], ip2).expect("reachable again after re-adding");
 }
+
+/// Configures `host` exactly as flannel's vxlan backend configures the kernel: a vxlan device,
+/// and per peer a permanent neighbour, an FDB entry and an onlink route. Returns its VtepMAC.
+fn flannel_kernel_vxlan(host: &Host, peers: &[&Host]) -> [u8; 6] {
+    let ns = &host.ns;
+    let local = host.underlay_ip.to_string();
+    ns.ip(&[
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        &local,
+        "dev",
+        UNDERLAY_IF,
+        "dstport",
+        "8472",
+        "nolearning",
+    ])
+    .unwrap();
+    ns.ip(&["link", "set", "flannel.1", "mtu", "1450", "up"])
+        .unwrap();
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/32", subnet_of(host)),
+        "dev",
+        "flannel.1",
+    ])
+    .unwrap();
+    for peer in peers {
+        let mac = vtep_mac_for(peer.underlay_ip)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        let gw = subnet_of(peer).to_string();
+        ns.ip(&[
+            "neigh",
+            "replace",
+            &gw,
+            "lladdr",
+            &mac,
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+        ns.exec(
+            "bridge",
+            &[
+                "fdb",
+                "append",
+                &mac,
+                "dev",
+                "flannel.1",
+                "dst",
+                &peer.underlay_ip.to_string(),
+            ],
+        )
+        .unwrap();
+        ns.ip(&[
+            "route",
+            "add",
+            &format!("{gw}/24"),
+            "via",
+            &gw,
+            "dev",
+            "flannel.1",
+            "onlink",
+        ])
+        .unwrap();
+    }
+    let out = ns.ip(&["-br", "link", "show", "flannel.1"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mac = text.split_whitespace().nth(2).expect("flannel.1 has a MAC");
+    let mut bytes = [0u8; 6];
+    for (b, part) in bytes.iter_mut().zip(mac.split(':')) {
+        *b = u8::from_str_radix(part, 16).unwrap();
+    }
+    bytes
+}
+
+#[test]
+fn mixed_cluster_with_flannel_kernel_vxlan_host() {
+    if !require_root("mixed_cluster_with_flannel_kernel_vxlan_host") {
+        return;
+    }
+    let encap = Encap::Vxlan;
+    let mut lab = Lab::new(&LabConfig {
+        prefix: "ovt-mx".into(),
+        hosts: 3,
+        underlay_mtu: 1500,
+    })
+    .unwrap();
+    // Hosts 1 and 2 run our eBPF datapath; host 3 is a flannel vxlan host.
+    let (ours, theirs) = lab.hosts.split_at(2);
+    let flannel_host = &theirs[0];
+    let flannel_mac = flannel_kernel_vxlan(flannel_host, &[&ours[0], &ours[1]]);
+    let mut dps: Vec<EbpfDataplane> = ours.iter().map(|h| bring_up(h, encap)).collect();
+    for (i, dp) in dps.iter_mut().enumerate() {
+        dp.upsert_peer(peer_route(&ours[1 - i])).unwrap();
+        dp.upsert_peer(PeerRoute {
+            vtep_mac: flannel_mac,
+            ..peer_route(flannel_host)
+        })
+        .unwrap();
+    }
+    for host in &mut lab.hosts {
+        let env = docker_env(host, encap);
+        host.start_docker(&env).unwrap();
+    }
+    let flannel_ip = lab.hosts[2].container.as_ref().unwrap().ip;
+    for from in 0..2 {
+        ping(&lab.hosts[from], flannel_ip).expect("eBPF host -> flannel vxlan host");
+        let ours_ip = lab.hosts[from].container.as_ref().unwrap().ip;
+        ping(&lab.hosts[2], ours_ip).expect("flannel vxlan host -> eBPF host");
+    }
+    tcp_transfer(&lab.hosts[0], &lab.hosts[2]);
+    tcp_transfer(&lab.hosts[2], &lab.hosts[1]);
+    for dp in &dps {
+        assert!(counter(dp, CounterSlot::DecapToStack) > 0);
+        assert_eq!(counter(dp, CounterSlot::DropBadVxlan), 0);
+    }
+}

@@ -292,6 +292,28 @@ impl EbpfDataplane {
             .collect()
     }
 
+    /// Runs one of the programs on a crafted packet (starting with its Ethernet header) with
+    /// `BPF_PROG_TEST_RUN`, without attaching it anywhere: for tests and diagnostics. Returns the
+    /// verdict and the packet as the program left it. Counters move as for real traffic.
+    pub fn test_run(
+        &mut self,
+        program: &'static str,
+        packet: &[u8],
+    ) -> Result<(i32, Vec<u8>), EbpfError> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        // Room for the largest growth any program makes (the vxlan headers).
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = classifier(&mut self.ebpf, program)?
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| EbpfError::Program { program, source })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value as i32, out))
+    }
+
     fn map_mut<'a, M>(&'a mut self, name: &'static str) -> Result<M, EbpfError>
     where
         M: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
