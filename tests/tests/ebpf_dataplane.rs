@@ -10,7 +10,10 @@ use std::{
 };
 
 use overlay_agent::{
-    dataplane::ebpf::{EbpfConfig, EbpfDataplane, PeerRoute, vtep_mac_for},
+    dataplane::{
+        ebpf::{EbpfConfig, EbpfDataplane, PeerRoute, vtep_mac_for},
+        endpoints,
+    },
     host::{Netlink, OverlayDevice},
 };
 use overlay_common::{CounterSlot, maps::Encap};
@@ -70,6 +73,12 @@ fn bring_up(host: &Host, encap: Encap) -> EbpfDataplane {
                 })
                 .unwrap();
                 dp.attach(&device.name, UNDERLAY_IF).unwrap();
+                // Spawned from this thread, so the learner lives in the host's namespace.
+                endpoints::spawn(
+                    dp.take_endpoints().unwrap(),
+                    Ipv4Addr::from(u32::from(subnet_of(host)) + 1),
+                )
+                .unwrap();
                 dp
             })
         })

@@ -110,6 +110,41 @@ pub struct PeerRoute {
     pub vtep_mac: [u8; 6],
 }
 
+/// The local containers the decapsulation program delivers to directly.
+pub struct EndpointsMap {
+    map: BpfHashMap<MapData, [u8; 4], Endpoint>,
+}
+
+impl EndpointsMap {
+    /// Programs a local container for direct delivery.
+    pub fn upsert(&mut self, ip: Ipv4Addr, endpoint: Endpoint) -> Result<(), EbpfError> {
+        self.map
+            .insert(ip.octets(), endpoint, 0)
+            .map_err(map_err(ENDPOINTS_MAP, "inserting an endpoint"))
+    }
+
+    /// Forgets a local container; unknown addresses are ignored.
+    pub fn remove(&mut self, ip: Ipv4Addr) -> Result<(), EbpfError> {
+        match self.map.remove(&ip.octets()) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(EbpfError::Map {
+                map: ENDPOINTS_MAP,
+                operation: "removing an endpoint",
+                source,
+            }),
+        }
+    }
+
+    /// Every programmed endpoint.
+    pub fn entries(&self) -> Result<Vec<(Ipv4Addr, Endpoint)>, EbpfError> {
+        self.map
+            .iter()
+            .map(|r| r.map(|(k, v)| (Ipv4Addr::from(k), v)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(ENDPOINTS_MAP, "listing endpoints"))
+    }
+}
+
 /// The loaded eBPF datapath. Dropping it detaches the programs it attached in this process.
 pub struct EbpfDataplane {
     ebpf: Ebpf,
@@ -252,24 +287,18 @@ impl EbpfDataplane {
         }
     }
 
-    /// Programs a local container for direct delivery.
-    pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, endpoint: Endpoint) -> Result<(), EbpfError> {
-        let mut map: BpfHashMap<&mut MapData, [u8; 4], Endpoint> = self.map_mut(ENDPOINTS_MAP)?;
-        map.insert(ip.octets(), endpoint, 0)
-            .map_err(map_err(ENDPOINTS_MAP, "inserting an endpoint"))
-    }
-
-    /// Forgets a local container; unknown addresses are ignored.
-    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), EbpfError> {
-        let mut map: BpfHashMap<&mut MapData, [u8; 4], Endpoint> = self.map_mut(ENDPOINTS_MAP)?;
-        match map.remove(&ip.octets()) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(EbpfError::Map {
-                map: ENDPOINTS_MAP,
-                operation: "removing an endpoint",
-                source,
-            }),
-        }
+    /// Takes the local endpoints map out, for the endpoint learner that owns it from then on.
+    pub fn take_endpoints(&mut self) -> Result<EndpointsMap, EbpfError> {
+        let map = self
+            .ebpf
+            .take_map(ENDPOINTS_MAP)
+            .ok_or(EbpfError::Missing {
+                kind: "map",
+                name: ENDPOINTS_MAP,
+            })?;
+        Ok(EndpointsMap {
+            map: BpfHashMap::try_from(map).map_err(map_err(ENDPOINTS_MAP, "opening"))?,
+        })
     }
 
     /// Reads the counters, summed over CPUs, one per [`CounterSlot`].

@@ -180,6 +180,16 @@ impl Datapath for EbpfDatapath {
                 "attaching to {} and {}",
                 device.name, underlay.name
             )))?;
+        let endpoints = self
+            .dataplane
+            .take_endpoints()
+            .map_err(failed("opening the endpoints map"))?;
+        super::endpoints::spawn(endpoints, lease.subnet.first_host()).map_err(|source| {
+            DatapathError::Failed {
+                context: "starting the endpoint learner".into(),
+                source: Box::new(source),
+            }
+        })?;
         tracing::info!(
             device = %device.name,
             underlay = %underlay.name,

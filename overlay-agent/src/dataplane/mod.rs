@@ -2,6 +2,7 @@
 
 pub mod ebpf;
 pub mod ebpf_datapath;
+pub mod endpoints;
 
 use std::net::Ipv4Addr;
 

@@ -5,10 +5,12 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt as _;
 use rtnetlink::{
-    Handle, LinkUnspec, RouteMessageBuilder,
+    Handle, LinkUnspec, MulticastGroup, RouteMessageBuilder,
     packet_route::{
+        AddressFamily,
         address::AddressAttribute,
-        link::{LinkAttribute, LinkMessage},
+        link::{InfoKind, LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
     },
 };
 
@@ -50,6 +52,28 @@ pub struct LinkInfo {
     pub mac: Vec<u8>,
 }
 
+/// A neighbour (ARP) entry: an IPv4 address resolved to a MAC on an interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ipv4Neighbour {
+    /// The interface it was resolved on.
+    pub ifindex: u32,
+    /// The address.
+    pub ip: Ipv4Addr,
+    /// Its MAC.
+    pub mac: [u8; 6],
+}
+
+/// A MAC a bridge learned behind one of its ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdbEntry {
+    /// The bridge.
+    pub bridge: u32,
+    /// The port the MAC is behind.
+    pub port: u32,
+    /// The MAC.
+    pub mac: [u8; 6],
+}
+
 /// A netlink connection in the calling thread's network namespace.
 #[derive(Clone)]
 pub struct Netlink {
@@ -85,6 +109,153 @@ impl Netlink {
                 source,
             }),
         }
+    }
+
+    /// Looks an interface up by index.
+    pub async fn link_by_index(&self, index: u32) -> Result<LinkInfo, NetlinkError> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(link_info(&msg)),
+            Ok(None) => Err(NetlinkError::NoSuchLink {
+                name: format!("#{index}"),
+            }),
+            Err(source) => Err(NetlinkError::Request {
+                operation: format!("looking up interface {index}"),
+                source,
+            }),
+        }
+    }
+
+    /// Opens a connection that also receives link, neighbour and IPv4 address change events: the
+    /// receiver yields one item per event (its content is not interpreted).
+    pub fn connect_monitor()
+    -> Result<(Self, futures::channel::mpsc::UnboundedReceiver<impl Sized>), NetlinkError> {
+        let (connection, handle, events) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Link,
+            MulticastGroup::Neigh,
+            MulticastGroup::Ipv4Ifaddr,
+        ])
+        .map_err(|source| NetlinkError::Connect { source })?;
+        tokio::spawn(connection);
+        Ok((Self { handle }, events))
+    }
+
+    /// The index of the interface holding `addr`, if any.
+    pub async fn link_with_ipv4(&self, addr: Ipv4Addr) -> Result<Option<u32>, NetlinkError> {
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(msg) = addrs
+            .try_next()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                operation: "listing addresses".into(),
+                source,
+            })?
+        {
+            if msg
+                .attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == addr))
+            {
+                return Ok(Some(msg.header.index));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Indexes of all veth interfaces.
+    pub async fn veth_indexes(&self) -> Result<Vec<u32>, NetlinkError> {
+        let mut links = self.handle.link().get().execute();
+        let mut out = Vec::new();
+        while let Some(msg) = links
+            .try_next()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                operation: "listing links".into(),
+                source,
+            })?
+        {
+            let is_veth = msg.attributes.iter().any(|a| match a {
+                LinkAttribute::LinkInfo(infos) => infos
+                    .iter()
+                    .any(|i| matches!(i, NlLinkInfo::Kind(InfoKind::Veth))),
+                _ => false,
+            });
+            if is_veth {
+                out.push(msg.header.index);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Resolved IPv4 neighbours (ARP entries in a usable state) on `ifindex`.
+    pub async fn ipv4_neighbours(&self, ifindex: u32) -> Result<Vec<Ipv4Neighbour>, NetlinkError> {
+        let msgs = self.neighbours(AddressFamily::Inet).await?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.ifindex == ifindex && usable(m.header.state))
+            .filter_map(|m| {
+                let mut ip = None;
+                let mut mac = None;
+                for attr in &m.attributes {
+                    match attr {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => ip = Some(*a),
+                        NeighbourAttribute::LinkLayerAddress(l) => {
+                            mac = l.as_slice().try_into().ok()
+                        }
+                        _ => {}
+                    }
+                }
+                Some(Ipv4Neighbour {
+                    ifindex,
+                    ip: ip?,
+                    mac: mac?,
+                })
+            })
+            .collect())
+    }
+
+    /// MACs the bridge `bridge` learned behind its ports (its own ports' addresses excluded).
+    pub async fn bridge_fdb(&self, bridge: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
+        let msgs = self.neighbours(AddressFamily::Bridge).await?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.state != NeighbourState::Permanent)
+            .filter_map(|m| {
+                let mut master = None;
+                let mut mac = None;
+                for attr in &m.attributes {
+                    match attr {
+                        NeighbourAttribute::Controller(c) => master = Some(*c),
+                        NeighbourAttribute::LinkLayerAddress(l) => {
+                            mac = l.as_slice().try_into().ok()
+                        }
+                        _ => {}
+                    }
+                }
+                (master? == bridge).then_some(FdbEntry {
+                    bridge,
+                    port: m.header.ifindex,
+                    mac: mac?,
+                })
+            })
+            .collect())
+    }
+
+    async fn neighbours(
+        &self,
+        family: AddressFamily,
+    ) -> Result<Vec<NeighbourMessage>, NetlinkError> {
+        self.handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                operation: format!("listing {family:?} neighbours"),
+                source,
+            })
     }
 
     /// Sets an interface's MTU and brings it up.
@@ -187,6 +358,18 @@ impl Netlink {
                 source,
             })
     }
+}
+
+/// Whether a neighbour entry holds a MAC worth using.
+fn usable(state: NeighbourState) -> bool {
+    matches!(
+        state,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+    )
 }
 
 fn link_info(msg: &LinkMessage) -> LinkInfo {
