@@ -1,0 +1,777 @@
+//! The control plane against a real etcd: leases, reservations, restarts, expiry, an etcd
+//! outage, TLS, authentication, the article's command line and the FLANNELD_* variables.
+//!
+//! Agents run as real `overlay-agent` processes (see `overlay_tests::etcd::agent_binary`) with
+//! `--public-ip` on 127.x addresses, so no namespace is needed; most use the `alloc` backend.
+//! Every etcd listens on free loopback ports. Timing lines start with `TIMING` (run with
+//! `--nocapture` to see them).
+
+use std::{
+    collections::HashSet,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use overlay_tests::etcd::{Agent, Etcd, EtcdOptions, TempDir, free_port};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// Flags every test agent gets: where etcd is, which prefix, where to write subnet.env.
+fn args(etcd: &Etcd, prefix: &str, dir: &Path, name: &str, public_ip: &str) -> Vec<String> {
+    vec![
+        format!("--etcd-endpoints={}", etcd.endpoint()),
+        format!("--etcd-prefix={prefix}"),
+        format!("--subnet-file={}", subnet_file(dir, name).display()),
+        format!("--public-ip={public_ip}"),
+    ]
+}
+
+fn subnet_file(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name).join("subnet.env")
+}
+
+fn with(mut base: Vec<String>, extra: &[&str]) -> Vec<String> {
+    base.extend(extra.iter().map(|s| s.to_string()));
+    base
+}
+
+/// FLANNEL_SUBNET's value (e.g. `10.5.3.1/24`) turned into the lease's network (`10.5.3.0/24`).
+fn leased_subnet(env: &str) -> String {
+    let v = env
+        .lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+        .unwrap_or_else(|| panic!("no FLANNEL_SUBNET in {env:?}"));
+    let (ip, len) = v.split_once('/').unwrap();
+    let ip: Ipv4Addr = ip.parse().unwrap();
+    let len: u32 = len.parse().unwrap();
+    let net = u32::from(ip) & (u32::MAX << (32 - len));
+    format!("{}/{len}", Ipv4Addr::from(net))
+}
+
+fn key_of(prefix: &str, subnet: &str) -> String {
+    format!("{prefix}/subnets/{}", subnet.replace('/', "-"))
+}
+
+fn must_env(agent: &Agent, timeout: Duration) -> String {
+    agent
+        .wait_subnet_env(timeout)
+        .unwrap_or_else(|| panic!("no subnet.env in time; log:\n{}", agent.log_text()))
+}
+
+fn alloc_config(network: &str, extra: &str) -> String {
+    format!(r#"{{"Network":"{network}"{extra},"Backend":{{"Type":"alloc"}}}}"#)
+}
+
+fn stats(samples: &mut [Duration]) -> (Duration, Duration) {
+    samples.sort();
+    (samples[samples.len() / 2], *samples.last().unwrap())
+}
+
+#[test]
+fn fifty_agents_get_distinct_subnets_and_the_51st_is_refused() {
+    let etcd = Etcd::start().unwrap();
+    let tmp = TempDir::new("fifty").unwrap();
+    let prefix = "/fifty";
+    // Exactly 50 subnets: 10.50.1.0/24 ..= 10.50.50.0/24.
+    etcd.put(
+        &format!("{prefix}/config"),
+        &alloc_config(
+            "10.50.0.0/16",
+            r#","SubnetLen":24,"SubnetMin":"10.50.1.0","SubnetMax":"10.50.50.0""#,
+        ),
+    );
+    overlay_tests::etcd::agent_binary(); // build before timing
+    let start = Instant::now();
+    let agents: Vec<Agent> = (1..=50)
+        .map(|i| {
+            let name = format!("a{i}");
+            let a = args(&etcd, prefix, tmp.path(), &name, &format!("127.0.1.{i}"));
+            Agent::spawn(tmp.path(), &name, &a, &[]).unwrap()
+        })
+        .collect();
+    let envs: Vec<String> = agents
+        .iter()
+        .map(|a| must_env(a, Duration::from_secs(60)))
+        .collect();
+    let all_leased = start.elapsed();
+    eprintln!(
+        "TIMING fifty_agents_all_leased_ms={}",
+        all_leased.as_millis()
+    );
+
+    let subnets: HashSet<String> = envs.iter().map(|e| leased_subnet(e)).collect();
+    assert_eq!(subnets.len(), 50, "duplicate subnets: {envs:?}");
+    for s in &subnets {
+        let third: u32 = s.split('.').nth(2).unwrap().parse().unwrap();
+        assert!(
+            s.starts_with("10.50.") && s.ends_with(".0/24") && (1..=50).contains(&third),
+            "{s} outside [SubnetMin, SubnetMax]"
+        );
+    }
+    // Same /24 length and distinct network addresses: no overlap. etcd agrees, key by key.
+    let leases = etcd.get_prefix(&format!("{prefix}/subnets/"));
+    assert_eq!(leases.len(), 50);
+    for (i, env) in envs.iter().enumerate() {
+        let key = key_of(prefix, &leased_subnet(env));
+        let value = etcd.get(&key).unwrap();
+        assert!(
+            value.contains(&format!("\"PublicIP\":\"127.0.1.{}\"", i + 1)),
+            "{key} = {value}"
+        );
+        assert!(value.contains("\"BackendType\":\"alloc\""), "{value}");
+        assert_ne!(etcd.lease_of(&key), 0, "{key} has no TTL");
+    }
+    for env in &envs {
+        assert!(
+            env.starts_with("FLANNEL_NETWORK=10.50.0.0/16\nFLANNEL_SUBNET=10.50."),
+            "{env}"
+        );
+    }
+
+    let mut late = Agent::spawn(
+        tmp.path(),
+        "a51",
+        &args(&etcd, prefix, tmp.path(), "a51", "127.0.1.51"),
+        &[],
+    )
+    .unwrap();
+    let status = late
+        .wait_exit(Duration::from_secs(20))
+        .expect("the 51st agent must exit");
+    assert_eq!(status.code(), Some(1), "log:\n{}", late.log_text());
+    let log = late.log_text();
+    assert!(log.contains("no free subnet"), "log:\n{log}");
+    assert!(!subnet_file(tmp.path(), "a51").exists());
+    drop(agents);
+}
+
+#[test]
+fn restart_keeps_the_subnet_and_sigterm_keeps_the_lease() {
+    let etcd = Etcd::start().unwrap();
+    let tmp = TempDir::new("restart").unwrap();
+    let prefix = "/restart";
+    etcd.put(
+        &format!("{prefix}/config"),
+        &alloc_config("10.51.0.0/16", ""),
+    );
+    let a = args(&etcd, prefix, tmp.path(), "a", "127.0.2.1");
+    let mut agent = Agent::spawn(tmp.path(), "a", &a, &[]).unwrap();
+    let subnet = leased_subnet(&must_env(&agent, 20 * SECOND));
+    agent.signal(libc::SIGTERM);
+    let status = agent
+        .wait_exit(10 * SECOND)
+        .expect("SIGTERM must stop the agent");
+    assert_eq!(status.code(), Some(0), "log:\n{}", agent.log_text());
+    let key = key_of(prefix, &subnet);
+    assert!(
+        etcd.get(&key).is_some(),
+        "SIGTERM must leave the lease in etcd"
+    );
+
+    // Another host starts meanwhile; the restarted agent still gets its own subnet back.
+    let b = args(&etcd, prefix, tmp.path(), "b", "127.0.2.2");
+    let other = Agent::spawn(tmp.path(), "b", &b, &[]).unwrap();
+    assert_ne!(leased_subnet(&must_env(&other, 20 * SECOND)), subnet);
+    std::fs::remove_file(subnet_file(tmp.path(), "a")).unwrap();
+    let agent = Agent::spawn(tmp.path(), "a2", &a, &[]).unwrap();
+    assert_eq!(leased_subnet(&must_env(&agent, 20 * SECOND)), subnet);
+    assert_eq!(etcd.get_prefix(&format!("{prefix}/subnets/")).len(), 2);
+}
+
+#[test]
+fn a_deleted_lease_is_taken_back_while_running() {
+    let etcd = Etcd::start().unwrap();
+    let tmp = TempDir::new("deleted").unwrap();
+    let prefix = "/deleted";
+    etcd.put(
+        &format!("{prefix}/config"),
+        &alloc_config("10.52.0.0/16", ""),
+    );
+    let a = args(&etcd, prefix, tmp.path(), "a", "127.0.2.11");
+    let mut agent = Agent::spawn(tmp.path(), "a", &a, &[]).unwrap();
+    let subnet = leased_subnet(&must_env(&agent, 20 * SECOND));
+    let key = key_of(prefix, &subnet);
+    for round in 1..=2 {
+        etcd.del(&key);
+        assert!(
+            agent.wait_log_count("re-acquired subnet", round, 10 * SECOND),
+            "log:\n{}",
+            agent.log_text()
+        );
+        let value = etcd.get(&key).expect("the lease must be back");
+        assert!(value.contains("127.0.2.11"), "{value}");
+        assert_ne!(etcd.lease_of(&key), 0);
+    }
+    assert!(agent.try_wait().is_none(), "the agent must keep running");
+
+    // A different host overwriting our key is theft: the agent stops rather than share.
+    etcd.put(&key, r#"{"PublicIP":"127.0.2.99","BackendType":"alloc"}"#);
+    let status = agent.wait_exit(10 * SECOND).expect("agent must stop");
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        agent.log_text().contains("is now held by 127.0.2.99"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(
+        etcd.get(&key).unwrap().contains("127.0.2.99"),
+        "renewal must not steal it back"
+    );
+}
+
+#[test]
+fn a_reservation_is_used_by_its_public_ip_and_by_no_one_else() {
+    let etcd = Etcd::start().unwrap();
+    let tmp = TempDir::new("reserve").unwrap();
+    let prefix = "/reserve";
+    // Four subnets, 10.53.5.0 ..= 10.53.8.0; 10.53.7.0 is reserved for 127.0.3.7.
+    etcd.put(
+        &format!("{prefix}/config"),
+        &alloc_config(
+            "10.53.0.0/16",
+            r#","SubnetMin":"10.53.5.0","SubnetMax":"10.53.8.0""#,
+        ),
+    );
+    let reserved_key = format!("{prefix}/subnets/10.53.7.0-24");
+    etcd.put(&reserved_key, r#"{"PublicIP":"127.0.3.7"}"#);
+
+    let others: Vec<Agent> = (1..=3)
+        .map(|i| {
+            let name = format!("o{i}");
+            let a = args(&etcd, prefix, tmp.path(), &name, &format!("127.0.3.{i}"));
+            Agent::spawn(tmp.path(), &name, &a, &[]).unwrap()
+        })
+        .collect();
+    let got: HashSet<String> = others
+        .iter()
+        .map(|a| leased_subnet(&must_env(a, 20 * SECOND)))
+        .collect();
+    let want: HashSet<String> = ["10.53.5.0/24", "10.53.6.0/24", "10.53.8.0/24"]
+        .map(String::from)
+        .into();
+    assert_eq!(got, want);
+    let mut fourth = Agent::spawn(
+        tmp.path(),
+        "o4",
+        &args(&etcd, prefix, tmp.path(), "o4", "127.0.3.4"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        fourth.wait_exit(20 * SECOND).and_then(|s| s.code()),
+        Some(1)
+    );
+    assert!(fourth.log_text().contains("no free subnet"));
+
+    let owner = Agent::spawn(
+        tmp.path(),
+        "owner",
+        &args(&etcd, prefix, tmp.path(), "owner", "127.0.3.7"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        leased_subnet(&must_env(&owner, 20 * SECOND)),
+        "10.53.7.0/24"
+    );
+    assert!(
+        owner.log_text().contains("reservation"),
+        "{}",
+        owner.log_text()
+    );
+    assert_eq!(
+        etcd.lease_of(&reserved_key),
+        0,
+        "a reservation must stay without TTL"
+    );
+    let value = etcd.get(&reserved_key).unwrap();
+    assert!(value.contains("\"PublicIP\":\"127.0.3.7\""), "{value}");
+    drop(others);
+}
+
+#[test]
+fn after_ttl_expiry_a_restart_takes_the_subnet_from_subnet_env() {
+    let etcd = Etcd::start().unwrap();
+    let tmp = TempDir::new("expiry").unwrap();
+    let prefix = "/expiry";
+    etcd.put(
+        &format!("{prefix}/config"),
+        &alloc_config("10.54.0.0/16", ""),
+    );
+    let a = with(
+        args(&etcd, prefix, tmp.path(), "a", "127.0.4.1"),
+        &["--subnet-lease-ttl=3s"],
+    );
+    let mut agent = Agent::spawn(tmp.path(), "a", &a, &[]).unwrap();
+    let subnet = leased_subnet(&must_env(&agent, 20 * SECOND));
+    let key = key_of(prefix, &subnet);
+    agent.kill();
+    let deadline = Instant::now() + 20 * SECOND;
+    while etcd.get(&key).is_some() {
+        assert!(Instant::now() < deadline, "the lease never expired");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Nothing in etcd points at the old subnet now; only subnet.env remembers it. One chance
+    // in 255 that a random pick would find it too.
+    let agent = Agent::spawn(tmp.path(), "a2", &a, &[]).unwrap();
+    let _ = std::fs::remove_file(tmp.path().join("unused"));
+    assert!(
+        agent.wait_log("acquired subnet", 20 * SECOND),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(leased_subnet(&must_env(&agent, 20 * SECOND)), subnet);
+    // The short TTL is renewed, not left to lapse.
+    std::thread::sleep(5 * SECOND);
+    assert!(
+        etcd.get(&key).is_some(),
+        "the lease must be renewed: {}",
+        agent.log_text()
+    );
+}
+
+#[test]
+fn an_etcd_outage_is_survived_without_restart_and_changes_made_meanwhile_are_seen() {
+    let mut etcd = Etcd::start().unwrap();
+    let tmp = TempDir::new("outage").unwrap();
+    let prefix = "/outage";
+    etcd.put(
+        &format!("{prefix}/config"),
+        &alloc_config("10.55.0.0/16", ""),
+    );
+    let ttl = ["--subnet-lease-ttl=30s"];
+    let mut a = Agent::spawn(
+        tmp.path(),
+        "a",
+        &with(args(&etcd, prefix, tmp.path(), "a", "127.0.5.1"), &ttl),
+        &[],
+    )
+    .unwrap();
+    let subnet_a = leased_subnet(&must_env(&a, 20 * SECOND));
+    let mut b = Agent::spawn(
+        tmp.path(),
+        "b",
+        &with(args(&etcd, prefix, tmp.path(), "b", "127.0.5.2"), &ttl),
+        &[],
+    )
+    .unwrap();
+    let subnet_b = leased_subnet(&must_env(&b, 20 * SECOND));
+    assert!(
+        a.wait_log(&format!("peer added: {subnet_b}"), 10 * SECOND),
+        "{}",
+        a.log_text()
+    );
+
+    etcd.stop();
+    b.kill(); // B dies during the outage; its lease must disappear from A's view.
+    std::thread::sleep(20 * SECOND);
+    assert!(
+        a.try_wait().is_none(),
+        "A must survive the outage:\n{}",
+        a.log_text()
+    );
+    assert!(a.log_text().contains("lost etcd"), "{}", a.log_text());
+    etcd.restart().unwrap();
+    // Changes made before A is back: B's lease goes, a new host C appears.
+    etcd.del(&key_of(prefix, &subnet_b));
+    etcd.put(
+        &format!("{prefix}/subnets/10.55.200.0-24"),
+        r#"{"PublicIP":"127.0.5.3","PublicIPv6":null,"BackendType":"alloc","BackendData":null}"#,
+    );
+    assert!(
+        a.wait_log("resynchronised with etcd", 30 * SECOND),
+        "A must reconnect:\n{}",
+        a.log_text()
+    );
+    assert!(
+        a.wait_log(&format!("peer removed: {subnet_b}"), 10 * SECOND),
+        "{}",
+        a.log_text()
+    );
+    assert!(
+        a.wait_log("peer added: 10.55.200.0/24 at 127.0.5.3", 10 * SECOND),
+        "{}",
+        a.log_text()
+    );
+    let value = etcd
+        .get(&key_of(prefix, &subnet_a))
+        .expect("A's lease must be there");
+    assert!(value.contains("127.0.5.1"), "{value}");
+    assert_eq!(
+        leased_subnet(&std::fs::read_to_string(subnet_file(tmp.path(), "a")).unwrap()),
+        subnet_a
+    );
+    // And the watch works again afterwards.
+    etcd.del(&format!("{prefix}/subnets/10.55.200.0-24"));
+    assert!(
+        a.wait_log("peer removed: 10.55.200.0/24", 10 * SECOND),
+        "{}",
+        a.log_text()
+    );
+    assert!(a.try_wait().is_none());
+}
+
+#[test]
+fn peer_changes_reach_a_watching_agent_quickly() {
+    let etcd = Etcd::start().unwrap();
+    let tmp = TempDir::new("peers").unwrap();
+    let prefix = "/peers";
+    etcd.put(
+        &format!("{prefix}/config"),
+        &alloc_config("10.56.0.0/16", ""),
+    );
+    let a = Agent::spawn(
+        tmp.path(),
+        "a",
+        &args(&etcd, prefix, tmp.path(), "a", "127.0.6.1"),
+        &[],
+    )
+    .unwrap();
+    must_env(&a, 20 * SECOND);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut client = rt
+        .block_on(etcd_client::Client::connect([etcd.endpoint()], None))
+        .unwrap();
+    let mut added = Vec::new();
+    let mut removed = Vec::new();
+    for i in 1..=20u32 {
+        let key = format!("{prefix}/subnets/10.56.{}.0-24", 100 + i);
+        let value = format!(
+            r#"{{"PublicIP":"127.0.6.{}","PublicIPv6":null,"BackendType":"alloc","BackendData":null}}"#,
+            10 + i
+        );
+        let t0 = Instant::now();
+        rt.block_on(client.put(key.as_str(), value, None)).unwrap();
+        let line = format!("peer added: 10.56.{}.0/24 at 127.0.6.{}", 100 + i, 10 + i);
+        assert!(a.wait_log(&line, 10 * SECOND), "{}", a.log_text());
+        added.push(t0.elapsed());
+        let t0 = Instant::now();
+        rt.block_on(client.delete(key.as_str(), None)).unwrap();
+        assert!(
+            a.wait_log(
+                &format!("peer removed: 10.56.{}.0/24", 100 + i),
+                10 * SECOND
+            ),
+            "{}",
+            a.log_text()
+        );
+        removed.push(t0.elapsed());
+    }
+    let (add_med, add_max) = stats(&mut added);
+    let (rm_med, rm_max) = stats(&mut removed);
+    eprintln!(
+        "TIMING peer_added_ms median={:.1} worst={:.1}; peer_removed_ms median={:.1} worst={:.1} \
+         (n=20, etcd write to the watching agent's log line)",
+        add_med.as_secs_f64() * 1e3,
+        add_max.as_secs_f64() * 1e3,
+        rm_med.as_secs_f64() * 1e3,
+        rm_max.as_secs_f64() * 1e3
+    );
+    assert!(add_max < 5 * SECOND && rm_max < 5 * SECOND);
+}
+
+#[test]
+fn tls_with_client_certificates() {
+    let etcd = Etcd::start_with(&EtcdOptions { tls: true }).unwrap();
+    let tls = etcd.tls().unwrap().clone();
+    let tmp = TempDir::new("tls").unwrap();
+    let prefix = "/tls";
+    etcd.put(
+        &format!("{prefix}/config"),
+        &alloc_config("10.57.0.0/16", ""),
+    );
+    let a = with(
+        args(&etcd, prefix, tmp.path(), "a", "127.0.7.1"),
+        &[
+            &format!("--etcd-cafile={}", tls.ca.display()),
+            &format!("--etcd-certfile={}", tls.client_cert.display()),
+            &format!("--etcd-keyfile={}", tls.client_key.display()),
+        ],
+    );
+    let agent = Agent::spawn(tmp.path(), "a", &a, &[]).unwrap();
+    let subnet = leased_subnet(&must_env(&agent, 20 * SECOND));
+    assert!(
+        etcd.get(&key_of(prefix, &subnet))
+            .unwrap()
+            .contains("127.0.7.1")
+    );
+
+    // Without a client certificate etcd refuses the agent; it keeps retrying, saying so.
+    let b = with(
+        args(&etcd, prefix, tmp.path(), "b", "127.0.7.2"),
+        &[&format!("--etcd-cafile={}", tls.ca.display())],
+    );
+    let mut refused = Agent::spawn(tmp.path(), "b", &b, &[]).unwrap();
+    assert!(
+        refused.wait_log("(attempt 2)", 20 * SECOND),
+        "{}",
+        refused.log_text()
+    );
+    assert!(refused.try_wait().is_none());
+    assert!(!subnet_file(tmp.path(), "b").exists());
+}
+
+#[test]
+fn username_and_password_authentication() {
+    let mut etcd = Etcd::start().unwrap();
+    let tmp = TempDir::new("auth").unwrap();
+    let prefix = "/auth";
+    etcd.put(
+        &format!("{prefix}/config"),
+        &alloc_config("10.58.0.0/16", ""),
+    );
+    etcd.enable_auth("flannel", "s3cret", &format!("{prefix}/"))
+        .unwrap();
+    let a = with(
+        args(&etcd, prefix, tmp.path(), "a", "127.0.8.1"),
+        &["--etcd-username=flannel"],
+    );
+    // The password comes from the environment, as /etc/default/flannel would give it.
+    let agent = Agent::spawn(tmp.path(), "a", &a, &[("FLANNELD_ETCD_PASSWORD", "s3cret")]).unwrap();
+    let subnet = leased_subnet(&must_env(&agent, 20 * SECOND));
+    let key = key_of(prefix, &subnet);
+    assert!(etcd.get(&key).unwrap().contains("127.0.8.1"));
+    // Renewal and re-acquisition work under auth too.
+    etcd.del(&key);
+    assert!(
+        agent.wait_log("re-acquired subnet", 10 * SECOND),
+        "{}",
+        agent.log_text()
+    );
+
+    let b = with(
+        args(&etcd, prefix, tmp.path(), "b", "127.0.8.2"),
+        &["--etcd-username=flannel", "--etcd-password=wrong"],
+    );
+    let refused = Agent::spawn(tmp.path(), "b", &b, &[]).unwrap();
+    assert!(
+        refused.wait_log("(attempt 2)", 20 * SECOND),
+        "{}",
+        refused.log_text()
+    );
+    assert!(!subnet_file(tmp.path(), "b").exists());
+}
+
+/// Puts the real `/run/flannel/subnet.env` back as it was, whatever the test did.
+struct RestoreFile {
+    path: PathBuf,
+    saved: Option<Vec<u8>>,
+    dir_existed: bool,
+}
+
+impl Drop for RestoreFile {
+    fn drop(&mut self) {
+        match &self.saved {
+            Some(content) => {
+                let _ = std::fs::write(&self.path, content);
+            }
+            None => {
+                let _ = std::fs::remove_file(&self.path);
+                if !self.dir_existed {
+                    let _ = std::fs::remove_dir(self.path.parent().unwrap());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_articles_command_line_starts_the_agent() {
+    // The article's unit writes /run/flannel/subnet.env: that needs root, and the file is put
+    // back as it was afterwards.
+    if !overlay_tests::require_root("the_articles_command_line_starts_the_agent") {
+        return;
+    }
+    let etcd = Etcd::start().unwrap();
+    let tmp = TempDir::new("article").unwrap();
+    // The article's config, verbatim: no Backend, so udp (here the stub datapath).
+    etcd.put("/flannel/config", r#"{"Network": "172.16.0.0/12"}"#);
+    let path = PathBuf::from("/run/flannel/subnet.env");
+    let _restore = RestoreFile {
+        saved: std::fs::read(&path).ok(),
+        dir_existed: path.parent().unwrap().exists(),
+        path: path.clone(),
+    };
+    let _ = std::fs::remove_file(&path);
+    let cmdline = format!(
+        "--etcd-endpoints={} --etcd-prefix=/flannel --logtostderr=true \
+         --subnet-dir=/run/flannel/networks --subnet-file=/run/flannel/subnet.env",
+        etcd.endpoint()
+    );
+    let argv: Vec<String> = cmdline.split_whitespace().map(String::from).collect();
+    let mut agent = Agent::spawn(tmp.path(), "article", &argv, &[]).unwrap();
+    let env = must_env(&agent, 20 * SECOND);
+    let lines: Vec<&str> = env.lines().collect();
+    assert_eq!(lines[0], "FLANNEL_NETWORK=172.16.0.0/12");
+    assert!(
+        lines[1].starts_with("FLANNEL_SUBNET=172.") && lines[1].ends_with(".1/24"),
+        "{env}"
+    );
+    assert!(lines[2].starts_with("FLANNEL_MTU="));
+    assert_eq!(lines[3], "FLANNEL_IPMASQ=false");
+    let mtu: u32 = lines[2]["FLANNEL_MTU=".len()..].parse().unwrap();
+    let underlay_mtu = default_route_mtu().expect("this test needs an IPv4 default route");
+    assert_eq!(mtu, underlay_mtu - 28, "udp: underlay MTU - 28");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+    }
+    let value = etcd.get(&key_of("/flannel", &leased_subnet(&env))).unwrap();
+    assert!(value.contains("\"BackendType\":\"udp\""), "{value}");
+    assert!(
+        agent.log_text().contains("stub datapath"),
+        "the stub must say so"
+    );
+    agent.signal(libc::SIGINT);
+    assert_eq!(agent.wait_exit(10 * SECOND).and_then(|s| s.code()), Some(0));
+}
+
+fn default_route_mtu() -> Option<u32> {
+    let routes = std::fs::read_to_string("/proc/net/route").ok()?;
+    let dev = routes.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_owned())
+    })?;
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[test]
+fn flanneld_environment_variables_configure_the_agent() {
+    let etcd = Etcd::start().unwrap();
+    let tmp = TempDir::new("env").unwrap();
+    etcd.put("/envnet/config", &alloc_config("10.59.0.0/16", ""));
+    let file = tmp.path().join("env/subnet.env");
+    let file_s = file.display().to_string();
+    let endpoint = etcd.endpoint();
+    let env = [
+        ("FLANNELD_ETCD_ENDPOINTS", endpoint.as_str()),
+        ("FLANNELD_ETCD_PREFIX", "/envnet"),
+        ("FLANNELD_SUBNET_FILE", file_s.as_str()),
+        ("FLANNELD_PUBLIC_IP", "127.0.9.1"),
+        ("FLANNELD_IP_MASQ", "true"),
+        ("FLANNELD_SUBNET_LEASE_TTL", "45s"),
+        ("FLANNELD_IFACE", "lo"),
+    ];
+    let mut agent = Agent::spawn(tmp.path(), "env", &[], &env).unwrap();
+    agent.subnet_file = Some(file.clone());
+    let text = must_env(&agent, 20 * SECOND);
+    assert!(text.contains("FLANNEL_IPMASQ=true"), "{text}");
+    // alloc: the underlay MTU itself, here lo's (from FLANNELD_IFACE).
+    let lo_mtu = std::fs::read_to_string("/sys/class/net/lo/mtu").unwrap();
+    assert!(
+        text.contains(&format!("FLANNEL_MTU={}", lo_mtu.trim())),
+        "{text}"
+    );
+    let key = key_of("/envnet", &leased_subnet(&text));
+    assert!(etcd.get(&key).unwrap().contains("127.0.9.1"));
+    let ttl = etcd.etcdctl(&["lease", "timetolive", &format!("{:x}", etcd.lease_of(&key))]);
+    let granted: u32 = ttl
+        .split("granted with TTL(")
+        .nth(1)
+        .and_then(|s| s.split('s').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{ttl}"));
+    assert_eq!(granted, 45);
+}
+
+#[test]
+fn missing_config_is_awaited_and_invalid_config_is_one_clear_error() {
+    let etcd = Etcd::start().unwrap();
+    let tmp = TempDir::new("config").unwrap();
+    let healthz = free_port();
+    let sock_path = tmp.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(20 * SECOND)).unwrap();
+    let a = with(
+        args(&etcd, "/cfg", tmp.path(), "a", "127.0.10.1"),
+        &[
+            &format!("--healthz-port={healthz}"),
+            "--healthz-ip=127.0.0.1",
+        ],
+    );
+    let sock_s = sock_path.display().to_string();
+    let agent = Agent::spawn(tmp.path(), "a", &a, &[("NOTIFY_SOCKET", sock_s.as_str())]).unwrap();
+    assert!(
+        agent.wait_log(
+            "waiting for the network config at etcd key /cfg/config",
+            10 * SECOND
+        ),
+        "{}",
+        agent.log_text()
+    );
+    let (code, body) = http_get(healthz);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("waiting"), "{body}");
+    etcd.put("/cfg/config", &alloc_config("10.61.0.0/16", ""));
+    must_env(&agent, 20 * SECOND);
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).expect("READY=1 on NOTIFY_SOCKET");
+    assert_eq!(&buf[..n], b"READY=1");
+    let (code, body) = http_get(healthz);
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+
+    for (config, field) in [
+        (
+            r#"{"Network":"10.0.0.0/16","SubnetLen":31}"#,
+            "field SubnetLen",
+        ),
+        (r#"{"Network":"10.0.0.0/29"}"#, "field Network"),
+        (
+            r#"{"Network":"10.0.0.0/16","Backend":{"Type":"bogus"}}"#,
+            "field Backend.Type",
+        ),
+        (
+            r#"{"Network":"10.0.0.0/16","SubnetMin":"10.9.0.0"}"#,
+            "field SubnetMin",
+        ),
+        (r#"{"Network": "#, "not valid JSON"),
+    ] {
+        etcd.put("/bad/config", config);
+        let mut bad = Agent::spawn(
+            tmp.path(),
+            "bad",
+            &args(&etcd, "/bad", tmp.path(), "bad", "127.0.10.2"),
+            &[],
+        )
+        .unwrap();
+        let status = bad
+            .wait_exit(10 * SECOND)
+            .expect("an invalid config must stop the agent");
+        assert_eq!(status.code(), Some(1));
+        let log = bad.log_text();
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+        assert_eq!(errors.len(), 1, "{log}");
+        assert!(
+            errors[0].contains("invalid network config at /bad/config")
+                && errors[0].contains(field),
+            "{}",
+            errors[0]
+        );
+    }
+}
+
+/// A minimal HTTP GET to 127.0.0.1:port/healthz: (status code, body).
+fn http_get(port: u16) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(5 * SECOND)).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
