@@ -775,3 +775,27 @@ fn http_get(port: u16) -> (u16, String) {
         .unwrap_or_default();
     (code, body)
 }
+
+#[test]
+fn an_agent_started_before_etcd_retries_until_etcd_is_up() {
+    let mut etcd = Etcd::start().unwrap();
+    let tmp = TempDir::new("late").unwrap();
+    let prefix = "/late";
+    etcd.put(
+        &format!("{prefix}/config"),
+        &alloc_config("10.62.0.0/16", ""),
+    );
+    etcd.stop();
+    let a = args(&etcd, prefix, tmp.path(), "a", "127.0.11.1");
+    let mut agent = Agent::spawn(tmp.path(), "a", &a, &[]).unwrap();
+    // One log line per attempt, with a growing pause.
+    assert!(
+        agent.wait_log("(attempt 3)", 20 * SECOND),
+        "{}",
+        agent.log_text()
+    );
+    assert!(agent.try_wait().is_none());
+    etcd.restart().unwrap();
+    let env = must_env(&agent, 30 * SECOND);
+    assert!(env.contains("FLANNEL_NETWORK=10.62.0.0/16"), "{env}");
+}
