@@ -5,6 +5,7 @@
 //! `OVERLAY_TESTS_REQUIRE_ROOT=1` (set by `cargo xtask test`) turns the skip into a failure, so CI
 //! can never pass by skipping.
 
+pub mod bpffs;
 pub mod etcd;
 pub mod lab;
 pub mod netns;

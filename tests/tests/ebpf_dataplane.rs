@@ -6,6 +6,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, TcpListener, TcpStream},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -13,11 +14,13 @@ use overlay_agent::{
     dataplane::{
         ebpf::{EbpfConfig, EbpfDataplane, PeerRoute, vtep_mac_for},
         endpoints,
+        pins::Pins,
     },
     host::{Netlink, OverlayDevice},
 };
 use overlay_common::{CounterSlot, maps::Encap};
 use overlay_tests::{
+    bpffs::BpfFs,
     lab::{Host, Lab, LabConfig, SubnetEnv, UNDERLAY_IF},
     require_root,
 };
@@ -44,6 +47,10 @@ fn port_of(encap: Encap) -> u16 {
 
 /// What the agent does on a host: the overlay device, the programs, the config.
 fn bring_up(host: &Host, encap: Encap) -> EbpfDataplane {
+    bring_up_pinned(host, encap, None)
+}
+
+fn bring_up_pinned(host: &Host, encap: Encap, pins: Option<&Path>) -> EbpfDataplane {
     host.ns
         .run(|| {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -61,7 +68,8 @@ fn bring_up(host: &Host, encap: Encap) -> EbpfDataplane {
                     network: NETWORK,
                 };
                 device.ensure(&netlink).await.unwrap();
-                let mut dp = EbpfDataplane::load().unwrap();
+                let pins = pins.map(|p| Pins::open(p).unwrap());
+                let mut dp = EbpfDataplane::load(pins).unwrap();
                 dp.configure(&EbpfConfig {
                     encap,
                     public_ip: host.underlay_ip,
@@ -397,4 +405,92 @@ fn mixed_cluster_with_flannel_kernel_vxlan_host() {
         assert!(counter(dp, CounterSlot::DecapToStack) > 0);
         assert_eq!(counter(dp, CounterSlot::DropBadVxlan), 0);
     }
+}
+
+#[test]
+fn restart_with_pinned_programs_loses_no_packet_and_drops_stale_peers() {
+    if !require_root("restart_with_pinned_programs_loses_no_packet_and_drops_stale_peers") {
+        return;
+    }
+    let bpffs = BpfFs::new().unwrap();
+    let encap = Encap::Udp;
+    let mut lab = Lab::new(&LabConfig {
+        prefix: "ovt-rs".into(),
+        hosts: 2,
+        underlay_mtu: 1500,
+    })
+    .unwrap();
+    let pin_dirs: Vec<_> = lab
+        .hosts
+        .iter()
+        .map(|h| bpffs.path().join(format!("h{}", h.number)))
+        .collect();
+    let mut dps: Vec<EbpfDataplane> = lab
+        .hosts
+        .iter()
+        .zip(&pin_dirs)
+        .map(|(h, p)| bring_up_pinned(h, encap, Some(p)))
+        .collect();
+    dps[0].upsert_peer(peer_route(&lab.hosts[1])).unwrap();
+    dps[1].upsert_peer(peer_route(&lab.hosts[0])).unwrap();
+    // A peer that will be gone by the time host 1's agent restarts.
+    let departed = PeerRoute {
+        subnet: Ipv4Addr::new(172, 16, 77, 0),
+        prefix_len: 24,
+        public_ip: Ipv4Addr::new(198, 18, 0, 77),
+        vtep_mac: [0; 6],
+    };
+    dps[0].upsert_peer(departed).unwrap();
+    for host in &mut lab.hosts {
+        let env = docker_env(host, encap);
+        host.start_docker(&env).unwrap();
+    }
+    let ip2 = lab.hosts[1].container.as_ref().unwrap().ip.to_string();
+    ping(&lab.hosts[0], lab.hosts[1].container.as_ref().unwrap().ip).unwrap();
+
+    // 100 pings a second for 3 s, while both agents go away and come back.
+    let c1 = lab.hosts[0]
+        .container
+        .as_ref()
+        .unwrap()
+        .ns
+        .name()
+        .to_owned();
+    let flow = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &c1, "ping", "-q", "-i", "0.01", "-c", "300", "-W", "1", &ip2,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(dps);
+    std::thread::sleep(Duration::from_millis(700));
+    let mut dps: Vec<EbpfDataplane> = lab
+        .hosts
+        .iter()
+        .zip(&pin_dirs)
+        .map(|(h, p)| bring_up_pinned(h, encap, Some(p)))
+        .collect();
+    dps[0].upsert_peer(peer_route(&lab.hosts[1])).unwrap();
+    dps[1].upsert_peer(peer_route(&lab.hosts[0])).unwrap();
+    assert_eq!(
+        dps[0].remove_stale_peers().unwrap(),
+        1,
+        "the departed peer is removed"
+    );
+    assert_eq!(dps[1].remove_stale_peers().unwrap(), 0);
+    let out = flow.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("300 packets transmitted, 300 received"),
+        "packets lost across the restart:\n{text}"
+    );
+
+    // The pins are what keeps the programs: without them the links go.
+    drop(dps);
+    for dir in &pin_dirs {
+        assert!(Pins::teardown(dir).is_empty());
+    }
+    assert!(ping(&lab.hosts[0], lab.hosts[1].container.as_ref().unwrap().ip).is_err());
 }

@@ -21,7 +21,7 @@ const MY_VTEP: [u8; 6] = [0x0e, 0xfa, 198, 18, 0, 1];
 const PEER_VTEP: [u8; 6] = [0x0e, 0xfa, 198, 18, 0, 2];
 
 fn dataplane(encap: Encap) -> EbpfDataplane {
-    let mut dp = EbpfDataplane::load().unwrap();
+    let mut dp = EbpfDataplane::load(None).unwrap();
     dp.configure(&EbpfConfig {
         encap,
         public_ip: ME,

@@ -5,13 +5,23 @@
 //! The object is compiled by this crate's build script and embedded in the binary, so the agent
 //! never depends on a file next to it, and a binary always runs the programs it was built with.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+    path::PathBuf,
+};
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{SchedClassifier, TcAttachType},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
 };
+
+use super::pins::Pins;
 use overlay_common::{
     COUNTERS_MAP, Counter, CounterSlot,
     maps::{
@@ -20,6 +30,15 @@ use overlay_common::{
     },
     programs,
 };
+
+/// Every map of the object, pinned together.
+const ALL_MAPS: [&str; 5] = [
+    CONFIG_MAP,
+    PEERS_MAP,
+    PEER_ADDRS_MAP,
+    ENDPOINTS_MAP,
+    COUNTERS_MAP,
+];
 
 /// The eBPF object built from `overlay-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay"));
@@ -63,6 +82,20 @@ pub enum EbpfError {
         /// What aya reported.
         #[source]
         source: aya::programs::ProgramError,
+    },
+    /// The pin directory could not be prepared.
+    #[error(transparent)]
+    Pins(#[from] super::pins::PinsError),
+    /// Pinning a link failed.
+    #[error("pinning the link of {program} at {path}: {source}")]
+    Pin {
+        /// The program.
+        program: &'static str,
+        /// The pin path.
+        path: PathBuf,
+        /// What aya reported.
+        #[source]
+        source: aya::pin::PinError,
     },
     /// A map operation failed (full map, kernel refusal).
     #[error("{operation} in map {map}: {source}")]
@@ -150,14 +183,31 @@ pub struct EbpfDataplane {
     ebpf: Ebpf,
     /// Peers as programmed, keyed by subnet, so removals and address refcounts need no map reads.
     peers: HashMap<(Ipv4Addr, u8), PeerRoute>,
+    /// Where links and maps are pinned; None for a dataplane that lives and dies with the process.
+    pins: Option<Pins>,
+    /// Peer subnets found in maps reused from an earlier run and not confirmed since: kept (so
+    /// traffic flows through the restart) until [`EbpfDataplane::remove_stale_peers`].
+    stale_peers: HashSet<(Ipv4Addr, u8)>,
 }
 
 impl EbpfDataplane {
     /// Loads the embedded object and its programs into the kernel (verifier included), attaching
-    /// nothing yet.
-    pub fn load() -> Result<Self, EbpfError> {
+    /// nothing yet. With `pins`, maps pinned by an earlier run of the same ABI version are reused
+    /// (their peers stay programmed until [`EbpfDataplane::remove_stale_peers`]), and new ones are
+    /// pinned.
+    pub fn load(pins: Option<Pins>) -> Result<Self, EbpfError> {
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|source| EbpfError::Load { source })?;
+        let mut loader = EbpfLoader::new();
+        let map_paths: Vec<(&'static str, PathBuf)> = pins
+            .iter()
+            .flat_map(|p| ALL_MAPS.iter().map(move |m| (*m, p.map_path(m))))
+            .collect();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|source| EbpfError::Load { source })?;
         for name in [programs::TC_ENCAP, programs::TC_DECAP] {
             classifier(&mut ebpf, name)?
                 .load()
@@ -166,10 +216,66 @@ impl EbpfDataplane {
                     source,
                 })?;
         }
-        Ok(Self {
+        let mut dataplane = Self {
             ebpf,
             peers: HashMap::new(),
-        })
+            pins,
+            stale_peers: HashSet::new(),
+        };
+        let trie: LpmTrie<&mut MapData, [u8; 4], Peer> = dataplane.map_mut(PEERS_MAP)?;
+        let stale = trie
+            .keys()
+            .map(|k| k.map(|k| (Ipv4Addr::from(k.data()), k.prefix_len() as u8)))
+            .collect::<Result<HashSet<_>, _>>()
+            .map_err(map_err(PEERS_MAP, "listing reused peers"))?;
+        if !stale.is_empty() {
+            tracing::info!(
+                "reusing {} peer(s) pinned by the previous run until the peer list is read",
+                stale.len()
+            );
+        }
+        dataplane.stale_peers = stale;
+        Ok(dataplane)
+    }
+
+    /// Removes the peers of the previous run that the control plane did not confirm (flannel
+    /// leaves such routes behind forever), and peer addresses nothing refers to any more.
+    pub fn remove_stale_peers(&mut self) -> Result<usize, EbpfError> {
+        let stale: Vec<(Ipv4Addr, u8)> = self.stale_peers.drain().collect();
+        let mut trie: LpmTrie<&mut MapData, [u8; 4], Peer> = self.map_mut(PEERS_MAP)?;
+        for (subnet, len) in &stale {
+            match trie.remove(&Key::new(u32::from(*len), subnet.octets())) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(EbpfError::Map {
+                        map: PEERS_MAP,
+                        operation: "removing a stale peer",
+                        source,
+                    });
+                }
+            }
+        }
+        let live: HashSet<[u8; 4]> = self.peers.values().map(|p| p.public_ip.octets()).collect();
+        let mut addrs: BpfHashMap<&mut MapData, [u8; 4], PeerAddr> =
+            self.map_mut(PEER_ADDRS_MAP)?;
+        let dead: Vec<[u8; 4]> = addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|a| !live.contains(a))
+            .collect();
+        for addr in dead {
+            match addrs.remove(&addr) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(EbpfError::Map {
+                        map: PEER_ADDRS_MAP,
+                        operation: "removing a stale peer address",
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(stale.len())
     }
 
     /// Writes this host's settings; the programs pass everything until this is called.
@@ -196,9 +302,23 @@ impl EbpfDataplane {
     /// Attaches `tc_encap` to the overlay device's egress and `tc_decap` to the underlay's ingress
     /// (interfaces looked up in the calling thread's network namespace; tcx links on kernels >= 6.6,
     /// clsact before).
+    ///
+    /// With pins, the links are pinned (so the programs stay attached when the agent exits), links
+    /// an earlier run pinned on the same interfaces get the new programs swapped in atomically, and
+    /// pins for other interfaces or map versions are removed.
     pub fn attach(&mut self, overlay_if: &str, underlay_if: &str) -> Result<(), EbpfError> {
         self.attach_tc(programs::TC_ENCAP, overlay_if, TcAttachType::Egress)?;
-        self.attach_tc(programs::TC_DECAP, underlay_if, TcAttachType::Ingress)
+        self.attach_tc(programs::TC_DECAP, underlay_if, TcAttachType::Ingress)?;
+        if let Some(pins) = &self.pins {
+            let keep = [
+                pins.link_path(programs::TC_ENCAP, overlay_if),
+                pins.link_path(programs::TC_DECAP, underlay_if),
+            ];
+            for err in pins.remove_stale(&keep) {
+                tracing::warn!("removing stale pinned objects: {err}");
+            }
+        }
+        Ok(())
     }
 
     fn attach_tc(
@@ -213,19 +333,67 @@ impl EbpfDataplane {
                 tracing::debug!(%interface, %err, "clsact qdisc not added (may exist already)");
             }
         }
-        classifier(&mut self.ebpf, program)?
-            .attach(interface, attach_type)
-            .map_err(|source| EbpfError::Attach {
-                program,
-                interface: interface.to_owned(),
-                source,
-            })?;
+        let attach_err = |source| EbpfError::Attach {
+            program,
+            interface: interface.to_owned(),
+            source,
+        };
+        let Some(pins) = self.pins.clone() else {
+            classifier(&mut self.ebpf, program)?
+                .attach(interface, attach_type)
+                .map_err(attach_err)?;
+            return Ok(());
+        };
+        let path = pins.link_path(program, interface);
+        let prog = classifier(&mut self.ebpf, program)?;
+        // A link pinned by an earlier run: swap our program into it atomically.
+        if let Ok(old) = PinnedLink::from_pin(&path) {
+            let swapped = SchedClassifierLink::try_from(FdLink::from(old))
+                .map_err(|e| e.to_string())
+                .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
+            match swapped {
+                Ok(id) => {
+                    // The pin holds the link; our handle may go.
+                    drop(prog.take_link(id).map_err(attach_err)?);
+                    tracing::info!(%interface, "{program}: replaced the program in the pinned link");
+                    return Ok(());
+                }
+                Err(reason) => {
+                    // Typically the interface was recreated and the old link is defunct.
+                    tracing::info!(%interface, "{program}: pinned link unusable ({reason}); attaching anew");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let options = if tcx_supported() {
+            TcAttachOptions::TcxOrder(LinkOrder::default())
+        } else {
+            TcAttachOptions::Netlink(Default::default())
+        };
+        let id = prog
+            .attach_with_options(interface, attach_type, options)
+            .map_err(attach_err)?;
+        if !tcx_supported() {
+            // netlink tc filters are not links and cannot be pinned; they stay attached anyway
+            // once the process exits, as tc filters do.
+            std::mem::forget(prog.take_link(id).map_err(attach_err)?);
+            return Ok(());
+        }
+        let link = FdLink::try_from(prog.take_link(id).map_err(attach_err)?).map_err(|e| {
+            attach_err(aya::programs::ProgramError::IOError(std::io::Error::other(e)))
+        })?;
+        link.pin(&path).map_err(|source| EbpfError::Pin {
+            program,
+            path,
+            source,
+        })?;
         Ok(())
     }
 
     /// Programs a peer subnet (replacing what the subnet had).
     pub fn upsert_peer(&mut self, peer: PeerRoute) -> Result<(), EbpfError> {
         let key = (peer.subnet, peer.prefix_len);
+        self.stale_peers.remove(&key);
         if self.peers.get(&key) == Some(&peer) {
             return Ok(());
         }

@@ -2,11 +2,14 @@
 //! overlay device as flannel does, configures and attaches the programs, then turns each peer
 //! event into map updates.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, path::Path};
 
 use overlay_common::maps::Encap;
 
-use super::ebpf::{EbpfConfig, EbpfDataplane, EbpfError, PeerRoute, vtep_mac_for};
+use super::{
+    ebpf::{EbpfConfig, EbpfDataplane, EbpfError, PeerRoute, vtep_mac_for},
+    pins::Pins,
+};
 use crate::{
     control::{
         config::Backend,
@@ -28,13 +31,19 @@ pub struct EbpfDatapath {
 }
 
 impl EbpfDatapath {
-    /// Loads the programs (so a kernel or privilege problem shows before any lease is taken).
-    pub fn new(backend: Backend, public_ip: Ipv4Addr) -> Result<Self, EbpfError> {
+    /// Loads the programs (so a kernel or privilege problem shows before any lease is taken),
+    /// pinning under `bpffs` when given.
+    pub fn new(
+        backend: Backend,
+        public_ip: Ipv4Addr,
+        bpffs: Option<&Path>,
+    ) -> Result<Self, EbpfError> {
         let encap = match backend {
             Backend::Vxlan { .. } => Encap::Vxlan,
             _ => Encap::Udp,
         };
-        let dataplane = EbpfDataplane::load()?;
+        let pins = bpffs.map(Pins::open).transpose()?;
+        let dataplane = EbpfDataplane::load(pins)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -3,8 +3,9 @@
 pub mod ebpf;
 pub mod ebpf_datapath;
 pub mod endpoints;
+pub mod pins;
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, path::Path};
 
 use crate::{
     cli::DatapathKind,
@@ -40,15 +41,16 @@ pub fn select(
     kind: DatapathKind,
     backend: &Backend,
     public_ip: Ipv4Addr,
+    bpffs: Option<&Path>,
 ) -> Result<Option<Box<dyn Datapath>>, SelectError> {
     if matches!(backend, Backend::Alloc) {
         return Ok(None);
     }
     match kind {
-        DatapathKind::Ebpf => ebpf_datapath::EbpfDatapath::new(backend.clone(), public_ip)
+        DatapathKind::Ebpf => ebpf_datapath::EbpfDatapath::new(backend.clone(), public_ip, bpffs)
             .map(|d| Some(Box::new(d) as Box<dyn Datapath>))
             .map_err(|source| SelectError::Ebpf { source }),
-        DatapathKind::Auto => match ebpf_datapath::EbpfDatapath::new(backend.clone(), public_ip) {
+        DatapathKind::Auto => match ebpf_datapath::EbpfDatapath::new(backend.clone(), public_ip, bpffs) {
             Ok(d) => {
                 tracing::info!("--datapath=auto: eBPF programs load on this kernel; using eBPF");
                 Ok(Some(Box::new(d)))
