@@ -25,7 +25,7 @@ use crate::{
         datapath::{Datapath, DatapathError, LocalLease, StubDatapath},
         etcd::{EtcdError, EtcdSettings, error_chain, req},
         healthz::{self, Health},
-        iface::{self, IfaceError},
+        iface::{self, IfaceError, Underlay},
         lease::{self, Claim, HeldLease, LeaseAttrs, LeaseError, LeaseParams},
         notify,
         peers::{LeaseChange, LeaseWatch, PeerEvent, PeerSet, WatchBatch},
@@ -227,7 +227,8 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
         b => underlay_mtu.saturating_sub(b.encap_overhead()),
     };
 
-    let datapath = build_datapath(cli.datapath, &config.backend, public_ip);
+    let datapath = build_datapath(cli.datapath, &config.backend, public_ip, underlay.as_ref())
+        .map_err(|source| DaemonError::Datapath { source })?;
     let backend_data = datapath.as_ref().and_then(|d| d.backend_data());
     let params = LeaseParams {
         prefix: prefix.clone(),
@@ -527,23 +528,28 @@ impl Agent {
     }
 }
 
-/// Builds the datapath for the backend. This is where the dataplane plugs in: the eBPF and TUN
-/// datapaths replace the stub here. `None` for alloc, which forwards nothing.
+/// Builds the datapath for the backend, before the lease is acquired (its
+/// [`Datapath::backend_data`] goes into the lease). This is where the dataplane plugs in: the eBPF
+/// and TUN datapaths replace the stub here, chosen by `kind` (`--datapath`); an error (e.g.
+/// `--datapath=ebpf` on a kernel that refuses the programs) stops the agent with status 1.
+/// `underlay` is `Some` for udp and vxlan. Returns `None` for alloc, which forwards nothing.
 pub fn build_datapath(
     kind: DatapathKind,
     backend: &Backend,
     public_ip: Ipv4Addr,
-) -> Option<Box<dyn Datapath>> {
+    underlay: Option<&Underlay>,
+) -> Result<Option<Box<dyn Datapath>>, DatapathError> {
     match backend {
-        Backend::Alloc => None,
+        Backend::Alloc => Ok(None),
         Backend::Udp { .. } | Backend::Vxlan { .. } => {
             let stub = StubDatapath::new(backend.clone(), public_ip);
             tracing::warn!(
-                "--datapath={}: using the {}",
+                "--datapath={}{}: using the {}",
                 format!("{kind:?}").to_lowercase(),
+                underlay.map_or(String::new(), |u| format!(" on {}", u.name)),
                 stub.describe()
             );
-            Some(Box::new(stub))
+            Ok(Some(Box::new(stub)))
         }
     }
 }
