@@ -118,7 +118,9 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
         ));
     }
     let out_dir = workspace_root().join("target").join("bench");
-    let run_dir = Path::new("/dev/shm").join(format!("ovbench-{}", std::process::id()));
+    // Logs of the last run (agents, etcd, servers), for when a mode is missing or fails.
+    let run_dir = out_dir.join("logs");
+    let _ = std::fs::remove_dir_all(&run_dir);
     std::fs::create_dir_all(&out_dir)?;
     let result = if let Some(n) = opts.control_plane {
         let agent = agent_binary(opts);
@@ -126,7 +128,6 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
     } else {
         datapaths(opts, &out_dir, &run_dir)
     };
-    let _ = std::fs::remove_dir_all(&run_dir);
     if interrupted() {
         eprintln!("==> bench: interrupted; rig removed");
         std::process::exit(130);
@@ -324,7 +325,7 @@ fn datapaths(opts: &Options, out_dir: &Path, run_dir: &Path) -> anyhow::Result<(
 }
 
 /// The command as a user would type it.
-fn command_line() -> String {
+pub fn command_line() -> String {
     let args: Vec<String> = std::env::args().skip(1).collect();
     format!("cargo xtask {}", args.join(" "))
 }

@@ -258,9 +258,14 @@ impl Rig {
                 active.server_ip
             );
             return Err(match mode.kind {
-                Kind::Agent { .. } => SetupError::Missing(format!(
-                    "{msg} (subnet.env was written, but the datapath does not forward yet)"
-                )),
+                Kind::Agent { .. } => {
+                    let said = first_warning(&self.dir.join("h1"))
+                        .map(|w| format!("; the agent says: {w}"))
+                        .unwrap_or_default();
+                    SetupError::Missing(format!(
+                        "{msg} (subnet.env was written, but the datapath does not forward){said}"
+                    ))
+                }
                 _ => SetupError::Failed(anyhow::anyhow!(msg)),
             });
         }
@@ -406,12 +411,27 @@ pub fn agent_args(
         subnet_file,
         "--datapath",
         datapath,
-        "--subnet-lease-ttl",
-        "10m",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect()
+}
+
+/// The first WARN or ERROR line of the agent logs in `dir`, without its timestamp.
+fn first_warning(dir: &Path) -> Option<String> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .flat_map(|t| t.lines().map(str::to_owned).collect::<Vec<_>>())
+        .find(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .map(|l| {
+            let l = l.trim();
+            // Drop the RFC 3339 timestamp tracing puts first.
+            match l.split_once(' ') {
+                Some((ts, rest)) if ts.contains('T') && ts.ends_with('Z') => rest.trim().to_owned(),
+                _ => l.to_owned(),
+            }
+        })
 }
 
 fn last_lines(path: &Path, n: usize) -> String {
