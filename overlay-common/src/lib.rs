@@ -18,6 +18,8 @@ pub mod programs {
     pub const TC_ENCAP: &str = "tc_encap";
     /// TC classifier on the underlay interface's ingress: checks the sender and decapsulates.
     pub const TC_DECAP: &str = "tc_decap";
+    /// XDP program on the underlay interface: the same checks and decapsulation, opt-in.
+    pub const XDP_DECAP: &str = "xdp_decap";
 }
 
 /// Version of the maps' layout and the programs' contract. Pinned objects of another version are

@@ -5,6 +5,7 @@
 //! - `tc_decap` (TC ingress on the underlay interface): accepts overlay packets from known peers
 //!   only, strips the outer headers and delivers the inner packet straight into the container
 //!   (`bpf_redirect_peer`) or to the host stack.
+//! - `xdp_decap` (XDP on the underlay interface, opt-in): the same checks before the skb exists.
 //!
 //! Entry points are thin: each calls a `try_*` function, counts its outcome and returns its verdict.
 #![no_std]
@@ -15,10 +16,10 @@ mod encap;
 mod wire;
 
 use aya_ebpf::{
-    bindings::TC_ACT_SHOT,
-    macros::{classifier, map},
+    bindings::{TC_ACT_SHOT, xdp_action},
+    macros::{classifier, map, xdp},
     maps::{Array, HashMap, LpmTrie, PerCpuArray},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use overlay_common::{
     COUNTER_SLOTS, Counter, CounterSlot,
@@ -43,19 +44,19 @@ static ENDPOINTS: HashMap<[u8; 4], Endpoint> = HashMap::with_max_entries(MAX_END
 
 /// What a program decided: the counter to bump (None for traffic that is not ours) and the verdict.
 pub struct Outcome {
-    slot: Option<CounterSlot>,
-    action: i32,
+    pub slot: Option<CounterSlot>,
+    pub action: i32,
 }
 
 impl Outcome {
-    const fn new(slot: CounterSlot, action: i32) -> Self {
+    pub const fn new(slot: CounterSlot, action: i32) -> Self {
         Self {
             slot: Some(slot),
             action,
         }
     }
 
-    const fn not_ours(action: i32) -> Self {
+    pub const fn not_ours(action: i32) -> Self {
         Self { slot: None, action }
     }
 }
@@ -67,23 +68,38 @@ pub fn tc_encap(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn tc_decap(ctx: TcContext) -> i32 {
-    finish(&ctx, decap::try_decap(&ctx), CounterSlot::DecapError)
+    finish(&ctx, decap::try_tc_decap(&ctx), CounterSlot::DecapError)
+}
+
+/// The same checks as `tc_decap`, before the stack allocates an skb: opt-in (`--xdp-decap`), for
+/// NICs where decapsulating before GRO pays off. Delivers through the stack only.
+#[xdp]
+pub fn xdp_decap(ctx: XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let outcome = decap::try_xdp_decap(&ctx)
+        .unwrap_or(Outcome::new(CounterSlot::DecapError, xdp_action::XDP_DROP as i32));
+    count(outcome.slot, len);
+    outcome.action as u32
 }
 
 /// Counts the outcome and returns its verdict. A helper error mid-way leaves the packet half
 /// rewritten, so it is dropped (and counted) rather than passed on.
 #[inline(always)]
 fn finish(ctx: &TcContext, result: Result<Outcome, i64>, error_slot: CounterSlot) -> i32 {
-    let len = u64::from(ctx.len());
     let outcome = result.unwrap_or(Outcome::new(error_slot, TC_ACT_SHOT as i32));
-    if let Some(slot) = outcome.slot
+    count(outcome.slot, u64::from(ctx.len()));
+    outcome.action
+}
+
+#[inline(always)]
+fn count(slot: Option<CounterSlot>, len: u64) {
+    if let Some(slot) = slot
         && let Some(counter) = COUNTERS.get_ptr_mut(slot.index())
     {
         // SAFETY: the pointer comes from the map lookup and is this CPU's value; per-CPU values
         // are never touched concurrently.
         unsafe { (*counter).add(len) };
     }
-    outcome.action
 }
 
 #[cfg(not(test))]

@@ -12,7 +12,7 @@ use std::{
 
 use overlay_agent::{
     dataplane::{
-        ebpf::{EbpfConfig, EbpfDataplane, PeerRoute, vtep_mac_for},
+        ebpf::{DecapHook, EbpfConfig, EbpfDataplane, PeerRoute, XdpMode, vtep_mac_for},
         endpoints,
         pins::Pins,
     },
@@ -47,10 +47,19 @@ fn port_of(encap: Encap) -> u16 {
 
 /// What the agent does on a host: the overlay device, the programs, the config.
 fn bring_up(host: &Host, encap: Encap) -> EbpfDataplane {
-    bring_up_pinned(host, encap, None)
+    bring_up_with(host, encap, None, DecapHook::Tc)
 }
 
 fn bring_up_pinned(host: &Host, encap: Encap, pins: Option<&Path>) -> EbpfDataplane {
+    bring_up_with(host, encap, pins, DecapHook::Tc)
+}
+
+fn bring_up_with(
+    host: &Host,
+    encap: Encap,
+    pins: Option<&Path>,
+    decap: DecapHook,
+) -> EbpfDataplane {
     host.ns
         .run(|| {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -80,7 +89,7 @@ fn bring_up_pinned(host: &Host, encap: Encap, pins: Option<&Path>) -> EbpfDatapl
                     deliver_via_stack: false,
                 })
                 .unwrap();
-                dp.attach(&device.name, UNDERLAY_IF).unwrap();
+                dp.attach(&device.name, UNDERLAY_IF, decap).unwrap();
                 // Spawned from this thread, so the learner lives in the host's namespace.
                 endpoints::spawn(
                     dp.take_endpoints().unwrap(),
@@ -164,13 +173,21 @@ fn tcp_transfer(from: &Host, to: &Host) {
 }
 
 fn three_hosts_reach_each_other(encap: Encap) {
+    three_hosts_reach_each_other_with(encap, DecapHook::Tc)
+}
+
+fn three_hosts_reach_each_other_with(encap: Encap, decap: DecapHook) {
     let mut lab = Lab::new(&LabConfig {
         prefix: "ovt-dp".into(),
         hosts: 3,
         underlay_mtu: 1500,
     })
     .unwrap();
-    let mut dataplanes: Vec<EbpfDataplane> = lab.hosts.iter().map(|h| bring_up(h, encap)).collect();
+    let mut dataplanes: Vec<EbpfDataplane> = lab
+        .hosts
+        .iter()
+        .map(|h| bring_up_with(h, encap, None, decap))
+        .collect();
     for (i, dp) in dataplanes.iter_mut().enumerate() {
         for (j, other) in lab.hosts.iter().enumerate() {
             if i != j {
@@ -238,6 +255,14 @@ fn udp_format_three_hosts() {
 fn vxlan_format_three_hosts() {
     if require_root("vxlan_format_three_hosts") {
         three_hosts_reach_each_other(Encap::Vxlan);
+    }
+}
+
+#[test]
+fn xdp_decap_three_hosts_both_formats() {
+    if require_root("xdp_decap_three_hosts_both_formats") {
+        three_hosts_reach_each_other_with(Encap::Udp, DecapHook::Xdp(XdpMode::Driver));
+        three_hosts_reach_each_other_with(Encap::Vxlan, DecapHook::Xdp(XdpMode::Skb));
     }
 }
 

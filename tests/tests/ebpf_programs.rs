@@ -293,7 +293,7 @@ fn random_packets_never_fail_a_program() {
                 p.truncate(34 + (next() as usize) % (p.len() - 33));
                 p
             };
-            for program in [programs::TC_DECAP, programs::TC_ENCAP] {
+            for program in [programs::TC_DECAP, programs::TC_ENCAP, programs::XDP_DECAP] {
                 let (verdict, _) = match dp.test_run(program, &packet) {
                     Ok(r) => r,
                     // The kernel's test harness itself refuses frames shorter than the minimal
@@ -305,7 +305,8 @@ fn random_packets_never_fail_a_program() {
                     Err(e) => panic!("{program} refused {packet:02x?}: {e}"),
                 };
                 assert!(
-                    [TC_ACT_OK, TC_ACT_SHOT, 7].contains(&verdict),
+                    // TC: ok, shot, redirect; XDP: drop (1), pass (2).
+                    [TC_ACT_OK, 1, TC_ACT_SHOT, 7].contains(&verdict),
                     "{program}: verdict {verdict} for {packet:02x?}"
                 );
             }
@@ -323,4 +324,34 @@ fn random_packets_never_fail_a_program() {
             .sum();
         assert_eq!(errors, 0, "{encap:?}: decap helper errors on random input");
     }
+}
+
+#[test]
+fn xdp_decap_applies_the_same_checks() {
+    if !require_root("xdp_decap_applies_the_same_checks") {
+        return;
+    }
+    const XDP_DROP: i32 = 1;
+    const XDP_PASS: i32 = 2;
+    let mut dp = dataplane(Encap::Udp);
+    let inner = inner_ping(PEER_CONTAINER, MY_CONTAINER);
+    let (verdict, out) = dp
+        .test_run(programs::XDP_DECAP, &udp_format(PEER, &inner))
+        .unwrap();
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(&out[14..], &inner[..], "inner packet after XDP decap");
+    assert_eq!(
+        &out[..14],
+        &udp_format(PEER, &inner)[..14],
+        "Ethernet header kept"
+    );
+    let (verdict, _) = dp
+        .test_run(programs::XDP_DECAP, &udp_format(STRANGER, &inner))
+        .unwrap();
+    assert_eq!(verdict, XDP_DROP);
+    let spoofed = inner_ping(Ipv4Addr::new(172, 16, 9, 9), MY_CONTAINER);
+    let (verdict, _) = dp
+        .test_run(programs::XDP_DECAP, &udp_format(PEER, &spoofed))
+        .unwrap();
+    assert_eq!(verdict, XDP_DROP);
 }

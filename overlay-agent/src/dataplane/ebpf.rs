@@ -15,11 +15,14 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
     },
 };
+
+pub use aya::programs::XdpMode;
 
 use super::pins::Pins;
 use overlay_common::{
@@ -130,6 +133,17 @@ pub struct EbpfConfig {
     pub deliver_via_stack: bool,
 }
 
+/// Where decapsulation runs on the underlay interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecapHook {
+    /// TC ingress: can deliver straight into containers (bpf_redirect_peer). The default.
+    #[default]
+    Tc,
+    /// XDP, before the stack allocates an skb and before GRO; delivers through the stack only.
+    /// May pay off on a physical NIC; on veth it measured slower (see docs/architecture.md).
+    Xdp(XdpMode),
+}
+
 /// A peer subnet and where it lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerRoute {
@@ -216,6 +230,12 @@ impl EbpfDataplane {
                     source,
                 })?;
         }
+        xdp_program(&mut ebpf)?
+            .load()
+            .map_err(|source| EbpfError::Program {
+                program: programs::XDP_DECAP,
+                source,
+            })?;
         let mut dataplane = Self {
             ebpf,
             peers: HashMap::new(),
@@ -306,18 +326,75 @@ impl EbpfDataplane {
     /// With pins, the links are pinned (so the programs stay attached when the agent exits), links
     /// an earlier run pinned on the same interfaces get the new programs swapped in atomically, and
     /// pins for other interfaces or map versions are removed.
-    pub fn attach(&mut self, overlay_if: &str, underlay_if: &str) -> Result<(), EbpfError> {
+    pub fn attach(
+        &mut self,
+        overlay_if: &str,
+        underlay_if: &str,
+        decap: DecapHook,
+    ) -> Result<(), EbpfError> {
         self.attach_tc(programs::TC_ENCAP, overlay_if, TcAttachType::Egress)?;
-        self.attach_tc(programs::TC_DECAP, underlay_if, TcAttachType::Ingress)?;
+        let decap_program = match decap {
+            DecapHook::Tc => {
+                self.attach_tc(programs::TC_DECAP, underlay_if, TcAttachType::Ingress)?;
+                programs::TC_DECAP
+            }
+            DecapHook::Xdp(mode) => {
+                self.attach_xdp(underlay_if, mode)?;
+                programs::XDP_DECAP
+            }
+        };
         if let Some(pins) = &self.pins {
             let keep = [
                 pins.link_path(programs::TC_ENCAP, overlay_if),
-                pins.link_path(programs::TC_DECAP, underlay_if),
+                pins.link_path(decap_program, underlay_if),
             ];
             for err in pins.remove_stale(&keep) {
                 tracing::warn!("removing stale pinned objects: {err}");
             }
         }
+        Ok(())
+    }
+
+    fn attach_xdp(&mut self, interface: &str, mode: XdpMode) -> Result<(), EbpfError> {
+        let program = programs::XDP_DECAP;
+        let attach_err = |source| EbpfError::Attach {
+            program,
+            interface: interface.to_owned(),
+            source,
+        };
+        let pins = self.pins.clone();
+        let prog = xdp_program(&mut self.ebpf)?;
+        let Some(pins) = pins else {
+            prog.attach(interface, mode).map_err(attach_err)?;
+            return Ok(());
+        };
+        let path = pins.link_path(program, interface);
+        if let Ok(old) = PinnedLink::from_pin(&path) {
+            let swapped = XdpLink::try_from(FdLink::from(old))
+                .map_err(|e| e.to_string())
+                .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
+            match swapped {
+                Ok(id) => {
+                    drop(prog.take_link(id).map_err(attach_err)?);
+                    return Ok(());
+                }
+                Err(reason) => {
+                    tracing::info!(%interface, "{program}: pinned link unusable ({reason}); attaching anew");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let id = prog.attach(interface, mode).map_err(attach_err)?;
+        let link = FdLink::try_from(prog.take_link(id).map_err(attach_err)?).map_err(|e| {
+            attach_err(aya::programs::ProgramError::IOError(std::io::Error::other(
+                e,
+            )))
+        })?;
+        link.pin(&path).map_err(|source| EbpfError::Pin {
+            program,
+            path,
+            source,
+        })?;
         Ok(())
     }
 
@@ -380,7 +457,9 @@ impl EbpfDataplane {
             return Ok(());
         }
         let link = FdLink::try_from(prog.take_link(id).map_err(attach_err)?).map_err(|e| {
-            attach_err(aya::programs::ProgramError::IOError(std::io::Error::other(e)))
+            attach_err(aya::programs::ProgramError::IOError(std::io::Error::other(
+                e,
+            )))
         })?;
         link.pin(&path).map_err(|source| EbpfError::Pin {
             program,
@@ -500,13 +579,17 @@ impl EbpfDataplane {
         use aya::programs::{TestRun as _, TestRunOptions};
         // Room for the largest growth any program makes (the vxlan headers).
         let mut out = vec![0u8; packet.len() + 256];
-        let result = classifier(&mut self.ebpf, program)?
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .map_err(|source| EbpfError::Program { program, source })?;
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        };
+        let result = if program == programs::XDP_DECAP {
+            xdp_program(&mut self.ebpf)?.test_run(opts)
+        } else {
+            classifier(&mut self.ebpf, program)?.test_run(opts)
+        }
+        .map_err(|source| EbpfError::Program { program, source })?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value as i32, out))
     }
@@ -538,6 +621,18 @@ fn map_err(
 fn tcx_supported() -> bool {
     use aya::util::KernelVersion;
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, EbpfError> {
+    let name = programs::XDP_DECAP;
+    let program = ebpf.program_mut(name).ok_or(EbpfError::Missing {
+        kind: "program",
+        name,
+    })?;
+    program.try_into().map_err(|source| EbpfError::Program {
+        program: name,
+        source,
+    })
 }
 
 fn classifier<'a>(

@@ -2,12 +2,12 @@
 //! overlay device as flannel does, configures and attaches the programs, then turns each peer
 //! event into map updates.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use overlay_common::maps::Encap;
 
 use super::{
-    ebpf::{EbpfConfig, EbpfDataplane, EbpfError, PeerRoute, vtep_mac_for},
+    ebpf::{DecapHook, EbpfConfig, EbpfDataplane, EbpfError, PeerRoute, vtep_mac_for},
     pins::Pins,
 };
 use crate::{
@@ -19,8 +19,21 @@ use crate::{
     host::{Netlink, OverlayDevice},
 };
 
+/// Operator choices for the eBPF datapath.
+#[derive(Debug, Clone, Default)]
+pub struct EbpfOptions {
+    /// Pin programs and maps under this bpffs directory, so they outlive the agent.
+    pub bpffs: Option<PathBuf>,
+    /// Where decapsulation runs.
+    pub decap: DecapHook,
+    /// Deliver decapsulated packets through the host stack (netfilter FORWARD, docker's rules)
+    /// instead of straight into containers.
+    pub deliver_via_stack: bool,
+}
+
 /// flannel's udp and vxlan formats, encapsulated and decapsulated in the kernel.
 pub struct EbpfDatapath {
+    options: EbpfOptions,
     backend: Backend,
     encap: Encap,
     public_ip: Ipv4Addr,
@@ -36,19 +49,20 @@ impl EbpfDatapath {
     pub fn new(
         backend: Backend,
         public_ip: Ipv4Addr,
-        bpffs: Option<&Path>,
+        options: EbpfOptions,
     ) -> Result<Self, EbpfError> {
         let encap = match backend {
             Backend::Vxlan { .. } => Encap::Vxlan,
             _ => Encap::Udp,
         };
-        let pins = bpffs.map(Pins::open).transpose()?;
+        let pins = options.bpffs.as_deref().map(Pins::open).transpose()?;
         let dataplane = EbpfDataplane::load(pins)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("a current-thread tokio runtime builds");
         Ok(Self {
+            options,
             backend,
             encap,
             public_ip,
@@ -180,25 +194,29 @@ impl Datapath for EbpfDatapath {
                 port,
                 vni,
                 vtep_mac: vtep_mac_for(self.public_ip),
-                deliver_via_stack: false,
+                deliver_via_stack: self.options.deliver_via_stack,
             })
             .map_err(failed("configuring the eBPF programs"))?;
         self.dataplane
-            .attach(&device.name, &underlay.name)
+            .attach(&device.name, &underlay.name, self.options.decap)
             .map_err(failed(format!(
                 "attaching to {} and {}",
                 device.name, underlay.name
             )))?;
-        let endpoints = self
-            .dataplane
-            .take_endpoints()
-            .map_err(failed("opening the endpoints map"))?;
-        super::endpoints::spawn(endpoints, lease.subnet.first_host()).map_err(|source| {
-            DatapathError::Failed {
-                context: "starting the endpoint learner".into(),
-                source: Box::new(source),
-            }
-        })?;
+        // Direct delivery needs TC decap (bpf_redirect_peer) and an operator who did not ask for
+        // the stack.
+        if self.options.decap == DecapHook::Tc && !self.options.deliver_via_stack {
+            let endpoints = self
+                .dataplane
+                .take_endpoints()
+                .map_err(failed("opening the endpoints map"))?;
+            super::endpoints::spawn(endpoints, lease.subnet.first_host()).map_err(|source| {
+                DatapathError::Failed {
+                    context: "starting the endpoint learner".into(),
+                    source: Box::new(source),
+                }
+            })?;
+        }
         tracing::info!(
             device = %device.name,
             underlay = %underlay.name,

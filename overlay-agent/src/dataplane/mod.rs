@@ -5,7 +5,7 @@ pub mod ebpf_datapath;
 pub mod endpoints;
 pub mod pins;
 
-use std::{net::Ipv4Addr, path::Path};
+use std::net::Ipv4Addr;
 
 use crate::{
     cli::DatapathKind,
@@ -41,24 +41,30 @@ pub fn select(
     kind: DatapathKind,
     backend: &Backend,
     public_ip: Ipv4Addr,
-    bpffs: Option<&Path>,
+    options: ebpf_datapath::EbpfOptions,
 ) -> Result<Option<Box<dyn Datapath>>, SelectError> {
     if matches!(backend, Backend::Alloc) {
         return Ok(None);
     }
     match kind {
-        DatapathKind::Ebpf => ebpf_datapath::EbpfDatapath::new(backend.clone(), public_ip, bpffs)
-            .map(|d| Some(Box::new(d) as Box<dyn Datapath>))
-            .map_err(|source| SelectError::Ebpf { source }),
-        DatapathKind::Auto => match ebpf_datapath::EbpfDatapath::new(backend.clone(), public_ip, bpffs) {
-            Ok(d) => {
-                tracing::info!("--datapath=auto: eBPF programs load on this kernel; using eBPF");
-                Ok(Some(Box::new(d)))
+        DatapathKind::Ebpf => {
+            ebpf_datapath::EbpfDatapath::new(backend.clone(), public_ip, options.clone())
+                .map(|d| Some(Box::new(d) as Box<dyn Datapath>))
+                .map_err(|source| SelectError::Ebpf { source })
+        }
+        DatapathKind::Auto => {
+            match ebpf_datapath::EbpfDatapath::new(backend.clone(), public_ip, options.clone()) {
+                Ok(d) => {
+                    tracing::info!(
+                        "--datapath=auto: eBPF programs load on this kernel; using eBPF"
+                    );
+                    Ok(Some(Box::new(d)))
+                }
+                Err(err) => Err(SelectError::TunUnavailable {
+                    reason: format!(" (--datapath=auto fell back because eBPF failed: {err})"),
+                }),
             }
-            Err(err) => Err(SelectError::TunUnavailable {
-                reason: format!(" (--datapath=auto fell back because eBPF failed: {err})"),
-            }),
-        },
+        }
         DatapathKind::Tun => Err(SelectError::TunUnavailable {
             reason: " (--datapath=tun)".into(),
         }),
