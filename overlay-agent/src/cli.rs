@@ -26,6 +26,18 @@ pub enum DatapathKind {
     Tun,
 }
 
+/// Where the eBPF datapath decapsulates on the underlay interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DecapKind {
+    /// TC ingress: delivers straight into containers (the fastest on veth and virtual NICs).
+    Tc,
+    /// Native XDP, before the stack allocates an skb and before GRO: may win on a physical NIC;
+    /// delivers through the host stack.
+    Xdp,
+    /// Generic (skb) XDP, for drivers without native XDP; for testing.
+    XdpGeneric,
+}
+
 /// Flannel-compatible overlay network agent whose dataplane runs in eBPF.
 ///
 /// A drop-in replacement for flanneld: same flags, same etcd data, same subnet.env.
@@ -147,6 +159,32 @@ pub struct Cli {
     /// Datapath for the udp and vxlan backends (the alloc backend needs none).
     #[arg(long, env = "FLANNELD_DATAPATH", value_enum, default_value_t = DatapathKind::Auto)]
     pub datapath: DatapathKind,
+
+    /// bpffs directory where the eBPF datapath pins its programs' links and maps, so forwarding
+    /// continues while the agent restarts (bpffs is mounted on /sys/fs/bpf if needed).
+    #[arg(
+        long,
+        env = "FLANNELD_BPFFS",
+        default_value = "/sys/fs/bpf/overlay-agent"
+    )]
+    pub bpffs: PathBuf,
+
+    /// Where the eBPF datapath decapsulates.
+    #[arg(long, env = "FLANNELD_DECAP", value_enum, default_value_t = DecapKind::Tc)]
+    pub decap: DecapKind,
+
+    /// Deliver decapsulated packets through the host's stack (so netfilter's FORWARD chain and
+    /// docker's rules see them) instead of straight into the containers, which bypasses them.
+    #[arg(
+        long,
+        env = "FLANNELD_DELIVER_VIA_STACK",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = parse_go_bool
+    )]
+    pub deliver_via_stack: bool,
 
     /// Lifetime of the subnet lease in etcd (e.g. 30s, 90m, 24h); it is renewed before it ends.
     #[arg(

@@ -19,10 +19,15 @@ use etcd_client::Client;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    cli::{Cli, DatapathKind},
+    dataplane::{
+        self,
+        ebpf::{DecapHook, XdpMode},
+        ebpf_datapath::EbpfOptions,
+    },
+    cli::{Cli, DecapKind},
     control::{
         config::{Backend, ConfigError, NetworkConfig},
-        datapath::{Datapath, DatapathError, LocalLease, StubDatapath},
+        datapath::{Datapath, DatapathError, LocalLease},
         etcd::{EtcdError, EtcdSettings, error_chain, req},
         healthz::{self, Health},
         iface::{self, IfaceError, Underlay},
@@ -227,7 +232,7 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
         b => underlay_mtu.saturating_sub(b.encap_overhead()),
     };
 
-    let datapath = build_datapath(cli.datapath, &config.backend, public_ip, underlay.as_ref())
+    let datapath = build_datapath(&cli, &config.backend, public_ip, underlay.as_ref())
         .map_err(|source| DaemonError::Datapath { source })?;
     let backend_data = datapath.as_ref().and_then(|d| d.backend_data());
     let params = LeaseParams {
@@ -291,7 +296,7 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
             Err(e) => return Err(DaemonError::Etcd { source: e }),
         }
     };
-    agent.datapath.barrier().await?;
+    agent.datapath.synced().await?;
 
     let env = SubnetEnv {
         network: config.network,
@@ -534,31 +539,45 @@ impl Agent {
 /// `--datapath=ebpf` on a kernel that refuses the programs) stops the agent with status 1.
 /// `underlay` is `Some` for udp and vxlan. Returns `None` for alloc, which forwards nothing.
 pub fn build_datapath(
-    kind: DatapathKind,
+    cli: &Cli,
     backend: &Backend,
     public_ip: Ipv4Addr,
     underlay: Option<&Underlay>,
 ) -> Result<Option<Box<dyn Datapath>>, DatapathError> {
-    match backend {
-        Backend::Alloc => Ok(None),
-        Backend::Udp { .. } | Backend::Vxlan { .. } => {
-            let stub = StubDatapath::new(backend.clone(), public_ip);
-            tracing::warn!(
-                "--datapath={}{}: using the {}",
-                format!("{kind:?}").to_lowercase(),
-                underlay.map_or(String::new(), |u| format!(" on {}", u.name)),
-                stub.describe()
-            );
-            Ok(Some(Box::new(stub)))
+    let options = EbpfOptions {
+        bpffs: Some(cli.bpffs.clone()),
+        decap: match cli.decap {
+            DecapKind::Tc => DecapHook::Tc,
+            DecapKind::Xdp => DecapHook::Xdp(XdpMode::Driver),
+            DecapKind::XdpGeneric => DecapHook::Xdp(XdpMode::Skb),
+        },
+        deliver_via_stack: cli.deliver_via_stack,
+    };
+    let datapath = dataplane::select(cli.datapath, backend, public_ip, options).map_err(|e| {
+        DatapathError::Failed {
+            context: format!(
+                "--datapath={}",
+                format!("{:?}", cli.datapath).to_lowercase()
+            ),
+            source: Box::new(e),
         }
+    })?;
+    if let Some(d) = &datapath {
+        tracing::info!(
+            "datapath: {}{}",
+            d.describe(),
+            underlay.map_or(String::new(), |u| format!(" on {}", u.name))
+        );
     }
+    Ok(datapath)
 }
 
 /// Work for the datapath thread.
 enum DatapathCmd {
     Start(LocalLease, oneshot::Sender<Result<(), DatapathError>>),
     Event(PeerEvent),
-    Barrier(oneshot::Sender<()>),
+    /// The initial peer list has been sent; replies once the datapath has applied it.
+    Synced(oneshot::Sender<()>),
 }
 
 /// The datapath, run on a thread of its own so its (possibly blocking) calls never stall etcd
@@ -603,7 +622,12 @@ impl DatapathHandle {
                                 health.datapath(d.check().err());
                             }
                         }
-                        DatapathCmd::Barrier(reply) => {
+                        DatapathCmd::Synced(reply) => {
+                            if let Some(d) = datapath.as_mut()
+                                && let Err(e) = d.synced()
+                            {
+                                tracing::error!("datapath: {}", error_chain(&e));
+                            }
                             let _ = reply.send(());
                         }
                     }
@@ -630,12 +654,13 @@ impl DatapathHandle {
         }
     }
 
-    /// Waits until everything sent before has been applied.
-    async fn barrier(&self) -> Result<(), DaemonError> {
+    /// Tells the datapath the initial peer list is complete (it may then drop what a previous
+    /// run left), and waits until everything sent before has been applied.
+    async fn synced(&self) -> Result<(), DaemonError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .as_ref()
-            .and_then(|tx| tx.send(DatapathCmd::Barrier(reply)).ok())
+            .and_then(|tx| tx.send(DatapathCmd::Synced(reply)).ok())
             .ok_or(DaemonError::DatapathGone)?;
         rx.await.map_err(|_| DaemonError::DatapathGone)
     }

@@ -6,6 +6,7 @@
 //! can never pass by skipping.
 
 pub mod bpffs;
+pub mod cluster;
 pub mod etcd;
 pub mod lab;
 pub mod netns;

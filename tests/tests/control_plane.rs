@@ -582,14 +582,24 @@ impl Drop for RestoreFile {
 #[test]
 fn the_articles_command_line_starts_the_agent() {
     // The article's unit writes /run/flannel/subnet.env: that needs root, and the file is put
-    // back as it was afterwards.
+    // back as it was afterwards. The agent runs on a simulated host (its own network namespace,
+    // with eth0 as the default route's interface), where the real datapath lays out flannel0.
     if !overlay_tests::require_root("the_articles_command_line_starts_the_agent") {
         return;
     }
-    let etcd = Etcd::start().unwrap();
     let tmp = TempDir::new("article").unwrap();
-    // The article's config, verbatim: no Backend, so udp (here the stub datapath).
-    etcd.put("/flannel/config", r#"{"Network": "172.16.0.0/12"}"#);
+    let mut cluster = overlay_tests::cluster::Cluster::new(
+        &overlay_tests::lab::LabConfig {
+            prefix: "ovt-ar".into(),
+            hosts: 1,
+            underlay_mtu: 1500,
+        },
+        // The article's config, verbatim: no Backend, so udp.
+        r#"{"Network": "172.16.0.0/12"}"#,
+        overlay_tests::etcd::agent_binary(),
+        tmp.path(),
+    )
+    .unwrap();
     let path = PathBuf::from("/run/flannel/subnet.env");
     let _restore = RestoreFile {
         saved: std::fs::read(&path).ok(),
@@ -600,48 +610,49 @@ fn the_articles_command_line_starts_the_agent() {
     let cmdline = format!(
         "--etcd-endpoints={} --etcd-prefix=/flannel --logtostderr=true \
          --subnet-dir=/run/flannel/networks --subnet-file=/run/flannel/subnet.env",
-        etcd.endpoint()
+        cluster.etcd.endpoint()
     );
     let argv: Vec<String> = cmdline.split_whitespace().map(String::from).collect();
-    let mut agent = Agent::spawn(tmp.path(), "article", &argv, &[]).unwrap();
-    let env = must_env(&agent, 20 * SECOND);
+    cluster.start_agent(0, argv).unwrap();
+    let parsed = cluster.wait_subnet_env(0, 20 * SECOND).unwrap();
+    let env = std::fs::read_to_string(&path).unwrap();
     let lines: Vec<&str> = env.lines().collect();
     assert_eq!(lines[0], "FLANNEL_NETWORK=172.16.0.0/12");
     assert!(
         lines[1].starts_with("FLANNEL_SUBNET=172.") && lines[1].ends_with(".1/24"),
         "{env}"
     );
-    assert!(lines[2].starts_with("FLANNEL_MTU="));
+    assert_eq!(lines[2], "FLANNEL_MTU=1472", "udp: underlay MTU 1500 - 28");
     assert_eq!(lines[3], "FLANNEL_IPMASQ=false");
-    let mtu: u32 = lines[2]["FLANNEL_MTU=".len()..].parse().unwrap();
-    let underlay_mtu = default_route_mtu().expect("this test needs an IPv4 default route");
-    assert_eq!(mtu, underlay_mtu - 28, "udp: underlay MTU - 28");
     {
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o644);
     }
-    let value = etcd.get(&key_of("/flannel", &leased_subnet(&env))).unwrap();
+    let (net, len) = parsed.subnet();
+    let value = cluster
+        .etcd
+        .etcdctl(&[
+            "get",
+            "--print-value-only",
+            &format!("/flannel/subnets/{net}-{len}"),
+        ])
+        .unwrap();
     assert!(value.contains("\"BackendType\":\"udp\""), "{value}");
-    assert!(
-        agent.log_text().contains("stub datapath"),
-        "the stub must say so"
-    );
-    agent.signal(libc::SIGINT);
-    assert_eq!(agent.wait_exit(10 * SECOND).and_then(|s| s.code()), Some(0));
-}
-
-fn default_route_mtu() -> Option<u32> {
-    let routes = std::fs::read_to_string("/proc/net/route").ok()?;
-    let dev = routes.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_owned())
-    })?;
-    std::fs::read_to_string(format!("/sys/class/net/{dev}/mtu"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    // As in the article: flannel0 holds the lease's network address with the Network's length.
+    let flannel0 = cluster.lab.hosts[0]
+        .ns
+        .ip(&["-4", "-o", "addr", "show", "dev", "flannel0"])
+        .unwrap();
+    let flannel0 = String::from_utf8_lossy(&flannel0.stdout).into_owned();
+    assert!(flannel0.contains(&format!("inet {net}/12")), "{flannel0}");
+    let log = cluster.agents[0].log_text();
+    assert!(log.contains("eBPF datapath up"), "{log}");
+    let mut agent = cluster.agents[0].process.take().unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGINT) };
+    let status = agent.stop(10 * SECOND);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "SIGINT exits 0");
 }
 
 #[test]

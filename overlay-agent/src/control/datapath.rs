@@ -67,62 +67,14 @@ pub trait Datapath: Send {
     /// peer already known.
     fn apply(&mut self, event: &PeerEvent) -> Result<(), DatapathError>;
 
+    /// The initial peer list (sent right after `start`) is complete: state a previous run left
+    /// behind and no peer confirmed can go now. Called once.
+    fn synced(&mut self) -> Result<(), DatapathError> {
+        Ok(())
+    }
+
     /// `Ok` while the datapath forwards; otherwise a one-line reason (served by `/healthz`).
     fn check(&self) -> Result<(), String> {
-        Ok(())
-    }
-}
-
-/// A stand-in for the udp and vxlan datapaths until the eBPF and TUN datapaths land (separate
-/// issues): it forwards **nothing**, logs each peer event and reports ready at once, so the
-/// control plane can be run and tested end to end.
-#[derive(Debug)]
-pub struct StubDatapath {
-    backend: Backend,
-    public_ip: Ipv4Addr,
-}
-
-impl StubDatapath {
-    /// A stub for `backend`, published at `public_ip`.
-    pub fn new(backend: Backend, public_ip: Ipv4Addr) -> Self {
-        Self { backend, public_ip }
-    }
-}
-
-impl Datapath for StubDatapath {
-    fn describe(&self) -> String {
-        format!(
-            "stub datapath for {} (forwards nothing: the eBPF and TUN datapaths are not built yet)",
-            self.backend.type_name()
-        )
-    }
-
-    fn backend_data(&self) -> Option<serde_json::Value> {
-        match self.backend {
-            // Peers expect a VtepMAC in a vxlan lease; without a VTEP device, publish a locally
-            // administered MAC derived from our address so it is stable across restarts.
-            Backend::Vxlan { vni, .. } => {
-                let [a, b, c, d] = self.public_ip.octets();
-                Some(serde_json::json!({
-                    "VNI": vni,
-                    "VtepMAC": format!("0a:58:{a:02x}:{b:02x}:{c:02x}:{d:02x}"),
-                }))
-            }
-            _ => None,
-        }
-    }
-
-    fn start(&mut self, lease: &LocalLease) -> Result<(), DatapathError> {
-        tracing::warn!(
-            "{}: subnet {} is leased, but no packets will be forwarded",
-            self.describe(),
-            lease.subnet
-        );
-        Ok(())
-    }
-
-    fn apply(&mut self, event: &PeerEvent) -> Result<(), DatapathError> {
-        tracing::debug!("stub datapath: ignoring {event:?}");
         Ok(())
     }
 }

@@ -247,6 +247,17 @@ impl Datapath for EbpfDatapath {
         }
     }
 
+    fn synced(&mut self) -> Result<(), DatapathError> {
+        let removed = self
+            .dataplane
+            .remove_stale_peers()
+            .map_err(failed("removing stale peers"))?;
+        if removed > 0 {
+            tracing::info!("removed {removed} peer(s) left by the previous run and gone since");
+        }
+        Ok(())
+    }
+
     fn check(&self) -> Result<(), String> {
         if self.started {
             Ok(())

@@ -96,8 +96,10 @@ impl Pins {
         self.root.join("links")
     }
 
-    /// Where the link of `program` on `interface` is pinned.
+    /// Where the link of `program` on `interface` is pinned. bpffs refuses names with a dot
+    /// (`flannel.1`), so dots (and the escape character itself) are percent-encoded.
     pub fn link_path(&self, program: &str, interface: &str) -> PathBuf {
+        let interface = interface.replace('%', "%25").replace('.', "%2e");
         self.links_dir().join(format!("{program}@{interface}"))
     }
 

@@ -1,0 +1,362 @@
+//! A whole overlay cluster in the lab: etcd inside the underlay switch's namespace (reachable from
+//! every host over the simulated underlay, from nowhere else), one real `overlay-agent` process per
+//! host, and docker's part done from each host's subnet.env.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    bpffs::BpfFs,
+    lab::{Lab, LabConfig, LabError, SubnetEnv, UNDERLAY_IF},
+    netns::{NetNs, NetNsError, NsProcess},
+};
+
+/// etcd's client address: the underlay switch's own address.
+pub const ETCD_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+/// etcd's client port.
+pub const ETCD_PORT: u16 = 2379;
+
+/// Errors of building or driving a cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The lab could not be built.
+    #[error(transparent)]
+    Lab(#[from] LabError),
+    /// A namespace operation failed.
+    #[error(transparent)]
+    NetNs(#[from] NetNsError),
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something did not happen in time.
+    #[error("timed out: {what}")]
+    Timeout {
+        /// What was waited for, with the relevant log lines.
+        what: String,
+    },
+}
+
+/// etcd running inside a namespace, killed on drop.
+#[derive(Debug)]
+pub struct NsEtcd {
+    process: NsProcess,
+    ns: String,
+    data_dir: PathBuf,
+}
+
+impl NsEtcd {
+    /// Starts etcd in `ns` on [`ETCD_IP`] (which `ns` must own) and waits until it answers.
+    pub fn start(ns: &NetNs, dir: &Path) -> Result<Self, ClusterError> {
+        let data_dir = dir.join("etcd-data");
+        let endpoint = format!("http://{ETCD_IP}:{ETCD_PORT}");
+        let peer = "http://127.0.0.1:2380";
+        let data = data_dir.to_string_lossy().into_owned();
+        let process = ns.spawn(
+            "etcd",
+            &[
+                "--name",
+                "lab",
+                "--data-dir",
+                &data,
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                &format!("lab={peer}"),
+                "--log-level",
+                "warn",
+            ],
+            Some(&dir.join("etcd.log")),
+        )?;
+        let etcd = Self {
+            process,
+            ns: ns.name().to_owned(),
+            data_dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while etcd.etcdctl(&["endpoint", "health"]).is_err() {
+            if Instant::now() > deadline {
+                return Err(ClusterError::Timeout {
+                    what: "etcd to answer".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(etcd)
+    }
+
+    /// The client URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://{ETCD_IP}:{ETCD_PORT}")
+    }
+
+    /// Runs etcdctl (v3 API) against it, returning stdout.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String, NetNsError> {
+        let endpoint = format!("--endpoints={}", self.endpoint());
+        let mut full = vec!["netns", "exec", &self.ns, "etcdctl", &endpoint];
+        full.extend_from_slice(args);
+        let out = Command::new("ip")
+            .args(&full)
+            .env("ETCDCTL_API", "3")
+            .output()
+            .map_err(|source| NetNsError::Spawn {
+                command: format!("etcdctl {}", args.join(" ")),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(NetNsError::Failed {
+                command: format!("etcdctl {}", args.join(" ")),
+                status: out.status,
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for NsEtcd {
+    fn drop(&mut self) {
+        self.process.stop(Duration::from_secs(2));
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// One agent process and its files.
+#[derive(Debug)]
+pub struct AgentProcess {
+    /// The process (None while stopped).
+    pub process: Option<NsProcess>,
+    /// Its log.
+    pub log: PathBuf,
+    /// Its subnet.env.
+    pub subnet_file: PathBuf,
+    /// The arguments it runs with.
+    pub args: Vec<String>,
+}
+
+impl AgentProcess {
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A cluster: the lab, etcd and one agent per host. Agents stop before etcd, etcd before the lab.
+#[derive(Debug)]
+pub struct Cluster {
+    /// One per host, in host order.
+    pub agents: Vec<AgentProcess>,
+    /// etcd.
+    pub etcd: NsEtcd,
+    /// The hosts.
+    pub lab: Lab,
+    /// The agent binary.
+    pub agent_bin: PathBuf,
+    /// Where logs and subnet files go.
+    pub dir: PathBuf,
+    /// The agents' pins. A bpffs an agent mounts itself inside `ip netns exec`'s private mount
+    /// namespace dies with the agent, and its programs with it; this one outlives them, as
+    /// /sys/fs/bpf does on a real host. Dropped last.
+    pub bpffs: BpfFs,
+}
+
+/// The etcd prefix the cluster uses (the article's).
+pub const PREFIX: &str = "/flannel";
+
+impl Cluster {
+    /// Builds the lab, starts etcd with `config` at `/flannel/config`, and gives every host a
+    /// default route towards the switch (as a real host has, so the agent's default-interface
+    /// detection finds eth0). Agents are started with [`Cluster::start_agent`].
+    pub fn new(
+        config: &LabConfig,
+        network_config: &str,
+        agent_bin: &Path,
+        dir: &Path,
+    ) -> Result<Self, ClusterError> {
+        let lab = Lab::new(config)?;
+        lab.switch
+            .ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "ul0"])?;
+        for host in &lab.hosts {
+            host.ns
+                .ip(&["route", "add", "default", "via", &ETCD_IP.to_string()])?;
+        }
+        std::fs::create_dir_all(dir).map_err(|source| ClusterError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let etcd = NsEtcd::start(&lab.switch, dir)?;
+        etcd.etcdctl(&["put", &format!("{PREFIX}/config"), network_config])?;
+        let bpffs = BpfFs::new()?;
+        Ok(Self {
+            agents: Vec::new(),
+            etcd,
+            lab,
+            agent_bin: agent_bin.to_owned(),
+            dir: dir.to_owned(),
+            bpffs,
+        })
+    }
+
+    /// The flanneld command line for host `index` (0-based): the article's flags, this host's
+    /// subnet file, and `extra`.
+    pub fn agent_args(&self, index: usize, extra: &[&str]) -> Vec<String> {
+        let subnet_file = self.dir.join(format!("h{}", index + 1)).join("subnet.env");
+        let mut args = vec![
+            format!("--etcd-endpoints={}", self.etcd.endpoint()),
+            format!("--etcd-prefix={PREFIX}"),
+            "--logtostderr=true".into(),
+            format!("--iface={UNDERLAY_IF}"),
+            format!("--subnet-file={}", subnet_file.display()),
+            format!(
+                "--bpffs={}",
+                self.bpffs.path().join(format!("h{}", index + 1)).display()
+            ),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// Starts an agent on every host that has none yet, with `extra` flags, and waits for their
+    /// subnet.env files; then does docker's part on each. Returns the subnet.env contents.
+    pub fn start_all(&mut self, extra: &[&str]) -> Result<Vec<SubnetEnv>, ClusterError> {
+        for index in self.agents.len()..self.lab.hosts.len() {
+            let args = self.agent_args(index, extra);
+            self.start_agent(index, args)?;
+        }
+        let mut envs = Vec::new();
+        for index in 0..self.lab.hosts.len() {
+            let env = self.wait_subnet_env(index, Duration::from_secs(30))?;
+            if self.lab.hosts[index].container.is_none() {
+                self.lab.hosts[index].start_docker(&env)?;
+            }
+            envs.push(env);
+        }
+        Ok(envs)
+    }
+
+    /// Starts (or restarts) the agent of host `index` with `args`.
+    pub fn start_agent(&mut self, index: usize, args: Vec<String>) -> Result<(), ClusterError> {
+        let hdir = self.dir.join(format!("h{}", index + 1));
+        std::fs::create_dir_all(&hdir).map_err(|source| ClusterError::Io {
+            path: hdir.clone(),
+            source,
+        })?;
+        let log = hdir.join("agent.log");
+        let subnet_file = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--subnet-file="))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/run/flannel/subnet.env".into());
+        let bin = self.agent_bin.to_string_lossy().into_owned();
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let process = self.lab.hosts[index].ns.spawn(&bin, &argv, Some(&log))?;
+        let agent = AgentProcess {
+            process: Some(process),
+            log,
+            subnet_file,
+            args,
+        };
+        if index < self.agents.len() {
+            self.agents[index] = agent;
+        } else {
+            self.agents.push(agent);
+        }
+        Ok(())
+    }
+
+    /// Waits until host `index`'s agent has written its subnet.env, and parses it.
+    pub fn wait_subnet_env(
+        &mut self,
+        index: usize,
+        within: Duration,
+    ) -> Result<SubnetEnv, ClusterError> {
+        let deadline = Instant::now() + within;
+        loop {
+            let agent = &mut self.agents[index];
+            if let Some(env) = std::fs::read_to_string(&agent.subnet_file)
+                .ok()
+                .and_then(|t| SubnetEnv::parse(&t).ok())
+            {
+                return Ok(env);
+            }
+            let exited = agent
+                .process
+                .as_mut()
+                .and_then(NsProcess::try_wait)
+                .map(|s| format!(" (agent exited: {s})"))
+                .unwrap_or_default();
+            if !exited.is_empty() || Instant::now() > deadline {
+                return Err(ClusterError::Timeout {
+                    what: format!(
+                        "subnet.env of h{}{exited}; log:\n{}",
+                        index + 1,
+                        agent.log_text()
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The container address of every host that has one.
+    pub fn container_ips(&self) -> Vec<Ipv4Addr> {
+        self.lab
+            .hosts
+            .iter()
+            .filter_map(|h| h.container.as_ref().map(|c| c.ip))
+            .collect()
+    }
+
+    /// Pings `to` from host `from`'s container: `count` echoes, `interval` apart.
+    pub fn ping(&self, from: usize, to: Ipv4Addr, count: u32) -> Result<(), NetNsError> {
+        let c = self.lab.hosts[from]
+            .container
+            .as_ref()
+            .expect("the host has a container");
+        c.ns.exec(
+            "ping",
+            &[
+                "-q",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.1",
+                "-W",
+                "1",
+                &to.to_string(),
+            ],
+        )
+        .map(|_| ())
+    }
+
+    /// Every container pings every other; returns the pairs that failed.
+    pub fn ping_matrix(&self) -> Vec<String> {
+        let ips = self.container_ips();
+        let mut failures = Vec::new();
+        for from in 0..self.lab.hosts.len() {
+            for (j, to) in ips.iter().enumerate() {
+                if j != from
+                    && let Err(e) = self.ping(from, *to, 2)
+                {
+                    failures.push(format!("h{} -> {to}: {e}", from + 1));
+                }
+            }
+        }
+        failures
+    }
+}
