@@ -1,9 +1,12 @@
 //! The dataplane: programs and state that move container packets between hosts.
 
+pub mod codec;
 pub mod ebpf;
 pub mod ebpf_datapath;
 pub mod endpoints;
 pub mod pins;
+pub mod tun;
+pub mod tun_datapath;
 
 use std::net::Ipv4Addr;
 
@@ -22,21 +25,21 @@ pub enum SelectError {
         #[source]
         source: ebpf::EbpfError,
     },
-    /// `--datapath tun`, or auto without eBPF: the userspace datapath is not built yet.
-    #[error(
-        "the TUN datapath is not available in this version{reason}; \
-         run where eBPF can load (root or CAP_BPF+CAP_NET_ADMIN, kernel >= 5.10)"
-    )]
-    TunUnavailable {
-        /// Why it was wanted.
+    /// `--datapath tun`, or auto without eBPF: the TUN datapath cannot run either.
+    #[error("the TUN datapath cannot run on this host{reason}: {source}")]
+    Tun {
+        /// Why it was wanted (and, for auto, why eBPF was not used).
         reason: String,
+        /// Why it cannot run.
+        #[source]
+        source: tun_datapath::TunDatapathError,
     },
 }
 
 /// Picks the datapath for `backend`: `None` for `alloc` (lease only).
 ///
-/// `auto` uses eBPF when the programs load and says why in the log when they do not; it never
-/// quietly picks something that forwards less.
+/// `auto` uses eBPF when the programs load; otherwise the TUN datapath, saying in one log line why
+/// eBPF could not be used.
 pub fn select(
     kind: DatapathKind,
     backend: &Backend,
@@ -60,13 +63,26 @@ pub fn select(
                     );
                     Ok(Some(Box::new(d)))
                 }
-                Err(err) => Err(SelectError::TunUnavailable {
-                    reason: format!(" (--datapath=auto fell back because eBPF failed: {err})"),
-                }),
+                Err(err) => {
+                    tracing::warn!(
+                        "--datapath=auto: eBPF cannot load here ({}); using the TUN datapath \
+                         (forwarding in user space)",
+                        crate::control::etcd::error_chain(&err)
+                    );
+                    tun_datapath::TunDatapath::new(backend.clone(), public_ip)
+                        .map(|d| Some(Box::new(d) as Box<dyn Datapath>))
+                        .map_err(|source| SelectError::Tun {
+                            reason: format!(" (--datapath=auto, and eBPF failed: {err})"),
+                            source,
+                        })
+                }
             }
         }
-        DatapathKind::Tun => Err(SelectError::TunUnavailable {
-            reason: " (--datapath=tun)".into(),
-        }),
+        DatapathKind::Tun => tun_datapath::TunDatapath::new(backend.clone(), public_ip)
+            .map(|d| Some(Box::new(d) as Box<dyn Datapath>))
+            .map_err(|source| SelectError::Tun {
+                reason: " (--datapath=tun)".into(),
+                source,
+            }),
     }
 }

@@ -4,6 +4,12 @@
 //! Network route), and persistent so it, its routes and the TC program on it survive the agent:
 //! traffic keeps flowing while the agent restarts, because the eBPF program, not the process,
 //! forwards it.
+//!
+//! Devices are created with `IFF_MULTI_QUEUE`, so the TUN datapath (which needs one queue per
+//! worker) can share the device with the eBPF path; the kernel refuses to attach a multi-queue
+//! file to a single-queue device and the reverse, so a device an older version created without it
+//! is attached as it is here (the eBPF path never reads it) and recreated by the TUN datapath
+//! ([`delete_persistent_tun`]).
 
 use std::{fs::OpenOptions, os::fd::AsRawFd as _};
 
@@ -40,6 +46,7 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const IFF_TUN: libc::c_short = 0x0001;
 const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 
 #[repr(C)]
 struct IfReq {
@@ -48,8 +55,44 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-/// Creates the L3 TUN device `name` (or attaches to it if it exists) and makes it persistent.
+/// Creates the L3 TUN device `name` (multi-queue) or attaches to it if it exists, whether or not
+/// it is multi-queue, and makes it persistent.
 pub fn create_persistent_tun(name: &str) -> Result<(), TunError> {
+    let flags = match tun_flags(name) {
+        Some(existing) => existing & IFF_MULTI_QUEUE,
+        None => IFF_MULTI_QUEUE,
+    };
+    let file = attach(name, IFF_TUN | IFF_NO_PI | flags)?;
+    tun_ioctl(&file, name, "TUNSETPERSIST", TUNSETPERSIST, 1)
+}
+
+/// Whether the existing device `name` is a multi-queue TUN; `None` when there is no such TUN.
+pub fn is_multi_queue(name: &str) -> Option<bool> {
+    tun_flags(name).map(|f| f & IFF_MULTI_QUEUE != 0)
+}
+
+/// Deletes the persistent TUN device `name` (with its addresses, routes and programs); a no-op
+/// when it does not exist.
+pub fn delete_persistent_tun(name: &str) -> Result<(), TunError> {
+    let Some(existing) = tun_flags(name) else {
+        return Ok(());
+    };
+    let file = attach(name, IFF_TUN | IFF_NO_PI | (existing & IFF_MULTI_QUEUE))?;
+    // The device goes when the last file attached to a non-persistent device closes.
+    tun_ioctl(&file, name, "TUNSETPERSIST", TUNSETPERSIST, 0)
+}
+
+/// The TUN driver's flags of device `name` (sysfs `tun_flags`), `None` if it is not a TUN.
+fn tun_flags(name: &str) -> Option<libc::c_short> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/tun_flags")).ok()?;
+    let text = text.trim();
+    let hex = text.strip_prefix("0x").unwrap_or(text);
+    u16::from_str_radix(hex, 16)
+        .ok()
+        .map(|f| f as libc::c_short)
+}
+
+fn attach(name: &str, flags: libc::c_short) -> Result<std::fs::File, TunError> {
     if name.len() >= libc::IFNAMSIZ {
         return Err(TunError::Name { name: name.into() });
     }
@@ -60,23 +103,36 @@ pub fn create_persistent_tun(name: &str) -> Result<(), TunError> {
         .map_err(|source| TunError::Open { source })?;
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: IFF_TUN | IFF_NO_PI,
+        flags,
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
-    let ioctl = |request: &'static str, code: libc::c_ulong, arg: libc::c_ulong| {
-        // SAFETY: the fd is open; TUNSETIFF reads an ifreq we own, TUNSETPERSIST takes an integer.
-        let ret = unsafe { libc::ioctl(file.as_raw_fd(), code, arg) };
-        if ret < 0 {
-            return Err(TunError::Ioctl {
-                request,
-                name: name.into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(())
-    };
-    ioctl("TUNSETIFF", TUNSETIFF, &raw mut req as libc::c_ulong)?;
-    ioctl("TUNSETPERSIST", TUNSETPERSIST, 1)?;
+    tun_ioctl(
+        &file,
+        name,
+        "TUNSETIFF",
+        TUNSETIFF,
+        &raw mut req as libc::c_ulong,
+    )?;
+    Ok(file)
+}
+
+fn tun_ioctl(
+    file: &std::fs::File,
+    name: &str,
+    request: &'static str,
+    code: libc::c_ulong,
+    arg: libc::c_ulong,
+) -> Result<(), TunError> {
+    // SAFETY: the fd is open; TUNSETIFF reads an ifreq the caller owns, TUNSETPERSIST takes an
+    // integer.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), code, arg) };
+    if ret < 0 {
+        return Err(TunError::Ioctl {
+            request,
+            name: name.into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
     Ok(())
 }

@@ -1,0 +1,592 @@
+//! flannel's two wire formats as pure functions over byte slices, for the TUN datapath.
+//!
+//! What goes on the wire is the UDP payload; the kernel's UDP socket writes the outer IPv4 and
+//! UDP headers. The payloads are byte-identical to what the eBPF path (`overlay-ebpf/src/wire.rs`)
+//! and flannel write:
+//! - `udp`: the inner IPv4 packet is the whole payload;
+//! - `vxlan`: an 8-byte VXLAN header (flags 0x08, VNI) and an inner Ethernet header (dst = the
+//!   peer's VtepMAC, src = ours, ethertype IPv4) in front of the inner packet.
+//!
+//! Nothing here does I/O or allocates, so everything is property-tested and fuzzed
+//! (`fuzz/fuzz_targets/codec.rs`). The checks that need the peer table (is the sender a peer,
+//! does the inner source belong to it) are the forwarder's.
+
+use std::net::Ipv4Addr;
+
+/// The VXLAN header's length.
+pub const VXLAN_HDR_LEN: usize = 8;
+/// An Ethernet header's length.
+pub const ETH_HDR_LEN: usize = 14;
+/// What the vxlan format puts in front of the inner packet.
+pub const VXLAN_ENCAP_LEN: usize = VXLAN_HDR_LEN + ETH_HDR_LEN;
+/// The largest encapsulation header of either format: the headroom the forwarder keeps.
+pub const MAX_ENCAP_LEN: usize = VXLAN_ENCAP_LEN;
+/// Ethertype of IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
+/// VXLAN flags byte: "VNI present" (RFC 7348 section 5).
+pub const VXLAN_FLAG_VNI: u8 = 0x08;
+/// The shortest IPv4 header.
+pub const IPV4_MIN_HDR: usize = 20;
+/// ICMP's protocol number.
+pub const IPPROTO_ICMP: u8 = 1;
+/// ICMP "destination unreachable".
+pub const ICMP_DEST_UNREACH: u8 = 3;
+/// Code "network unreachable", which flannel's proxy answers for Network addresses no peer owns.
+pub const ICMP_NET_UNREACH: u8 = 0;
+/// The longest "destination unreachable" message [`icmp_unreachable`] builds: outer IPv4 + ICMP
+/// + the offending packet's header (at most 60 bytes) + 8 bytes of its payload.
+pub const ICMP_UNREACH_MAX_LEN: usize = IPV4_MIN_HDR + 8 + 60 + 8;
+
+/// Which of flannel's formats, with what this host puts in every packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// flannel's `udp` backend: the inner IPv4 packet is the whole UDP payload.
+    Udp,
+    /// `vxlan`: VXLAN header and inner Ethernet header before the inner packet.
+    Vxlan {
+        /// Our VNI (24 bits); received packets must carry it.
+        vni: u32,
+        /// Our VtepMAC: the inner source we send, the inner destination we accept.
+        local_mac: [u8; 6],
+    },
+}
+
+impl Format {
+    /// How many bytes the format puts in front of the inner packet.
+    pub fn header_len(&self) -> usize {
+        match self {
+            Format::Udp => 0,
+            Format::Vxlan { .. } => VXLAN_ENCAP_LEN,
+        }
+    }
+}
+
+/// Why a datagram or packet was refused. Each is a drop reason the forwarder counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// Shorter than the headers it must carry.
+    #[error("{len} bytes are shorter than the {need}-byte headers")]
+    Truncated {
+        /// Bytes available.
+        len: usize,
+        /// Bytes needed.
+        need: usize,
+    },
+    /// VXLAN flags without the "VNI present" bit.
+    #[error("VXLAN flags {flags:#04x} lack the VNI bit")]
+    VxlanFlags {
+        /// The flags byte.
+        flags: u8,
+    },
+    /// Another VXLAN network's packet.
+    #[error("VNI {got}, this host uses {expected}")]
+    WrongVni {
+        /// The packet's VNI.
+        got: u32,
+        /// Ours.
+        expected: u32,
+    },
+    /// The inner Ethernet destination is not our VtepMAC.
+    #[error("inner Ethernet destination {mac:02x?} is not our VtepMAC")]
+    WrongMac {
+        /// The destination found.
+        mac: [u8; 6],
+    },
+    /// The inner Ethernet frame does not carry IPv4.
+    #[error("inner ethertype {ethertype:#06x} is not IPv4")]
+    NotIpv4Ethertype {
+        /// The ethertype found.
+        ethertype: u16,
+    },
+    /// The inner packet is not IPv4.
+    #[error("inner packet has IP version {version}, not 4")]
+    NotIpv4 {
+        /// The version nibble.
+        version: u8,
+    },
+    /// The IPv4 header length field is below 20 bytes or beyond the packet.
+    #[error("IPv4 header length {header_len} does not fit a {len}-byte packet")]
+    BadHeaderLength {
+        /// IHL * 4.
+        header_len: usize,
+        /// The packet's length.
+        len: usize,
+    },
+    /// The IPv4 total length is shorter than its header or longer than the bytes received.
+    #[error("IPv4 total length {total_len} does not fit {len} bytes (header {header_len})")]
+    BadTotalLength {
+        /// The total length field.
+        total_len: usize,
+        /// The bytes available.
+        len: usize,
+        /// IHL * 4.
+        header_len: usize,
+    },
+    /// The output buffer is too small.
+    #[error("output buffer of {len} bytes cannot hold {need}")]
+    BufferTooSmall {
+        /// Its length.
+        len: usize,
+        /// Bytes needed.
+        need: usize,
+    },
+}
+
+/// What the forwarder needs of an IPv4 packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Summary {
+    /// Source address.
+    pub src: Ipv4Addr,
+    /// Destination address.
+    pub dst: Ipv4Addr,
+    /// IHL * 4.
+    pub header_len: usize,
+    /// The total length field: the packet's real length (anything after it is padding).
+    pub total_len: usize,
+    /// The protocol number.
+    pub protocol: u8,
+}
+
+/// Validates an IPv4 packet's header and returns what the forwarder needs.
+pub fn parse_ipv4(packet: &[u8]) -> Result<Ipv4Summary, CodecError> {
+    let len = packet.len();
+    if len < IPV4_MIN_HDR {
+        return Err(CodecError::Truncated {
+            len,
+            need: IPV4_MIN_HDR,
+        });
+    }
+    let version = packet[0] >> 4;
+    if version != 4 {
+        return Err(CodecError::NotIpv4 { version });
+    }
+    let header_len = usize::from(packet[0] & 0x0f) * 4;
+    if header_len < IPV4_MIN_HDR || header_len > len {
+        return Err(CodecError::BadHeaderLength { header_len, len });
+    }
+    let total_len = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
+    if total_len < header_len || total_len > len {
+        return Err(CodecError::BadTotalLength {
+            total_len,
+            len,
+            header_len,
+        });
+    }
+    Ok(Ipv4Summary {
+        src: Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]),
+        dst: Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]),
+        header_len,
+        total_len,
+        protocol: packet[9],
+    })
+}
+
+/// Writes the format's header for a packet to the peer with VtepMAC `peer_mac` (ignored by
+/// `udp`) into the first [`Format::header_len`] bytes of `out`; returns that length.
+pub fn write_header(
+    format: &Format,
+    peer_mac: [u8; 6],
+    out: &mut [u8],
+) -> Result<usize, CodecError> {
+    let need = format.header_len();
+    let Some(h) = out.get_mut(..need) else {
+        return Err(CodecError::BufferTooSmall {
+            len: out.len(),
+            need,
+        });
+    };
+    if let Format::Vxlan { vni, local_mac } = format {
+        let vni = vni.to_be_bytes();
+        h[..VXLAN_HDR_LEN].copy_from_slice(&[VXLAN_FLAG_VNI, 0, 0, 0, vni[1], vni[2], vni[3], 0]);
+        h[8..14].copy_from_slice(&peer_mac);
+        h[14..20].copy_from_slice(local_mac);
+        h[20..22].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    }
+    Ok(need)
+}
+
+/// Encapsulates `inner` (an IPv4 packet) for the peer with VtepMAC `peer_mac` into `out`; returns
+/// the UDP payload's length. The inner packet is validated first, so nothing malformed is sent.
+pub fn encapsulate(
+    format: &Format,
+    peer_mac: [u8; 6],
+    inner: &[u8],
+    out: &mut [u8],
+) -> Result<usize, CodecError> {
+    let info = parse_ipv4(inner)?;
+    let inner = &inner[..info.total_len];
+    let need = format.header_len() + inner.len();
+    if out.len() < need {
+        return Err(CodecError::BufferTooSmall {
+            len: out.len(),
+            need,
+        });
+    }
+    let h = write_header(format, peer_mac, out)?;
+    out[h..need].copy_from_slice(inner);
+    Ok(need)
+}
+
+/// Decapsulates a received UDP payload: checks the format's header (VXLAN flags, our VNI, our
+/// VtepMAC, IPv4 ethertype) and the inner IPv4 header, and returns the inner packet (trimmed to
+/// its total length) with its summary.
+pub fn decapsulate<'a>(
+    format: &Format,
+    payload: &'a [u8],
+) -> Result<(&'a [u8], Ipv4Summary), CodecError> {
+    let inner = match format {
+        Format::Udp => payload,
+        Format::Vxlan { vni, local_mac } => {
+            if payload.len() < VXLAN_ENCAP_LEN + IPV4_MIN_HDR {
+                return Err(CodecError::Truncated {
+                    len: payload.len(),
+                    need: VXLAN_ENCAP_LEN + IPV4_MIN_HDR,
+                });
+            }
+            let flags = payload[0];
+            if flags & VXLAN_FLAG_VNI == 0 {
+                return Err(CodecError::VxlanFlags { flags });
+            }
+            let got = u32::from_be_bytes([0, payload[4], payload[5], payload[6]]);
+            if got != *vni {
+                return Err(CodecError::WrongVni {
+                    got,
+                    expected: *vni,
+                });
+            }
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(&payload[8..14]);
+            if mac != *local_mac {
+                return Err(CodecError::WrongMac { mac });
+            }
+            let ethertype = u16::from_be_bytes([payload[20], payload[21]]);
+            if ethertype != ETH_P_IP {
+                return Err(CodecError::NotIpv4Ethertype { ethertype });
+            }
+            &payload[VXLAN_ENCAP_LEN..]
+        }
+    };
+    let info = parse_ipv4(inner)?;
+    Ok((&inner[..info.total_len], info))
+}
+
+/// The destination of an IPv4 packet, if it has one: the forwarder's fast peek before lookup.
+pub fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
+    let b = packet.get(..IPV4_MIN_HDR)?;
+    (b[0] >> 4 == 4).then(|| Ipv4Addr::new(b[16], b[17], b[18], b[19]))
+}
+
+/// RFC 1071 checksum of `data` (a zero checksum field included in it).
+pub fn internet_checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u32::from(*last) << 8;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Builds the ICMP "destination unreachable" (code `code`) answering `offending`, sent from
+/// `from`, into `out`; returns its length, or `Ok(None)` when RFC 1122 (3.2.2) forbids an answer:
+/// the offending packet is an ICMP error itself, a later fragment, or from a source that is not
+/// a unicast host.
+pub fn icmp_unreachable(
+    offending: &[u8],
+    from: Ipv4Addr,
+    code: u8,
+    out: &mut [u8],
+) -> Result<Option<usize>, CodecError> {
+    let info = parse_ipv4(offending)?;
+    let fragment_offset = u16::from_be_bytes([offending[6], offending[7]]) & 0x1fff;
+    if fragment_offset != 0
+        || info.src.is_unspecified()
+        || info.src.is_broadcast()
+        || info.src.is_multicast()
+        || info.src.is_loopback()
+    {
+        return Ok(None);
+    }
+    if info.protocol == IPPROTO_ICMP {
+        // Only queries (echo, timestamp, ...) may be answered with an error, never errors.
+        let icmp_type = offending.get(info.header_len).copied();
+        if !matches!(icmp_type, Some(0 | 8 | 13 | 14 | 15 | 16 | 17 | 18)) {
+            return Ok(None);
+        }
+    }
+    let quoted = (info.header_len + 8).min(info.total_len);
+    let len = IPV4_MIN_HDR + 8 + quoted;
+    if out.len() < len {
+        return Err(CodecError::BufferTooSmall {
+            len: out.len(),
+            need: len,
+        });
+    }
+    let out = &mut out[..len];
+    out.fill(0);
+    out[0] = 0x45;
+    // Routine precedence, as the kernel's own ICMP errors use (icmp_send: IPTOS_PREC_INTERNETCONTROL).
+    out[1] = 0xc0;
+    out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    out[8] = 64;
+    out[9] = IPPROTO_ICMP;
+    out[12..16].copy_from_slice(&from.octets());
+    out[16..20].copy_from_slice(&info.src.octets());
+    let csum = internet_checksum(&out[..IPV4_MIN_HDR]);
+    out[10..12].copy_from_slice(&csum.to_be_bytes());
+    let icmp = &mut out[IPV4_MIN_HDR..];
+    icmp[0] = ICMP_DEST_UNREACH;
+    icmp[1] = code;
+    icmp[8..].copy_from_slice(&offending[..quoted]);
+    let csum = internet_checksum(icmp);
+    icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+    Ok(Some(len))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const MAC_A: [u8; 6] = [0x0e, 0xfa, 198, 18, 0, 1];
+    const MAC_B: [u8; 6] = [0x0e, 0xfa, 198, 18, 0, 2];
+
+    fn vxlan(vni: u32, local_mac: [u8; 6]) -> Format {
+        Format::Vxlan { vni, local_mac }
+    }
+
+    /// A valid IPv4 packet with `payload`.
+    fn ipv4(src: [u8; 4], dst: [u8; 4], protocol: u8, payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = protocol;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        let c = internet_checksum(&p);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p.extend_from_slice(payload);
+        p
+    }
+
+    #[test]
+    fn udp_payload_is_the_inner_packet() {
+        let inner = ipv4([10, 5, 1, 2], [10, 5, 2, 2], 6, b"hello");
+        let mut out = [0u8; 100];
+        let n = encapsulate(&Format::Udp, [0; 6], &inner, &mut out).unwrap();
+        assert_eq!(&out[..n], &inner[..]);
+        let (back, info) = decapsulate(&Format::Udp, &out[..n]).unwrap();
+        assert_eq!(back, &inner[..]);
+        assert_eq!(info.dst, Ipv4Addr::new(10, 5, 2, 2));
+    }
+
+    #[test]
+    fn vxlan_header_matches_the_ebpf_path_and_rfc_7348() {
+        let inner = ipv4([10, 5, 1, 2], [10, 5, 2, 2], 17, b"x");
+        let mut out = [0u8; 100];
+        let n = encapsulate(&vxlan(0x01_02_03, MAC_A), MAC_B, &inner, &mut out).unwrap();
+        // overlay-ebpf/src/wire.rs: flags 0x08, 3 reserved, VNI (3 bytes), 1 reserved, then
+        // dst = peer's VtepMAC, src = ours, ethertype 0x0800.
+        let expected_header = [
+            0x08, 0, 0, 0, 0x01, 0x02, 0x03, 0, 0x0e, 0xfa, 198, 18, 0, 2, 0x0e, 0xfa, 198, 18, 0,
+            1, 0x08, 0x00,
+        ];
+        assert_eq!(&out[..22], &expected_header);
+        assert_eq!(&out[22..n], &inner[..]);
+        // The peer (whose VtepMAC is MAC_B) decapsulates it.
+        let (back, _) = decapsulate(&vxlan(0x01_02_03, MAC_B), &out[..n]).unwrap();
+        assert_eq!(back, &inner[..]);
+        // We do not: it is not for our MAC.
+        assert_eq!(
+            decapsulate(&vxlan(0x01_02_03, MAC_A), &out[..n]),
+            Err(CodecError::WrongMac { mac: MAC_B })
+        );
+        assert_eq!(
+            decapsulate(&vxlan(7, MAC_B), &out[..n]),
+            Err(CodecError::WrongVni {
+                got: 0x01_02_03,
+                expected: 7
+            })
+        );
+    }
+
+    #[test]
+    fn explicit_hostile_datagrams_are_refused() {
+        let f = vxlan(1, MAC_B);
+        let inner = ipv4([10, 5, 1, 2], [10, 5, 2, 2], 17, b"payload");
+        let mut good = vec![0u8; 200];
+        let n = encapsulate(&vxlan(1, MAC_A), MAC_B, &inner, &mut good).unwrap();
+        good.truncate(n);
+        assert!(decapsulate(&f, &good).is_ok());
+        // Empty and truncated.
+        assert!(matches!(
+            decapsulate(&f, &[]),
+            Err(CodecError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decapsulate(&Format::Udp, &inner[..19]),
+            Err(CodecError::Truncated { .. })
+        ));
+        // Inner total length beyond what arrived (cut in transit).
+        assert!(matches!(
+            decapsulate(&f, &good[..n - 1]),
+            Err(CodecError::BadTotalLength { .. })
+        ));
+        // Flags without the VNI bit.
+        let mut bad = good.clone();
+        bad[0] = 0;
+        assert_eq!(
+            decapsulate(&f, &bad),
+            Err(CodecError::VxlanFlags { flags: 0 })
+        );
+        // ARP inside.
+        let mut bad = good.clone();
+        bad[20..22].copy_from_slice(&0x0806u16.to_be_bytes());
+        assert_eq!(
+            decapsulate(&f, &bad),
+            Err(CodecError::NotIpv4Ethertype { ethertype: 0x0806 })
+        );
+        // IPv6 inside the udp format.
+        let mut v6 = inner.clone();
+        v6[0] = 0x60;
+        assert_eq!(
+            decapsulate(&Format::Udp, &v6),
+            Err(CodecError::NotIpv4 { version: 6 })
+        );
+        // IHL below 5 and beyond the packet.
+        let mut bad = inner.clone();
+        bad[0] = 0x44;
+        assert!(matches!(
+            decapsulate(&Format::Udp, &bad),
+            Err(CodecError::BadHeaderLength { .. })
+        ));
+        bad[0] = 0x4f;
+        assert!(matches!(
+            decapsulate(&Format::Udp, &bad),
+            Err(CodecError::BadHeaderLength { .. })
+        ));
+        // Padding after the packet is trimmed, not forwarded.
+        let mut padded = inner.clone();
+        padded.extend_from_slice(&[0; 6]);
+        assert_eq!(decapsulate(&Format::Udp, &padded).unwrap().0, &inner[..]);
+    }
+
+    #[test]
+    fn icmp_unreachable_quotes_the_header_and_8_bytes_and_checksums() {
+        let offending = ipv4([10, 5, 1, 2], [10, 5, 9, 9], 17, &[1; 40]);
+        let mut out = [0u8; ICMP_UNREACH_MAX_LEN];
+        let n = icmp_unreachable(
+            &offending,
+            Ipv4Addr::new(10, 5, 1, 0),
+            ICMP_NET_UNREACH,
+            &mut out,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(n, 20 + 8 + 28);
+        let info = parse_ipv4(&out[..n]).unwrap();
+        assert_eq!(info.src, Ipv4Addr::new(10, 5, 1, 0));
+        assert_eq!(info.dst, Ipv4Addr::new(10, 5, 1, 2));
+        assert_eq!(info.protocol, IPPROTO_ICMP);
+        assert_eq!(internet_checksum(&out[..20]), 0);
+        assert_eq!(internet_checksum(&out[20..n]), 0);
+        assert_eq!(&out[20..22], &[ICMP_DEST_UNREACH, ICMP_NET_UNREACH]);
+        assert_eq!(&out[28..n], &offending[..28]);
+        // Never an error about an error.
+        let error = ipv4([10, 5, 1, 2], [10, 5, 9, 9], 1, &[3, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            icmp_unreachable(&error, Ipv4Addr::new(10, 5, 1, 0), 0, &mut out),
+            Ok(None)
+        );
+        // An echo request is answered.
+        let echo = ipv4([10, 5, 1, 2], [10, 5, 9, 9], 1, &[8, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(matches!(
+            icmp_unreachable(&echo, Ipv4Addr::new(10, 5, 1, 0), 0, &mut out),
+            Ok(Some(_))
+        ));
+    }
+
+    fn format_strategy() -> impl Strategy<Value = Format> {
+        prop_oneof![
+            Just(Format::Udp),
+            (0u32..(1 << 24), any::<[u8; 6]>())
+                .prop_map(|(vni, local_mac)| Format::Vxlan { vni, local_mac }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn encapsulate_then_decapsulate_is_the_identity(
+            vni in 0u32..(1 << 24),
+            sender_mac in any::<[u8; 6]>(),
+            receiver_mac in any::<[u8; 6]>(),
+            vxlan_format in any::<bool>(),
+            src in any::<[u8; 4]>(),
+            dst in any::<[u8; 4]>(),
+            protocol in any::<u8>(),
+            payload in proptest::collection::vec(any::<u8>(), 0..1500),
+        ) {
+            let (tx, rx) = if vxlan_format {
+                (vxlan(vni, sender_mac), vxlan(vni, receiver_mac))
+            } else {
+                (Format::Udp, Format::Udp)
+            };
+            let inner = ipv4(src, dst, protocol, &payload);
+            let mut out = vec![0u8; inner.len() + MAX_ENCAP_LEN];
+            let n = encapsulate(&tx, receiver_mac, &inner, &mut out).unwrap();
+            prop_assert_eq!(n, inner.len() + tx.header_len());
+            let (back, info) = decapsulate(&rx, &out[..n]).unwrap();
+            prop_assert_eq!(back, &inner[..]);
+            prop_assert_eq!(info.src, Ipv4Addr::from(src));
+            prop_assert_eq!(info.dst, Ipv4Addr::from(dst));
+        }
+
+        #[test]
+        fn decapsulate_never_panics_and_returns_a_well_formed_packet(
+            format in format_strategy(),
+            bytes in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            if let Ok((inner, info)) = decapsulate(&format, &bytes) {
+                prop_assert_eq!(inner.len(), info.total_len);
+                prop_assert!(info.header_len >= IPV4_MIN_HDR && info.header_len <= inner.len());
+                prop_assert_eq!(inner[0] >> 4, 4);
+            }
+        }
+
+        #[test]
+        fn every_truncation_of_a_valid_datagram_is_refused(
+            format in format_strategy(),
+            payload in proptest::collection::vec(any::<u8>(), 0..100),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mac = match format { Format::Vxlan { local_mac, .. } => local_mac, Format::Udp => [0; 6] };
+            let inner = ipv4([10, 0, 0, 1], [10, 0, 1, 1], 17, &payload);
+            let mut out = vec![0u8; inner.len() + MAX_ENCAP_LEN];
+            let n = encapsulate(&format, mac, &inner, &mut out).unwrap();
+            let cut = cut.index(n);
+            prop_assert!(decapsulate(&format, &out[..cut]).is_err());
+        }
+
+        #[test]
+        fn icmp_answers_always_checksum(
+            src in any::<[u8; 4]>(),
+            protocol in any::<u8>(),
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let offending = ipv4(src, [10, 5, 9, 9], protocol, &payload);
+            let mut out = [0u8; ICMP_UNREACH_MAX_LEN];
+            if let Some(n) = icmp_unreachable(&offending, Ipv4Addr::new(10, 5, 1, 0), 0, &mut out).unwrap() {
+                prop_assert_eq!(internet_checksum(&out[..20]), 0);
+                prop_assert_eq!(internet_checksum(&out[20..n]), 0);
+                prop_assert_eq!(parse_ipv4(&out[..n]).unwrap().dst, Ipv4Addr::from(src));
+            }
+        }
+    }
+}

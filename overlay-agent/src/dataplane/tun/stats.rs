@@ -1,0 +1,95 @@
+//! Counters of the TUN datapath: what was forwarded and, per reason, what was dropped.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters shared by all workers (relaxed atomics, added once per batch where possible).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Packets read from the TUN device and sent to a peer.
+    pub encapsulated: AtomicU64,
+    /// Packets read from the TUN device whose destination no peer owns.
+    pub no_peer: AtomicU64,
+    /// Packets read from the TUN device that are not valid IPv4.
+    pub not_ipv4: AtomicU64,
+    /// ICMP "destination unreachable" answers written to the TUN device.
+    pub icmp_sent: AtomicU64,
+    /// ICMP answers not sent because of the rate limit.
+    pub icmp_rate_limited: AtomicU64,
+    /// Datagrams that could not be sent (a failed GSO send counts its segments).
+    pub send_errors: AtomicU64,
+    /// Packets decapsulated and written to the TUN device.
+    pub decapsulated: AtomicU64,
+    /// Datagrams from an address that is no peer's public IP.
+    pub drop_not_peer: AtomicU64,
+    /// Datagrams from a peer carrying an inner source that peer does not hold.
+    pub drop_spoofed: AtomicU64,
+    /// Datagrams the codec refused (truncated, garbage, wrong VNI or MAC).
+    pub drop_malformed: AtomicU64,
+    /// Writes to the TUN device that failed.
+    pub tun_write_errors: AtomicU64,
+}
+
+/// A copy of [`Stats`] at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct StatsSnapshot {
+    pub encapsulated: u64,
+    pub no_peer: u64,
+    pub not_ipv4: u64,
+    pub icmp_sent: u64,
+    pub icmp_rate_limited: u64,
+    pub send_errors: u64,
+    pub decapsulated: u64,
+    pub drop_not_peer: u64,
+    pub drop_spoofed: u64,
+    pub drop_malformed: u64,
+    pub tun_write_errors: u64,
+}
+
+impl Stats {
+    /// Adds `n` to `counter`.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        if n != 0 {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            encapsulated: l(&self.encapsulated),
+            no_peer: l(&self.no_peer),
+            not_ipv4: l(&self.not_ipv4),
+            icmp_sent: l(&self.icmp_sent),
+            icmp_rate_limited: l(&self.icmp_rate_limited),
+            send_errors: l(&self.send_errors),
+            decapsulated: l(&self.decapsulated),
+            drop_not_peer: l(&self.drop_not_peer),
+            drop_spoofed: l(&self.drop_spoofed),
+            drop_malformed: l(&self.drop_malformed),
+            tun_write_errors: l(&self.tun_write_errors),
+        }
+    }
+}
+
+impl std::fmt::Display for StatsSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "encapsulated {} decapsulated {}; dropped: no peer {} not IPv4 {} not from a peer {} \
+             spoofed {} malformed {}; icmp sent {} rate-limited {}; errors: send {} tun write {}",
+            self.encapsulated,
+            self.decapsulated,
+            self.no_peer,
+            self.not_ipv4,
+            self.drop_not_peer,
+            self.drop_spoofed,
+            self.drop_malformed,
+            self.icmp_sent,
+            self.icmp_rate_limited,
+            self.send_errors,
+            self.tun_write_errors
+        )
+    }
+}
