@@ -118,10 +118,19 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
         ));
     }
     let out_dir = workspace_root().join("target").join("bench");
-    // Logs of the last run (agents, etcd, servers), for when a mode is missing or fails.
-    let run_dir = out_dir.join("logs");
-    let _ = std::fs::remove_dir_all(&run_dir);
-    std::fs::create_dir_all(&out_dir)?;
+    // Logs of this run (agents, etcd, servers), for when a mode is missing or fails; one
+    // directory per run, so runs at the same time keep apart. Those of finished runs go.
+    let logs = out_dir.join("logs");
+    if let Ok(dirs) = std::fs::read_dir(&logs) {
+        for d in dirs.flatten() {
+            let pid = d.file_name().to_string_lossy().parse::<u32>().ok();
+            if pid.is_none_or(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_dir_all(d.path());
+            }
+        }
+    }
+    let run_dir = logs.join(std::process::id().to_string());
+    std::fs::create_dir_all(&run_dir)?;
     let result = if let Some(n) = opts.control_plane {
         let agent = agent_binary(opts);
         control::run(opts, n, agent.as_deref().map_err(|e| e.as_str()), &run_dir)
@@ -198,6 +207,7 @@ fn datapaths(opts: &Options, out_dir: &Path, run_dir: &Path) -> anyhow::Result<(
         Err("not needed".into())
     };
 
+    let others_at_start = other_runs();
     let started = Instant::now();
     step(format!(
         "bench: rig of 2 simulated hosts; {} mode(s) x {repeat} repeat(s), {secs} s per test",
@@ -279,6 +289,19 @@ fn datapaths(opts: &Options, out_dir: &Path, run_dir: &Path) -> anyhow::Result<(
         started.elapsed().as_secs_f64()
     ));
 
+    let mut others = others_at_start;
+    others.extend(other_runs());
+    others.sort_unstable();
+    others.dedup();
+    if !others.is_empty() {
+        let pids: Vec<String> = others.iter().map(u32::to_string).collect();
+        let warning = format!(
+            "another bench run (pid {}) was running at the same time: these numbers are disturbed",
+            pids.join(", ")
+        );
+        step(format!("bench: WARNING: {warning}"));
+        notes.push(warning);
+    }
     notes.push(
         "Absolute numbers vary between machines; compare the ratios. CPU s/Gbit is the whole \
          machine's non-idle CPU time (/proc/stat) during the 1-stream TCP test per gigabit \
@@ -322,6 +345,24 @@ fn datapaths(opts: &Options, out_dir: &Path, run_dir: &Path) -> anyhow::Result<(
         bail!("mode {} failed", failed.name);
     }
     Ok(())
+}
+
+/// Pids of other live processes that have bench namespaces.
+fn other_runs() -> Vec<u32> {
+    let Some(list) = crate::cmd::output(std::process::Command::new("ip").args(["netns", "list"]))
+    else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let mut pids: Vec<u32> = list
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{}-", rig::PREFIX)))
+        .filter_map(|rest| rest.split('-').nth(1)?.parse().ok())
+        .filter(|&p| p != me && Path::new(&format!("/proc/{p}")).exists())
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
 }
 
 /// The command as a user would type it.

@@ -258,8 +258,12 @@ impl Rig {
                 active.server_ip
             );
             return Err(match mode.kind {
-                Kind::Agent { .. } => {
-                    let said = first_warning(&self.dir.join("h1"))
+                Kind::Agent { backend, datapath } => {
+                    let log = self
+                        .dir
+                        .join("h1")
+                        .join(format!("agent-{backend}-{datapath}.log"));
+                    let said = first_warning(&log)
                         .map(|w| format!("; the agent says: {w}"))
                         .unwrap_or_default();
                     SetupError::Missing(format!(
@@ -363,9 +367,9 @@ impl Rig {
         loop {
             for (agent, (_, log)) in active.agents.iter_mut().zip(&files) {
                 if let Some(status) = agent.try_wait() {
+                    let why = first_error(log).unwrap_or_else(|| last_lines(log, 2));
                     return Err(SetupError::Missing(format!(
-                        "overlay-agent --datapath {datapath} exited ({status}): {}",
-                        last_lines(log, 2)
+                        "overlay-agent --datapath {datapath} exited ({status}): {why}"
                     )));
                 }
             }
@@ -417,13 +421,21 @@ pub fn agent_args(
     .collect()
 }
 
-/// The first WARN or ERROR line of the agent logs in `dir`, without its timestamp.
-fn first_warning(dir: &Path) -> Option<String> {
-    std::fs::read_dir(dir)
+/// The first WARN or ERROR line of an agent log, without its timestamp.
+fn first_warning(log: &Path) -> Option<String> {
+    first_line(log, &[" WARN ", " ERROR "])
+}
+
+/// The first ERROR line of an agent log, without its timestamp.
+fn first_error(log: &Path) -> Option<String> {
+    first_line(log, &[" ERROR "])
+}
+
+fn first_line(log: &Path, needles: &[&str]) -> Option<String> {
+    std::fs::read_to_string(log)
         .ok()?
-        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
-        .flat_map(|t| t.lines().map(str::to_owned).collect::<Vec<_>>())
-        .find(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .lines()
+        .find(|l| needles.iter().any(|n| l.contains(n)))
         .map(|l| {
             let l = l.trim();
             // Drop the RFC 3339 timestamp tracing puts first.
