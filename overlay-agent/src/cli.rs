@@ -40,10 +40,15 @@ pub enum DecapKind {
 
 /// Flannel-compatible overlay network agent whose dataplane runs in eBPF.
 ///
-/// A drop-in replacement for flanneld: same flags, same etcd data, same subnet.env.
+/// A drop-in replacement for flanneld: same flags, same etcd data, same subnet.env. Without a
+/// subcommand it runs the daemon, exactly as flanneld's command line does.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "overlay-agent", version)]
 pub struct Cli {
+    /// A one-shot tool instead of the daemon (the daemon needs no subcommand).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Comma-separated etcd endpoints.
     #[arg(
         long,
@@ -98,6 +103,7 @@ pub struct Cli {
     /// Where to write the subnet file that docker's unit reads.
     #[arg(
         long,
+        global = true,
         env = "FLANNELD_SUBNET_FILE",
         default_value = "/run/flannel/subnet.env"
     )]
@@ -164,6 +170,7 @@ pub struct Cli {
     /// continues while the agent restarts (bpffs is mounted on /sys/fs/bpf if needed).
     #[arg(
         long,
+        global = true,
         env = "FLANNELD_BPFFS",
         default_value = "/sys/fs/bpf/overlay-agent"
     )]
@@ -194,6 +201,18 @@ pub struct Cli {
         value_parser = parse_ttl
     )]
     pub subnet_lease_ttl: Duration,
+}
+
+/// The one-shot tools.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Remove what the agent leaves on the host after it stops: the overlay devices it created
+    /// (flannel0, flannel.<VNI>) with their routes, and the pinned programs and maps under
+    /// --bpffs. Stop the agent first. Idempotent; lists every failure and exits non-zero on any.
+    Teardown(crate::teardown::TeardownArgs),
+    /// Write docker's daemon options from subnet.env, as flannel's mk-docker-opts.sh does:
+    /// DOCKER_OPTS="--bip=... --mtu=..." (and --ip-masq=false when FLANNEL_IPMASQ=true).
+    DockerOpts(crate::docker_opts::DockerOptsArgs),
 }
 
 impl Cli {
@@ -349,6 +368,47 @@ mod tests {
         assert!(parse(&["--ip-masq=T"]).unwrap().ip_masq);
         assert_eq!(parse(&["--v=3"]).unwrap().verbosity, 3);
         assert_eq!(parse(&["-v", "1"]).unwrap().verbosity, 1);
+    }
+
+    #[test]
+    fn subcommands_beside_flanneld_flags() {
+        // The article's command line has no subcommand and still runs the daemon.
+        assert!(
+            parse(&["--etcd-prefix=/flannel", "-subnet-file=/x"])
+                .unwrap()
+                .command
+                .is_none()
+        );
+        let t = parse(&["teardown", "--bpffs=/sys/fs/bpf/x"]).unwrap();
+        assert!(matches!(t.command, Some(Command::Teardown(_))));
+        assert_eq!(t.bpffs, PathBuf::from("/sys/fs/bpf/x"));
+        let t = parse(&["--bpffs=/b", "teardown"]).unwrap();
+        assert_eq!(t.bpffs, PathBuf::from("/b"));
+        let d = parse(&[
+            "docker-opts",
+            "-d",
+            "/etc/default/docker",
+            "-c",
+            "-k",
+            "X",
+            "-m",
+        ])
+        .unwrap();
+        let Some(Command::DockerOpts(o)) = d.command else {
+            panic!("not docker-opts");
+        };
+        assert_eq!(o.docker_env, PathBuf::from("/etc/default/docker"));
+        assert!(o.combined && o.no_ip_masq && !o.individual);
+        assert_eq!(o.key, "X");
+        assert_eq!(o.flannel_env, None);
+        let d = parse(&["docker-opts", "--subnet-file=/s.env", "-f", "/f.env"]).unwrap();
+        assert_eq!(d.subnet_file, PathBuf::from("/s.env"));
+        let Some(Command::DockerOpts(o)) = d.command else {
+            panic!("not docker-opts");
+        };
+        assert_eq!(o.flannel_env, Some(PathBuf::from("/f.env")));
+        assert_eq!(o.docker_env, PathBuf::from("/run/docker_opts.env"));
+        assert!(parse(&["frobnicate"]).is_err());
     }
 
     #[test]

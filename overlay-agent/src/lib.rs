@@ -9,4 +9,6 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod docker_opts;
 pub mod host;
+pub mod teardown;

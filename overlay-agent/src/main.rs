@@ -1,9 +1,17 @@
 use std::io::IsTerminal as _;
 
-use overlay_agent::{cli::Cli, daemon};
+use overlay_agent::{
+    cli::{Cli, Command},
+    daemon, docker_opts, teardown,
+};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse_args();
+    match &cli.command {
+        Some(Command::Teardown(_)) => return teardown::main(&cli.bpffs),
+        Some(Command::DockerOpts(args)) => return docker_opts::main(args, &cli.subnet_file),
+        None => {}
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -360,3 +360,175 @@ impl Cluster {
         failures
     }
 }
+
+/// One ping run's result: what `ping -c N` printed in its summary.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PingStats {
+    /// Echo requests sent.
+    pub sent: u32,
+    /// Echo replies received.
+    pub received: u32,
+    /// Round-trip times in milliseconds (min, avg, max), when any reply came.
+    pub rtt_ms: Option<(f64, f64, f64)>,
+}
+
+impl PingStats {
+    /// Parses iputils ping's summary lines (`3 packets transmitted, 3 received, ...` and
+    /// `rtt min/avg/max/mdev = 0.041/0.060/0.083/0.017 ms`).
+    pub fn parse(output: &str) -> Self {
+        let mut stats = Self::default();
+        for line in output.lines() {
+            if line.contains("packets transmitted") {
+                let mut words = line.split_whitespace();
+                while let Some(w) = words.next() {
+                    if let Ok(n) = w.parse::<u32>() {
+                        match words.next() {
+                            Some("packets") => stats.sent = n,
+                            Some(r) if r.starts_with("received") => stats.received = n,
+                            _ => {}
+                        }
+                    }
+                }
+            } else if let Some(values) = line
+                .strip_prefix("rtt min/avg/max/mdev = ")
+                .or_else(|| line.strip_prefix("round-trip min/avg/max = "))
+            {
+                let v: Vec<f64> = values
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .split('/')
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                if v.len() >= 3 {
+                    stats.rtt_ms = Some((v[0], v[1], v[2]));
+                }
+            }
+        }
+        stats
+    }
+}
+
+/// A host's private `/run` for agents started by [`Cluster::start_agent_private_run`].
+pub fn host_run_dir(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("h{}", index + 1)).join("run")
+}
+
+impl Cluster {
+    /// Starts (or restarts) the agent of host `index` with `args` verbatim, in a mount namespace
+    /// of its own where `/run` is this host's own directory ([`host_run_dir`]), as a separate
+    /// machine would have: so the article's `--subnet-file=/run/flannel/subnet.env` can be used
+    /// as it is by every host. `/run/flannel` is created first, as systemd's
+    /// `RuntimeDirectory=flannel` does. The subnet file is read from the host's directory.
+    pub fn start_agent_private_run(
+        &mut self,
+        index: usize,
+        args: Vec<String>,
+    ) -> Result<(), ClusterError> {
+        let hdir = self.dir.join(format!("h{}", index + 1));
+        let run = host_run_dir(&self.dir, index);
+        let flannel = run.join("flannel");
+        std::fs::create_dir_all(&flannel).map_err(|source| ClusterError::Io {
+            path: flannel.clone(),
+            source,
+        })?;
+        let log = hdir.join("agent.log");
+        let subnet_file = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--subnet-file="))
+            .unwrap_or("/run/flannel/subnet.env");
+        let subnet_file = match Path::new(subnet_file).strip_prefix("/run") {
+            Ok(rest) => run.join(rest),
+            Err(_) => PathBuf::from(subnet_file),
+        };
+        // `ip netns exec` already gives the command a mount namespace of its own (with / as a
+        // slave, so nothing propagates back); the bind mount lives and dies with the agent.
+        let script = "mount --bind \"$0\" /run && exec \"$@\"";
+        let run_s = run.to_string_lossy().into_owned();
+        let bin = self.agent_bin.to_string_lossy().into_owned();
+        let mut argv: Vec<&str> = vec!["-c", script, &run_s, &bin];
+        argv.extend(args.iter().map(String::as_str));
+        let process = self.lab.hosts[index].ns.spawn("sh", &argv, Some(&log))?;
+        let agent = AgentProcess {
+            process: Some(process),
+            log,
+            subnet_file,
+            args,
+        };
+        if index < self.agents.len() {
+            self.agents[index] = agent;
+        } else {
+            self.agents.push(agent);
+        }
+        Ok(())
+    }
+
+    /// Every container pings every other, all at once, `count` echoes each; returns
+    /// `(from host, to host, stats)` for every ordered pair, in order.
+    pub fn ping_matrix_stats(&self, count: u32) -> Vec<(usize, usize, PingStats)> {
+        let mut children = Vec::new();
+        for (from, host) in self.lab.hosts.iter().enumerate() {
+            let Some(c) = host.container.as_ref() else {
+                continue;
+            };
+            for (to, other) in self.lab.hosts.iter().enumerate() {
+                let Some(target) = other.container.as_ref() else {
+                    continue;
+                };
+                if from == to {
+                    continue;
+                }
+                let child = Command::new("ip")
+                    .args(["netns", "exec", c.ns.name(), "ping", "-n", "-c"])
+                    .arg(count.to_string())
+                    .args(["-i", "0.2", "-W", "1"])
+                    .arg(target.ip.to_string())
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::null())
+                    .spawn();
+                children.push((from, to, child));
+            }
+        }
+        children
+            .into_iter()
+            .map(|(from, to, child)| {
+                let stats = child
+                    .and_then(|c| c.wait_with_output())
+                    .map(|out| PingStats::parse(&String::from_utf8_lossy(&out.stdout)))
+                    .unwrap_or_default();
+                (from, to, stats)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ping_summaries() {
+        let ok = "PING 172.16.5.2 (172.16.5.2) 56(84) bytes of data.\n\n\
+                  --- 172.16.5.2 ping statistics ---\n\
+                  3 packets transmitted, 3 received, 0% packet loss, time 402ms\n\
+                  rtt min/avg/max/mdev = 0.041/0.060/0.083/0.017 ms\n";
+        assert_eq!(
+            PingStats::parse(ok),
+            PingStats {
+                sent: 3,
+                received: 3,
+                rtt_ms: Some((0.041, 0.060, 0.083))
+            }
+        );
+        let lost = "3 packets transmitted, 0 received, +3 errors, 100% packet loss, time 2041ms\n";
+        assert_eq!(
+            PingStats::parse(lost),
+            PingStats {
+                sent: 3,
+                received: 0,
+                rtt_ms: None
+            }
+        );
+    }
+}

@@ -1,0 +1,248 @@
+//! `overlay-agent teardown`: removes what the agent deliberately leaves behind when it stops, so
+//! that forwarding survives restarts and upgrades: the persistent overlay TUN devices
+//! (`flannel0` for udp, `flannel.<VNI>` for vxlan) with their addresses and routes, and the pinned
+//! programs' links and maps under `--bpffs` (removing the last link pin detaches the programs).
+//!
+//! Every step runs whatever failed before it; every failure is collected and reported, and the
+//! exit status is non-zero if there was any. Running it again when nothing is left is a no-op.
+//! It acts in the calling network namespace only. A `flannel.<N>` that is not a TUN device (the
+//! kernel vxlan device of flanneld itself) was not created by this agent and is left alone.
+
+use std::path::{Path, PathBuf};
+
+use futures::TryStreamExt as _;
+use rtnetlink::{
+    RouteMessageBuilder,
+    packet_route::{link::LinkAttribute, route::RouteAttribute},
+};
+
+use crate::dataplane::pins::Pins;
+
+/// `overlay-agent teardown` flags (the pin directory is the global `--bpffs`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TeardownArgs {}
+
+/// What a teardown did.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// What was removed, one line each.
+    pub removed: Vec<String>,
+    /// What was left alone on purpose, one line each.
+    pub notes: Vec<String>,
+    /// What could not be removed, one line each.
+    pub errors: Vec<String>,
+}
+
+/// Whether `name` is an overlay device name the agent uses: `flannel0` or `flannel.<VNI>`.
+pub fn is_overlay_name(name: &str) -> bool {
+    name == "flannel0"
+        || name
+            .strip_prefix("flannel.")
+            .is_some_and(|vni| !vni.is_empty() && vni.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn is_tun(name: &str) -> bool {
+    Path::new("/sys/class/net")
+        .join(name)
+        .join("tun_flags")
+        .exists()
+}
+
+/// Agents still running in this network namespace (other than this process), as `pid`s.
+fn running_agents() -> Vec<u32> {
+    let own_ns = std::fs::read_link("/proc/self/ns/net").ok();
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            let proc = PathBuf::from(format!("/proc/{pid}"));
+            let exe_is_agent = std::fs::read_to_string(proc.join("comm"))
+                .is_ok_and(|c| c.trim() == "overlay-agent");
+            // argv[1..] holding a subcommand name means a tool like this one, not the daemon.
+            let tool = std::fs::read(proc.join("cmdline")).is_ok_and(|c| {
+                c.split(|b| *b == 0)
+                    .skip(1)
+                    .any(|a| a == b"teardown" || a == b"docker-opts")
+            });
+            exe_is_agent && !tool && std::fs::read_link(proc.join("ns/net")).ok() == own_ns
+        })
+        .collect()
+}
+
+/// Removes the overlay devices and the pins under `bpffs`, collecting every failure.
+pub async fn teardown(bpffs: &Path) -> Report {
+    let mut report = Report::default();
+    for pid in running_agents() {
+        report.errors.push(format!(
+            "overlay-agent (pid {pid}) is still running in this network namespace: stop it first \
+             (systemctl stop overlay-agent); its programs stay attached and its device may come \
+             back while it runs"
+        ));
+    }
+    devices(&mut report).await;
+    pins(bpffs, &mut report);
+    report
+}
+
+fn pins(bpffs: &Path, report: &mut Report) {
+    match std::fs::symlink_metadata(bpffs) {
+        Ok(_) => {
+            let errors = Pins::teardown(bpffs);
+            if errors.is_empty() {
+                report.removed.push(format!(
+                    "pinned links and maps under {} (the programs detach with their last link)",
+                    bpffs.display()
+                ));
+            }
+            report
+                .errors
+                .extend(errors.into_iter().map(|e| e.to_string()));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => report
+            .errors
+            .push(format!("looking at {}: {e}", bpffs.display())),
+    }
+}
+
+async fn devices(report: &mut Report) {
+    let (connection, handle, _) = match rtnetlink::new_connection() {
+        Ok(c) => c,
+        Err(e) => {
+            report.errors.push(format!(
+                "opening a netlink socket: {e} (devices not removed)"
+            ));
+            return;
+        }
+    };
+    tokio::spawn(connection);
+    let links: Vec<(u32, String)> =
+        match handle.link().get().execute().try_collect::<Vec<_>>().await {
+            Ok(msgs) => msgs
+                .iter()
+                .filter_map(|m| {
+                    m.attributes.iter().find_map(|a| match a {
+                        LinkAttribute::IfName(n) => Some((m.header.index, n.clone())),
+                        _ => None,
+                    })
+                })
+                .collect(),
+            Err(e) => {
+                report
+                    .errors
+                    .push(format!("listing interfaces: {e} (devices not removed)"));
+                return;
+            }
+        };
+    let routes: Vec<u32> = handle
+        .route()
+        .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
+        .execute()
+        .try_collect::<Vec<_>>()
+        .await
+        .map(|msgs| {
+            msgs.iter()
+                .filter_map(|m| {
+                    m.attributes.iter().find_map(|a| match a {
+                        RouteAttribute::Oif(i) => Some(*i),
+                        _ => None,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for (index, name) in links.into_iter().filter(|(_, n)| is_overlay_name(n)) {
+        if !is_tun(&name) {
+            report.notes.push(format!(
+                "left {name} alone: not a TUN device, so not created by overlay-agent"
+            ));
+            continue;
+        }
+        let n_routes = routes.iter().filter(|&&oif| oif == index).count();
+        match handle.link().del(index).execute().await {
+            Ok(()) => report.removed.push(format!(
+                "device {name} with its addresses and {n_routes} route(s)"
+            )),
+            Err(e) => report.errors.push(format!("deleting device {name}: {e}")),
+        }
+    }
+}
+
+/// `overlay-agent teardown`: prints what it removed and what failed; non-zero on any failure.
+pub fn main(bpffs: &Path) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("overlay-agent teardown: starting the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let report = runtime.block_on(teardown(bpffs));
+    for line in &report.removed {
+        println!("removed {line}");
+    }
+    for line in &report.notes {
+        println!("{line}");
+    }
+    if report.removed.is_empty() && report.errors.is_empty() {
+        println!("nothing to remove");
+    }
+    if report.errors.is_empty() {
+        return std::process::ExitCode::SUCCESS;
+    }
+    eprintln!(
+        "overlay-agent teardown: {} failure(s):",
+        report.errors.len()
+    );
+    for e in &report.errors {
+        eprintln!("  {e}");
+    }
+    std::process::ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_names() {
+        for ok in ["flannel0", "flannel.1", "flannel.4096"] {
+            assert!(is_overlay_name(ok), "{ok}");
+        }
+        for no in [
+            "flannel",
+            "flannel.",
+            "flannel.x",
+            "flannel1",
+            "eth0",
+            "flannel0x",
+        ] {
+            assert!(!is_overlay_name(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn pins_removed_then_nothing_to_do() {
+        // Pins::teardown only unlinks and rmdirs, so a plain directory stands in for bpffs.
+        let dir = std::env::temp_dir().join(format!("teardown-pins-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("maps-v1")).unwrap();
+        std::fs::create_dir_all(dir.join("links")).unwrap();
+        std::fs::write(dir.join("maps-v1/PEERS"), b"").unwrap();
+        std::fs::write(dir.join("links/tc_decap@eth0"), b"").unwrap();
+        let mut report = Report::default();
+        pins(&dir, &mut report);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(report.removed.len(), 1);
+        assert!(!dir.exists());
+        let mut again = Report::default();
+        pins(&dir, &mut again);
+        assert!(again.removed.is_empty() && again.errors.is_empty());
+    }
+}
