@@ -24,4 +24,4 @@ pub mod programs {
 
 /// Version of the maps' layout and the programs' contract. Pinned objects of another version are
 /// replaced, never reused.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;

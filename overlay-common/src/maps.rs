@@ -61,8 +61,9 @@ pub const FLAG_DELIVER_VIA_STACK: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Config {
-    /// This host's public (underlay) IPv4 address.
-    pub public_ip: [u8; 4],
+    /// This host's address on the underlay interface: the outer source, and the only outer
+    /// destination decapsulated. Not the lease's PublicIP, which differs behind NAT.
+    pub local_ip: [u8; 4],
     /// Interface index of the underlay interface (where encapsulated packets leave).
     pub underlay_ifindex: u32,
     /// VXLAN network identifier (vxlan only).
@@ -75,8 +76,13 @@ pub struct Config {
     pub flags: u8,
     /// This host's VTEP MAC (vxlan only): the inner destination MAC peers use for us.
     pub vtep_mac: [u8; 6],
+    /// Prefix length of [`Config::subnet`].
+    pub subnet_prefix_len: u8,
     /// Explicit padding to the 4-byte alignment.
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 1],
+    /// This host's leased subnet: decapsulated packets must be addressed inside it, so a peer
+    /// (or someone spoofing one) cannot use this host as a relay to anywhere else.
+    pub subnet: [u8; 4],
 }
 
 /// Where a peer subnet lives.
@@ -126,7 +132,7 @@ mod tests {
 
     #[test]
     fn sizes_match_the_kernel_side() {
-        assert_eq!(core::mem::size_of::<Config>(), 24);
+        assert_eq!(core::mem::size_of::<Config>(), 28);
         assert_eq!(core::mem::size_of::<Peer>(), 12);
         assert_eq!(core::mem::size_of::<Endpoint>(), 16);
     }

@@ -53,10 +53,13 @@ slots! {
     PassUnparsed = 10,
     /// A helper failed while decapsulating: dropped.
     DecapError = 11,
+    /// Overlay packet from a peer whose inner destination is not in this host's subnet: dropped
+    /// (this host is no relay).
+    DropNotLocal = 12,
 }
 
 /// Number of entries in the counters map.
-pub const COUNTER_SLOTS: u32 = 12;
+pub const COUNTER_SLOTS: u32 = 13;
 
 impl CounterSlot {
     /// Index of this slot in the counters map.

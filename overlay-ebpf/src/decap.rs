@@ -1,4 +1,4 @@
-//! Decapsulation on the underlay interface's ingress, by TC (default) or XDP (`--xdp-decap`).
+//! Decapsulation on the underlay interface's ingress, by TC (default) or XDP (`--decap xdp`).
 //!
 //! VXLAN and flannel's udp format carry no authentication: flannel accepts whatever reaches its
 //! port. Here a packet must come from a known peer's public IP, and its inner source must lie in a
@@ -7,7 +7,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
         xdp_action,
     },
     helpers::{bpf_redirect_peer, bpf_xdp_adjust_head, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
@@ -84,7 +85,7 @@ pub fn classify<P: Packet>(pkt: &P) -> Verdict {
     let Ok(ip) = pkt.read::<[u8; 20]>(wire::ETH_LEN) else {
         return Verdict::Pass(None);
     };
-    if ip[9] != wire::IPPROTO_UDP || ip[16..20] != cfg.public_ip {
+    if ip[9] != wire::IPPROTO_UDP || ip[16..20] != cfg.local_ip {
         return Verdict::Pass(None);
     }
     let ihl = usize::from(ip[0] & 0x0f) * 4;
@@ -99,15 +100,16 @@ pub fn classify<P: Packet>(pkt: &P) -> Verdict {
     if u16::from_be_bytes([ports[2], ports[3]]) != cfg.port {
         return Verdict::Pass(None);
     }
-    // Ours from here on.
-    if ihl != 20 || frag & 0x2000 != 0 {
-        // IP options or a first fragment: rare on an overlay, left to the stack (where the
-        // userspace path, if it runs, sees the reassembled datagram).
-        return Verdict::Pass(Some(CounterSlot::PassUnparsed));
-    }
+    // Ours from here on. Strangers first, whatever the packet's shape.
     let outer_src: [u8; 4] = [ip[12], ip[13], ip[14], ip[15]];
     if PEER_ADDRS.get_ptr(outer_src).is_none() {
         return Verdict::Drop(CounterSlot::DropNotPeer);
+    }
+    if ihl != 20 || frag & 0x2000 != 0 {
+        // IP options or a first fragment from a peer: rare on an overlay (the MTU prevents
+        // fragments), left to the stack, where the userspace path, if it runs, sees the
+        // reassembled datagram; without it they are lost.
+        return Verdict::Pass(Some(CounterSlot::PassUnparsed));
     }
     let inner = wire::ETH_LEN
         + match encap {
@@ -138,10 +140,22 @@ pub fn classify<P: Packet>(pkt: &P) -> Verdict {
         Some(owner) if owner.public_ip == outer_src => {}
         _ => return Verdict::Drop(CounterSlot::DropSpoofed),
     }
+    let inner_dst = [inner_ip[16], inner_ip[17], inner_ip[18], inner_ip[19]];
+    if !in_subnet(inner_dst, cfg.subnet, cfg.subnet_prefix_len) {
+        return Verdict::Drop(CounterSlot::DropNotLocal);
+    }
     Verdict::Decap {
         strip: inner - wire::ETH_LEN,
-        inner_dst: [inner_ip[16], inner_ip[17], inner_ip[18], inner_ip[19]],
+        inner_dst,
     }
+}
+
+#[inline(always)]
+fn in_subnet(addr: [u8; 4], subnet: [u8; 4], prefix_len: u8) -> bool {
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix_len.min(32)))
+        .unwrap_or(0);
+    u32::from_be_bytes(addr) & mask == u32::from_be_bytes(subnet) & mask
 }
 
 const PASS: i32 = TC_ACT_OK as i32;
@@ -172,6 +186,9 @@ pub fn try_tc_decap(ctx: &TcContext) -> Result<Outcome, i64> {
         // Straight into the container's namespace, skipping the host's routing and bridge.
         // SAFETY: plain helper call; the kernel checks the ifindex.
         let action = unsafe { bpf_redirect_peer(ep.host_ifindex, 0) };
+        if action != i64::from(TC_ACT_REDIRECT) {
+            return Ok(Outcome::new(CounterSlot::DecapError, DROP));
+        }
         return Ok(Outcome::new(CounterSlot::DecapDelivered, action as i32));
     }
     // The outer frame was addressed to this host, so the stack takes the inner packet as its own

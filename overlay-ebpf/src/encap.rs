@@ -9,7 +9,8 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::{bpf_get_hash_recalc, bpf_redirect_neigh, bpf_skb_change_head},
     maps::lpm_trie::Key,
@@ -72,5 +73,8 @@ pub fn try_encap(ctx: &TcContext) -> Result<Outcome, i64> {
     }
 
     let action = unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) };
+    if action != i64::from(TC_ACT_REDIRECT) {
+        return Ok(Outcome::new(CounterSlot::EncapError, TC_ACT_SHOT as i32));
+    }
     Ok(Outcome::new(CounterSlot::Encapsulated, action as i32))
 }

@@ -63,15 +63,18 @@ impl Outcome {
 
 #[classifier]
 pub fn tc_encap(ctx: TcContext) -> i32 {
-    finish(&ctx, encap::try_encap(&ctx), CounterSlot::EncapError)
+    // Lengths are counted as the packet arrived, before any rewrite.
+    let len = u64::from(ctx.len());
+    finish(len, encap::try_encap(&ctx), CounterSlot::EncapError)
 }
 
 #[classifier]
 pub fn tc_decap(ctx: TcContext) -> i32 {
-    finish(&ctx, decap::try_tc_decap(&ctx), CounterSlot::DecapError)
+    let len = u64::from(ctx.len());
+    finish(len, decap::try_tc_decap(&ctx), CounterSlot::DecapError)
 }
 
-/// The same checks as `tc_decap`, before the stack allocates an skb: opt-in (`--xdp-decap`), for
+/// The same checks as `tc_decap`, before the stack allocates an skb: opt-in (`--decap xdp`), for
 /// NICs where decapsulating before GRO pays off. Delivers through the stack only.
 #[xdp]
 pub fn xdp_decap(ctx: XdpContext) -> u32 {
@@ -85,9 +88,9 @@ pub fn xdp_decap(ctx: XdpContext) -> u32 {
 /// Counts the outcome and returns its verdict. A helper error mid-way leaves the packet half
 /// rewritten, so it is dropped (and counted) rather than passed on.
 #[inline(always)]
-fn finish(ctx: &TcContext, result: Result<Outcome, i64>, error_slot: CounterSlot) -> i32 {
+fn finish(len: u64, result: Result<Outcome, i64>, error_slot: CounterSlot) -> i32 {
     let outcome = result.unwrap_or(Outcome::new(error_slot, TC_ACT_SHOT as i32));
-    count(outcome.slot, u64::from(ctx.len()));
+    count(outcome.slot, len);
     outcome.action
 }
 

@@ -59,7 +59,7 @@ fn write_eth_ip_udp(h: &mut [u8], cfg: &Config, peer: &Peer, tos: u8, ip_len: u1
     ip[6] = 0x40;
     ip[8] = 64;
     ip[9] = IPPROTO_UDP;
-    ip[12..16].copy_from_slice(&cfg.public_ip);
+    ip[12..16].copy_from_slice(&cfg.local_ip);
     ip[16..20].copy_from_slice(&peer.public_ip);
     let csum = ipv4_checksum(ip);
     ip[10..12].copy_from_slice(&csum.to_be_bytes());

@@ -81,7 +81,8 @@ fn bring_up_with(
                 let mut dp = EbpfDataplane::load(pins).unwrap();
                 dp.configure(&EbpfConfig {
                     encap,
-                    public_ip: host.underlay_ip,
+                    local_ip: host.underlay_ip,
+                    subnet: (subnet_of(host), 24),
                     underlay_ifindex: underlay.index,
                     port: port_of(encap),
                     vni: 1,

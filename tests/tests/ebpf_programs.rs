@@ -24,7 +24,8 @@ fn dataplane(encap: Encap) -> EbpfDataplane {
     let mut dp = EbpfDataplane::load(None).unwrap();
     dp.configure(&EbpfConfig {
         encap,
-        public_ip: ME,
+        local_ip: ME,
+        subnet: (Ipv4Addr::new(172, 16, 1, 0), 24),
         underlay_ifindex: 1,
         port: if encap == Encap::Vxlan { 8472 } else { 8285 },
         vni: 1,
@@ -304,9 +305,14 @@ fn random_packets_never_fail_a_program() {
                     }
                     Err(e) => panic!("{program} refused {packet:02x?}: {e}"),
                 };
+                // TC: ok, shot, redirect; XDP: drop (1), pass (2).
+                let allowed: &[i32] = if program == programs::XDP_DECAP {
+                    &[1, 2]
+                } else {
+                    &[TC_ACT_OK, TC_ACT_SHOT, 7]
+                };
                 assert!(
-                    // TC: ok, shot, redirect; XDP: drop (1), pass (2).
-                    [TC_ACT_OK, 1, TC_ACT_SHOT, 7].contains(&verdict),
+                    allowed.contains(&verdict),
                     "{program}: verdict {verdict} for {packet:02x?}"
                 );
             }
@@ -354,4 +360,102 @@ fn xdp_decap_applies_the_same_checks() {
         .test_run(programs::XDP_DECAP, &udp_format(PEER, &spoofed))
         .unwrap();
     assert_eq!(verdict, XDP_DROP);
+}
+
+fn verdict_of(dp: &mut EbpfDataplane, packet: &[u8]) -> i32 {
+    dp.test_run(programs::TC_DECAP, packet).unwrap().0
+}
+
+#[test]
+fn peer_updates_keep_the_sender_set_exact() {
+    if !require_root("peer_updates_keep_the_sender_set_exact") {
+        return;
+    }
+    let mut dp = dataplane(Encap::Udp);
+    let to_me = |src| udp_format(PEER, &inner_ping(src, MY_CONTAINER));
+    let second = Ipv4Addr::new(172, 16, 3, 0);
+    let second_src = Ipv4Addr::new(172, 16, 3, 9);
+
+    // The same lease again, with another VTEP MAC: the peer stays accepted.
+    dp.upsert_peer(PeerRoute {
+        subnet: Ipv4Addr::new(172, 16, 2, 0),
+        prefix_len: 24,
+        public_ip: PEER,
+        vtep_mac: [2, 0, 0, 0, 0, 9],
+    })
+    .unwrap();
+    assert_eq!(verdict_of(&mut dp, &to_me(PEER_CONTAINER)), TC_ACT_OK);
+
+    // Two subnets on one address; one goes: the other's traffic is still accepted.
+    dp.upsert_peer(PeerRoute {
+        subnet: second,
+        prefix_len: 24,
+        public_ip: PEER,
+        vtep_mac: PEER_VTEP,
+    })
+    .unwrap();
+    dp.remove_peer(Ipv4Addr::new(172, 16, 2, 0), 24).unwrap();
+    assert_eq!(verdict_of(&mut dp, &to_me(second_src)), TC_ACT_OK);
+    assert_eq!(
+        verdict_of(&mut dp, &to_me(PEER_CONTAINER)),
+        TC_ACT_SHOT,
+        "removed subnet"
+    );
+
+    // The subnet moves to another host: the old address, holding nothing now, is a stranger.
+    dp.upsert_peer(PeerRoute {
+        subnet: second,
+        prefix_len: 24,
+        public_ip: STRANGER,
+        vtep_mac: PEER_VTEP,
+    })
+    .unwrap();
+    let before = dp.counters().unwrap();
+    assert_eq!(verdict_of(&mut dp, &to_me(second_src)), TC_ACT_SHOT);
+    let after = dp.counters().unwrap();
+    let not_peer = |c: &[(CounterSlot, overlay_common::Counter)]| {
+        c.iter()
+            .find(|(s, _)| *s == CounterSlot::DropNotPeer)
+            .unwrap()
+            .1
+            .packets
+    };
+    assert_eq!(not_peer(&after) - not_peer(&before), 1);
+    let from_new_home = udp_format(STRANGER, &inner_ping(second_src, MY_CONTAINER));
+    assert_eq!(verdict_of(&mut dp, &from_new_home), TC_ACT_OK);
+}
+
+#[test]
+fn decap_refuses_to_relay_and_checks_strangers_first() {
+    if !require_root("decap_refuses_to_relay_and_checks_strangers_first") {
+        return;
+    }
+    let mut dp = dataplane(Encap::Udp);
+    // A peer (or someone spoofing one) aiming past this host's containers.
+    let elsewhere = inner_ping(PEER_CONTAINER, Ipv4Addr::new(192, 0, 2, 1));
+    decap_case(
+        &mut dp,
+        &udp_format(PEER, &elsewhere),
+        TC_ACT_SHOT,
+        Some(CounterSlot::DropNotLocal),
+    );
+    // Fragments and IP options from strangers are dropped like any stranger's packet.
+    let inner = inner_ping(PEER_CONTAINER, MY_CONTAINER);
+    let mut fragment = udp_format(STRANGER, &inner);
+    fragment[20] = 0x20;
+    decap_case(
+        &mut dp,
+        &fragment,
+        TC_ACT_SHOT,
+        Some(CounterSlot::DropNotPeer),
+    );
+    let mut options = udp_format(STRANGER, &inner);
+    options[14] = 0x46;
+    options.splice(34..34, [1, 1, 1, 1]);
+    decap_case(
+        &mut dp,
+        &options,
+        TC_ACT_SHOT,
+        Some(CounterSlot::DropNotPeer),
+    );
 }

@@ -118,8 +118,11 @@ pub enum EbpfError {
 pub struct EbpfConfig {
     /// Wire format.
     pub encap: Encap,
-    /// This host's public IP: the outer source, and the only destination decapsulated.
-    pub public_ip: Ipv4Addr,
+    /// This host's address on the underlay interface: the outer source, and the only outer
+    /// destination decapsulated (the lease's PublicIP differs from it behind NAT).
+    pub local_ip: Ipv4Addr,
+    /// This host's leased subnet: decapsulated packets must be addressed inside it.
+    pub subnet: (Ipv4Addr, u8),
     /// Interface index of the underlay interface.
     pub underlay_ifindex: u32,
     /// Overlay UDP port.
@@ -301,7 +304,9 @@ impl EbpfDataplane {
     /// Writes this host's settings; the programs pass everything until this is called.
     pub fn configure(&mut self, cfg: &EbpfConfig) -> Result<(), EbpfError> {
         let value = Config {
-            public_ip: cfg.public_ip.octets(),
+            local_ip: cfg.local_ip.octets(),
+            subnet: cfg.subnet.0.octets(),
+            subnet_prefix_len: cfg.subnet.1,
             underlay_ifindex: cfg.underlay_ifindex,
             vni: cfg.vni,
             port: cfg.port,
@@ -312,7 +317,7 @@ impl EbpfDataplane {
                 0
             },
             vtep_mac: cfg.vtep_mac,
-            _pad: [0; 2],
+            _pad: [0; 1],
         };
         let mut map: Array<&mut MapData, Config> = self.map_mut(CONFIG_MAP)?;
         map.set(0, value, 0)
@@ -477,7 +482,12 @@ impl EbpfDataplane {
             return Ok(());
         }
         // Address first, so decapsulation accepts the peer by the time encapsulation uses it.
-        self.ref_peer_addr(peer.public_ip, 1)?;
+        let others = self
+            .peers
+            .iter()
+            .filter(|(k, p)| **k != key && p.public_ip == peer.public_ip)
+            .count();
+        self.set_peer_addr(peer.public_ip, others + 1)?;
         let mut trie: LpmTrie<&mut MapData, [u8; 4], Peer> = self.map_mut(PEERS_MAP)?;
         let value = Peer {
             public_ip: peer.public_ip.octets(),
@@ -490,21 +500,34 @@ impl EbpfDataplane {
             0,
         )
         .map_err(map_err(PEERS_MAP, "inserting a peer"))?;
-        if let Some(old) = self.peers.insert(key, peer) {
-            self.ref_peer_addr(old.public_ip, -1)?;
+        if let Some(old) = self.peers.insert(key, peer)
+            && old.public_ip != peer.public_ip
+        {
+            // The subnet moved to another host: the old address may have nothing left.
+            self.sync_peer_addr(old.public_ip)?;
         }
         Ok(())
     }
 
     /// Removes a peer subnet; unknown subnets are ignored.
     pub fn remove_peer(&mut self, subnet: Ipv4Addr, prefix_len: u8) -> Result<(), EbpfError> {
-        let Some(old) = self.peers.remove(&(subnet, prefix_len)) else {
+        let Some(old) = self.peers.get(&(subnet, prefix_len)).copied() else {
             return Ok(());
         };
+        // Trie first: nothing is sent to the peer before its packets stop being accepted.
         let mut trie: LpmTrie<&mut MapData, [u8; 4], Peer> = self.map_mut(PEERS_MAP)?;
-        trie.remove(&Key::new(u32::from(prefix_len), subnet.octets()))
-            .map_err(map_err(PEERS_MAP, "removing a peer"))?;
-        self.ref_peer_addr(old.public_ip, -1)
+        match trie.remove(&Key::new(u32::from(prefix_len), subnet.octets())) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(EbpfError::Map {
+                    map: PEERS_MAP,
+                    operation: "removing a peer",
+                    source,
+                });
+            }
+        }
+        self.peers.remove(&(subnet, prefix_len));
+        self.sync_peer_addr(old.public_ip)
     }
 
     /// The peers as programmed.
@@ -512,26 +535,29 @@ impl EbpfDataplane {
         self.peers.values()
     }
 
-    fn ref_peer_addr(&mut self, addr: Ipv4Addr, delta: i32) -> Result<(), EbpfError> {
-        let subnets =
-            self.peers.values().filter(|p| p.public_ip == addr).count() as i64 + i64::from(delta);
+    /// Makes `PEER_ADDRS` hold `addr` exactly while some programmed subnet lives there.
+    fn sync_peer_addr(&mut self, addr: Ipv4Addr) -> Result<(), EbpfError> {
+        let subnets = self.peers.values().filter(|p| p.public_ip == addr).count();
+        self.set_peer_addr(addr, subnets)
+    }
+
+    fn set_peer_addr(&mut self, addr: Ipv4Addr, subnets: usize) -> Result<(), EbpfError> {
         let mut map: BpfHashMap<&mut MapData, [u8; 4], PeerAddr> = self.map_mut(PEER_ADDRS_MAP)?;
-        if subnets <= 0 {
-            match map.remove(&addr.octets()) {
+        if subnets == 0 {
+            return match map.remove(&addr.octets()) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
                 Err(source) => Err(EbpfError::Map {
                     map: PEER_ADDRS_MAP,
                     operation: "removing a peer address",
                     source,
                 }),
-            }
-        } else {
-            let value = PeerAddr {
-                subnets: subnets as u32,
             };
-            map.insert(addr.octets(), value, 0)
-                .map_err(map_err(PEER_ADDRS_MAP, "inserting a peer address"))
         }
+        let value = PeerAddr {
+            subnets: subnets as u32,
+        };
+        map.insert(addr.octets(), value, 0)
+            .map_err(map_err(PEER_ADDRS_MAP, "inserting a peer address"))
     }
 
     /// Takes the local endpoints map out, for the endpoint learner that owns it from then on.

@@ -15,6 +15,7 @@ use crate::{
         config::Backend,
         datapath::{Datapath, DatapathError, LocalLease},
         peers::{Peer, PeerEvent},
+        subnet::Subnet,
     },
     host::{Netlink, OverlayDevice},
 };
@@ -41,6 +42,10 @@ pub struct EbpfDatapath {
     /// Netlink is async; the datapath's calls are not, and run on a thread of their own.
     runtime: tokio::runtime::Runtime,
     started: bool,
+    /// The Network and our subnet, once started: peers must fit in the one, outside the other.
+    lease: Option<(Subnet, Subnet)>,
+    /// The last peer update that failed, for /healthz.
+    failing: Option<(Subnet, String)>,
 }
 
 impl EbpfDatapath {
@@ -69,6 +74,8 @@ impl EbpfDatapath {
             dataplane,
             runtime,
             started: false,
+            lease: None,
+            failing: None,
         })
     }
 
@@ -88,7 +95,19 @@ impl EbpfDatapath {
         }
     }
 
-    fn route_for(&self, peer: &Peer) -> Result<PeerRoute, String> {
+    fn route_for(&self, peer: &Peer) -> Result<PeerRoute, Unusable> {
+        if let Some((network, own)) = &self.lease
+            && (!network.contains(&peer.subnet) || own.overlaps(&peer.subnet))
+        {
+            // A lease outside the Network (or over our own subnet) would widen what decap
+            // accepts from that peer, up to our own containers' addresses.
+            return Err(Unusable::OutsideNetwork);
+        }
+        if peer.backend_type != self.backend.type_name() {
+            return Err(Unusable::Backend {
+                theirs: peer.backend_type.clone(),
+            });
+        }
         let vtep_mac = match self.encap {
             Encap::Vxlan => peer
                 .backend_data
@@ -96,17 +115,9 @@ impl EbpfDatapath {
                 .and_then(|d| d.get("VtepMAC"))
                 .and_then(|m| m.as_str())
                 .and_then(parse_mac)
-                .ok_or_else(|| format!("lease {} has no valid BackendData.VtepMAC", peer.subnet))?,
+                .ok_or(Unusable::VtepMac)?,
             _ => [0; 6],
         };
-        if peer.backend_type != self.backend.type_name() {
-            return Err(format!(
-                "lease {} uses backend {}, this host {}",
-                peer.subnet,
-                peer.backend_type,
-                self.backend.type_name()
-            ));
-        }
         Ok(PeerRoute {
             subnet: peer.subnet.addr(),
             prefix_len: peer.subnet.prefix(),
@@ -116,11 +127,57 @@ impl EbpfDatapath {
     }
 }
 
+/// Why a peer's lease cannot be forwarded to.
+#[derive(Debug, thiserror::Error)]
+enum Unusable {
+    /// Its subnet is not inside the Network, or overlaps ours.
+    #[error("its subnet is outside the Network or overlaps this host's")]
+    OutsideNetwork,
+    /// It runs another backend.
+    #[error("it uses backend {theirs}")]
+    Backend {
+        /// The peer's BackendType.
+        theirs: String,
+    },
+    /// A vxlan lease without a usable VtepMAC.
+    #[error("its BackendData has no valid VtepMAC")]
+    VtepMac,
+}
+
 fn failed(context: impl Into<String>) -> impl FnOnce(EbpfError) -> DatapathError {
     let context = context.into();
     move |source| DatapathError::Failed {
         context,
         source: Box::new(source),
+    }
+}
+
+/// Decapsulated packets that go up the host stack arrive on the underlay interface with sources
+/// that route via the overlay device; strict reverse-path filtering (RHEL's default) would drop
+/// them. Loose mode keeps the spoofing protection that matters here (the source must be routable),
+/// and the decap program already checked the sender.
+fn relax_rp_filter(interface: &str) {
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/rp_filter");
+    match std::fs::read_to_string(&path).map(|v| v.trim().to_owned()) {
+        Ok(v) if v == "1" => match std::fs::write(&path, "2") {
+            Ok(()) => tracing::info!(
+                "rp_filter on {interface} was strict (1); set to loose (2) so decapsulated \
+                 packets delivered through the stack are not dropped"
+            ),
+            Err(e) => tracing::warn!(
+                "rp_filter on {interface} is strict (1) and could not be relaxed ({e}): \
+                 packets delivered through the stack will be dropped"
+            ),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::debug!("reading {path}: {e}"),
+    }
+}
+
+fn event_subnet(event: &PeerEvent) -> Subnet {
+    match event {
+        PeerEvent::Added(peer) => peer.subnet,
+        PeerEvent::Removed(subnet) => *subnet,
     }
 }
 
@@ -185,11 +242,13 @@ impl Datapath for EbpfDatapath {
                 context: format!("setting up {}", device.name),
                 source,
             })?;
+        relax_rp_filter(&underlay.name);
         let (port, vni) = self.port_and_vni();
         self.dataplane
             .configure(&EbpfConfig {
                 encap: self.encap,
-                public_ip: lease.public_ip,
+                local_ip: underlay.addr,
+                subnet: (lease.subnet.addr(), lease.subnet.prefix()),
                 underlay_ifindex: underlay_index,
                 port,
                 vni,
@@ -224,12 +283,13 @@ impl Datapath for EbpfDatapath {
             device.name,
             underlay.name
         );
+        self.lease = Some((lease.network, lease.subnet));
         self.started = true;
         Ok(())
     }
 
     fn apply(&mut self, event: &PeerEvent) -> Result<(), DatapathError> {
-        match event {
+        let result = match event {
             PeerEvent::Added(peer) => match self.route_for(peer) {
                 Ok(route) => self
                     .dataplane
@@ -237,14 +297,31 @@ impl Datapath for EbpfDatapath {
                     .map_err(failed(format!("programming peer {}", peer.subnet))),
                 Err(reason) => {
                     tracing::warn!("not forwarding to {}: {reason}", peer.subnet);
-                    Ok(())
+                    // What the subnet had before no longer holds either.
+                    self.dataplane
+                        .remove_peer(peer.subnet.addr(), peer.subnet.prefix())
+                        .map_err(failed(format!("removing peer {}", peer.subnet)))
                 }
             },
             PeerEvent::Removed(subnet) => self
                 .dataplane
                 .remove_peer(subnet.addr(), subnet.prefix())
                 .map_err(failed(format!("removing peer {subnet}"))),
+        };
+        // A failed update stays visible on /healthz until a later one to the same peer works.
+        match &result {
+            Ok(()) => {
+                if self
+                    .failing
+                    .as_ref()
+                    .is_some_and(|(subnet, _)| *subnet == event_subnet(event))
+                {
+                    self.failing = None;
+                }
+            }
+            Err(e) => self.failing = Some((event_subnet(event), e.to_string())),
         }
+        result
     }
 
     fn synced(&mut self) -> Result<(), DatapathError> {
@@ -259,10 +336,12 @@ impl Datapath for EbpfDatapath {
     }
 
     fn check(&self) -> Result<(), String> {
-        if self.started {
-            Ok(())
-        } else {
-            Err("eBPF datapath not started".into())
+        if !self.started {
+            return Err("eBPF datapath not started".into());
+        }
+        match &self.failing {
+            Some((subnet, error)) => Err(format!("peer {subnet} not programmed: {error}")),
+            None => Ok(()),
         }
     }
 }

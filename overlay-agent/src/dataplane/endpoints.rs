@@ -44,6 +44,7 @@ async fn run(mut map: EndpointsMap, gateway: Ipv4Addr) {
             tracing::error!(
                 "endpoint learning off, packets for local containers go through the stack: {err}"
             );
+            forget_all(&mut map);
             return;
         }
     };
@@ -62,7 +63,11 @@ async fn run(mut map: EndpointsMap, gateway: Ipv4Addr) {
         tokio::select! {
             event = events.next() => {
                 if event.is_none() {
-                    tracing::error!("netlink monitor closed; endpoint learning stops");
+                    tracing::error!(
+                        "netlink monitor closed; endpoint learning stops, packets for local \
+                         containers go through the stack"
+                    );
+                    forget_all(&mut map);
                     return;
                 }
                 tokio::time::sleep(DEBOUNCE).await;
@@ -70,6 +75,17 @@ async fn run(mut map: EndpointsMap, gateway: Ipv4Addr) {
                 while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, events.next()).await {}
             }
             () = tokio::time::sleep(PERIOD) => {}
+        }
+    }
+}
+
+/// Without a learner nobody would notice a container going away, and its entry would steer
+/// packets at a veth that may be gone or reused: better no entries (delivery through the stack).
+fn forget_all(map: &mut EndpointsMap) {
+    let entries = map.entries().unwrap_or_default();
+    for (ip, _) in entries {
+        if let Err(err) = map.remove(ip) {
+            tracing::warn!(%ip, "removing endpoint: {err}");
         }
     }
 }
