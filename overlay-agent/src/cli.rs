@@ -221,6 +221,14 @@ impl Cli {
         Self::parse_from(normalize_go_flags(std::env::args_os()))
     }
 
+    /// Parses `args` (the program name first) as [`Cli::parse_args`] parses the process's, for
+    /// checking a command line (a unit file's ExecStart, for instance) without running it.
+    pub fn try_parse_args_from(
+        args: impl IntoIterator<Item = impl Into<OsString>>,
+    ) -> Result<Self, clap::Error> {
+        Self::try_parse_from(normalize_go_flags(args.into_iter().map(Into::into)))
+    }
+
     /// The tracing filter directive that `-v` asks for.
     pub fn log_level(&self) -> &'static str {
         match self.verbosity {

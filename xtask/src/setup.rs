@@ -23,6 +23,8 @@ const PACKAGES: &[&str] = &[
     "iperf3",            // benchmarks: TCP throughput
     "sockperf",          // benchmarks: latency
     "tcpdump",           // debugging the rigs
+    "systemd",           // systemd-analyze verify on deploy/ (tests/tests/deploy.rs)
+    "util-linux",        // setpriv: agents under the unit's capability set; mount --bind in `run`
 ];
 
 /// The eBPF toolchain: nightly (for `-Z build-std=core` on bpfel-unknown-none), its rust-src, and

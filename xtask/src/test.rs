@@ -67,6 +67,23 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
         &mut totals,
     )?;
 
+    // The main job, as the README tells users to run it, for both backends. The agent is built
+    // without optimisations here (its dependencies are already built for the tests above); the
+    // lab, the agents' command line and the checks are those of `cargo xtask run --once`.
+    for backend in ["udp", "vxlan"] {
+        step(format!(
+            "test: the main job (cargo xtask run --once --backend {backend})"
+        ));
+        run(std::process::Command::new(std::env::current_exe()?).args([
+            "run",
+            "--once",
+            "--no-setup",
+            "--debug-agent",
+            "--backend",
+            backend,
+        ]))?;
+    }
+
     // The bench's smoke test: the whole rig, every mode, 1 s per test. A mode that is not built
     // yet is reported missing; a mode that breaks fails the step. The agent is built without
     // optimisations here (its dependencies are already built for the tests above).

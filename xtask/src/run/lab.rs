@@ -389,10 +389,12 @@ fn print_explore(cluster: &Cluster, device: &str, dir: &Path) {
          \x20 ip netns list | grep {prefix}-\n\
          \x20 # h1's container pings h2's container\n\
          \x20 ip netns exec {c1} ping {c2_ip}\n\
-         \x20 # h1's overlay device, routes, and programs (TC/XDP)\n\
+         \x20 # h1's overlay device and routes\n\
          \x20 ip netns exec {h1} ip addr show {device}\n\
          \x20 ip netns exec {h1} ip route\n\
-         \x20 ip netns exec {h1} bpftool net show\n\
+         \x20 # h1's pinned program links and maps (what keeps forwarding while the agent restarts)\n\
+         \x20 ls -R {pins}\n\
+         \x20 bpftool prog show name tc_encap\n\
          \x20 # the encapsulated packets on h1's underlay NIC\n\
          \x20 ip netns exec {h1} tcpdump -ni eth0 udp port {port}\n\
          \x20 # h1's /run/flannel/subnet.env (each host's /run is a directory of the lab)\n\
@@ -405,5 +407,6 @@ fn print_explore(cluster: &Cluster, device: &str, dir: &Path) {
         prefix = cleanup::PREFIX,
         run = host_run_dir(dir, 0).display(),
         log = dir.join("h1").join("agent.log").display(),
+        pins = cluster.bpffs.path().join("h1").display(),
     );
 }

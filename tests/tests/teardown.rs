@@ -1,0 +1,149 @@
+//! `overlay-agent teardown` in a lab host: after the agent stops (leaving its device, routes and
+//! pinned programs on purpose), teardown removes them all; a second run is a no-op; a running
+//! agent and a device the agent did not create are reported, not silently handled.
+
+use std::process::Output;
+
+use overlay_tests::{
+    cluster::Cluster,
+    etcd::{TempDir, agent_binary},
+    lab::LabConfig,
+    netns::NetNs,
+    require_root,
+};
+
+fn teardown(ns: &NetNs, bpffs: &std::path::Path) -> Output {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", ns.name()])
+        .arg(agent_binary())
+        .arg("teardown")
+        .arg(format!("--bpffs={}", bpffs.display()))
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}stderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The ids of the links pinned under `pins` (bpftool 7.1 cannot show tcx links per device).
+fn pinned_link_ids(pins: &std::path::Path) -> Vec<String> {
+    let mut ids = Vec::new();
+    for entry in pins.join("links").read_dir().unwrap() {
+        let path = entry.unwrap().path();
+        let out = overlay_tests::netns::run(
+            "bpftool",
+            &["link", "show", "pinned", &path.to_string_lossy()],
+        )
+        .unwrap();
+        let id = String::from_utf8_lossy(&out.stdout)
+            .split(':')
+            .next()
+            .unwrap()
+            .trim()
+            .to_owned();
+        ids.push(id);
+    }
+    ids
+}
+
+fn link_exists(id: &str) -> bool {
+    overlay_tests::netns::run("bpftool", &["link", "show", "id", id]).is_ok()
+}
+
+fn teardown_removes_what_the_agent_left(backend: &str, device: &str) {
+    let tmp = TempDir::new(&format!("teardown-{backend}")).unwrap();
+    let config = format!(r#"{{"Network": "172.16.0.0/12", "Backend": {{"Type": "{backend}"}}}}"#);
+    let mut c = Cluster::new(
+        &LabConfig {
+            prefix: "ovt-td".into(),
+            hosts: 2,
+            underlay_mtu: 1500,
+        },
+        &config,
+        agent_binary(),
+        tmp.path(),
+    )
+    .unwrap();
+    c.start_all(&["--datapath=ebpf"]).unwrap();
+    assert!(c.ping_matrix().is_empty(), "the lab works before teardown");
+    let pins = c.bpffs.path().join("h1");
+    let h1 = &c.lab.hosts[0].ns;
+
+    // A device named like ours that the agent did not create (flanneld's own kernel device
+    // would be one): reported and left alone.
+    h1.ip(&["link", "add", "flannel.77", "type", "bridge"])
+        .unwrap();
+
+    // While the agent runs, teardown says so and fails (but still removes what it can).
+    let busy = teardown(&c.lab.hosts[1].ns, &c.bpffs.path().join("h2"));
+    assert!(!busy.status.success(), "{}", text(&busy));
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("still running"),
+        "{}",
+        text(&busy)
+    );
+
+    // Stopped, the agent leaves its dataplane in place on purpose.
+    c.agents[0]
+        .process
+        .take()
+        .unwrap()
+        .stop(std::time::Duration::from_secs(5));
+    assert!(h1.ip(&["link", "show", device]).is_ok());
+    let links = pinned_link_ids(&pins);
+    assert!(!links.is_empty(), "no pinned links");
+    assert!(links.iter().all(|id| link_exists(id)));
+
+    let out = teardown(h1, &pins);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("removed device {device}")),
+        "{}",
+        text(&out)
+    );
+    assert!(stdout.contains("left flannel.77 alone"), "{}", text(&out));
+    assert!(
+        h1.ip(&["link", "show", device]).is_err(),
+        "{device} still there"
+    );
+    assert!(h1.ip(&["link", "show", "flannel.77"]).is_ok());
+    let routes = String::from_utf8_lossy(&h1.ip(&["route"]).unwrap().stdout).into_owned();
+    assert!(!routes.contains("172.16.0.0/12"), "route left: {routes}");
+    assert!(!pins.exists(), "pins left under {}", pins.display());
+    for id in &links {
+        assert!(
+            !link_exists(id),
+            "link {id} still exists (program still attached)"
+        );
+    }
+
+    // Idempotent.
+    let again = teardown(h1, &pins);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("nothing to remove"),
+        "{}",
+        text(&again)
+    );
+}
+
+#[test]
+fn teardown_udp() {
+    if require_root("teardown_udp") {
+        teardown_removes_what_the_agent_left("udp", "flannel0");
+    }
+}
+
+#[test]
+fn teardown_vxlan() {
+    if require_root("teardown_vxlan") {
+        teardown_removes_what_the_agent_left("vxlan", "flannel.1");
+    }
+}
