@@ -565,7 +565,7 @@ fn reset_host(host: &Host) {
     let _ = ns.exec("tc", &["qdisc", "del", "dev", UNDERLAY_IF, "clsact"]);
 }
 
-/// Reports a host's leftover state (for the end-of-run check): links and non-kernel routes.
+/// Reports a host's leftover state (checked after every mode): links and eBPF programs.
 pub fn describe_leftovers(host: &Host) -> Option<String> {
     let links = host.ns.ip(&["-o", "link", "show"]).ok()?;
     let extra: Vec<String> = String::from_utf8_lossy(&links.stdout)
@@ -574,7 +574,25 @@ pub fn describe_leftovers(host: &Host) -> Option<String> {
         .map(|n| n.split('@').next().unwrap_or(n).to_owned())
         .filter(|n| n != "lo" && n != UNDERLAY_IF)
         .collect();
-    (!extra.is_empty()).then(|| format!("{}: links {}", host.ns.name(), extra.join(", ")))
+    let mut left = Vec::new();
+    if !extra.is_empty() {
+        left.push(format!("links {}", extra.join(", ")));
+    }
+    // eBPF programs still attached in the host (XDP, TC/tcx): an agent's datapath outliving it
+    // would distort the next mode. (The agents' pins live in the private bpffs that `ip netns
+    // exec` mounts for them, so they go when the agent exits.)
+    if let Ok(out) = host.ns.exec("bpftool", &["-j", "net", "show"])
+        && let Ok(json) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+    {
+        for entry in json.as_array().into_iter().flatten() {
+            for (kind, progs) in entry.as_object().into_iter().flatten() {
+                if progs.as_array().is_some_and(|a| !a.is_empty()) {
+                    left.push(format!("{kind} programs {progs}"));
+                }
+            }
+        }
+    }
+    (!left.is_empty()).then(|| format!("{}: {}", host.ns.name(), left.join("; ")))
 }
 
 /// Fails when the rig is not in its bare state.
