@@ -292,6 +292,80 @@ pub fn internet_checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
+/// What [`complete_partial_checksum`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L4Checksum {
+    /// Not TCP or UDP, a fragment, or UDP without a checksum: nothing to check.
+    NotApplicable,
+    /// The checksum verifies.
+    Valid,
+    /// The field held only the pseudo-header sum (a sender's checksum offload never completed,
+    /// e.g. across veth); it has been completed.
+    Completed,
+    /// Wrong, and not an offload artefact: left as it is, for the receiving stack to drop.
+    Invalid,
+}
+
+fn sum16(data: &[u8], mut sum: u32) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u32::from(*last) << 8;
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Completes the TCP/UDP checksum of a decapsulated IPv4 packet whose sender left it to
+/// checksum offload. A sender's kernel that encapsulates in eBPF (with a zero outer UDP checksum)
+/// passes such packets on unfinished when no NIC computes them (veth); the receiving kernel
+/// would drop them. A packet whose checksum is wrong in any other way is left alone.
+pub fn complete_partial_checksum(packet: &mut [u8]) -> L4Checksum {
+    let Ok(info) = parse_ipv4(packet) else {
+        return L4Checksum::NotApplicable;
+    };
+    let frag = u16::from_be_bytes([packet[6], packet[7]]);
+    let field = match info.protocol {
+        6 => 16,
+        17 => 6,
+        _ => return L4Checksum::NotApplicable,
+    };
+    // Fragments (MF or an offset) carry part of the segment only.
+    if frag & 0x3fff != 0 || info.total_len < info.header_len + field + 2 {
+        return L4Checksum::NotApplicable;
+    }
+    let l4_len = info.total_len - info.header_len;
+    let at = info.header_len + field;
+    let stored = u16::from_be_bytes([packet[at], packet[at + 1]]);
+    if info.protocol == 17 && stored == 0 {
+        return L4Checksum::NotApplicable;
+    }
+    let pseudo = sum16(&packet[12..20], u32::from(info.protocol) + l4_len as u32);
+    let l4 = &packet[info.header_len..info.total_len];
+    if fold(sum16(l4, pseudo)) == 0xffff {
+        return L4Checksum::Valid;
+    }
+    let partial = fold(pseudo);
+    if stored != partial && stored != !partial {
+        return L4Checksum::Invalid;
+    }
+    packet[at..at + 2].copy_from_slice(&[0, 0]);
+    let mut csum = !fold(sum16(&packet[info.header_len..info.total_len], pseudo));
+    if info.protocol == 17 && csum == 0 {
+        csum = 0xffff;
+    }
+    packet[at..at + 2].copy_from_slice(&csum.to_be_bytes());
+    L4Checksum::Completed
+}
+
 /// Builds the ICMP "destination unreachable" (code `code`) answering `offending`, sent from
 /// `from`, into `out`; returns its length, or `Ok(None)` when RFC 1122 (3.2.2) forbids an answer:
 /// the offending packet is an ICMP error itself, a later fragment, or from a source that is not
@@ -513,6 +587,28 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn partial_checksums_are_completed_and_wrong_ones_left_alone() {
+        let mut seg = vec![0u8; 20];
+        seg[12] = 0x50; // data offset 5
+        seg.extend_from_slice(b"some tcp payload");
+        let mut p = ipv4([10, 5, 2, 2], [10, 5, 1, 2], 6, &seg);
+        // What a kernel leaves for checksum offload: the folded pseudo-header sum.
+        let pseudo = sum16(&p[12..20], 6 + seg.len() as u32);
+        p[36..38].copy_from_slice(&fold(pseudo).to_be_bytes());
+        assert_eq!(complete_partial_checksum(&mut p), L4Checksum::Completed);
+        assert_eq!(complete_partial_checksum(&mut p), L4Checksum::Valid);
+        let good = p.clone();
+        p[40] ^= 1;
+        assert_eq!(complete_partial_checksum(&mut p), L4Checksum::Invalid);
+        let mut icmp = ipv4([10, 5, 2, 2], [10, 5, 1, 2], 1, &[8, 0, 0, 0]);
+        assert_eq!(
+            complete_partial_checksum(&mut icmp),
+            L4Checksum::NotApplicable
+        );
+        assert_eq!(&good[..20], &p[..20]);
+    }
+
     fn format_strategy() -> impl Strategy<Value = Format> {
         prop_oneof![
             Just(Format::Udp),
@@ -572,6 +668,18 @@ mod tests {
             let n = encapsulate(&format, mac, &inner, &mut out).unwrap();
             let cut = cut.index(n);
             prop_assert!(decapsulate(&format, &out[..cut]).is_err());
+        }
+
+        #[test]
+        fn checksum_completion_never_panics_and_completed_packets_verify(
+            bytes in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let mut p = bytes.clone();
+            if complete_partial_checksum(&mut p) == L4Checksum::Completed {
+                prop_assert_eq!(complete_partial_checksum(&mut p), L4Checksum::Valid);
+            } else {
+                prop_assert_eq!(p, bytes);
+            }
         }
 
         #[test]

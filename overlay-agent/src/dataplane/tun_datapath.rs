@@ -224,7 +224,10 @@ impl Datapath for TunDatapath {
                 format: self.format(),
                 port: self.port(),
                 network: (lease.network.addr(), lease.network.prefix()),
-                icmp_source: lease.subnet.addr(),
+                // Not flannel0's own address: the kernel drops packets arriving with a local
+                // source as martians. The Network's first address is no host's (leases start
+                // at SubnetMin) and routes back through the device, so rp_filter passes it.
+                icmp_source: lease.network.addr(),
                 icmp_per_second: ICMP_PER_SECOND,
                 mtu: lease.mtu,
                 profile: self.profile,

@@ -58,38 +58,48 @@ struct IfReq {
 /// Creates the L3 TUN device `name` (multi-queue) or attaches to it if it exists, whether or not
 /// it is multi-queue, and makes it persistent.
 pub fn create_persistent_tun(name: &str) -> Result<(), TunError> {
-    let flags = match tun_flags(name) {
-        Some(existing) => existing & IFF_MULTI_QUEUE,
-        None => IFF_MULTI_QUEUE,
-    };
-    let file = attach(name, IFF_TUN | IFF_NO_PI | flags)?;
+    let file = attach_any(name)?;
     tun_ioctl(&file, name, "TUNSETPERSIST", TUNSETPERSIST, 1)
 }
 
-/// Whether the existing device `name` is a multi-queue TUN; `None` when there is no such TUN.
+/// Whether the existing device `name` is a multi-queue TUN; `None` when there is no such device
+/// in the calling thread's network namespace.
 pub fn is_multi_queue(name: &str) -> Option<bool> {
-    tun_flags(name).map(|f| f & IFF_MULTI_QUEUE != 0)
+    let cname = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a valid C string; if_nametoindex asks the calling thread's namespace.
+    if unsafe { libc::if_nametoindex(cname.as_ptr()) } == 0 {
+        return None;
+    }
+    match attach(name, IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE) {
+        Ok(_) => Some(true),
+        Err(TunError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+            Some(false)
+        }
+        Err(_) => None,
+    }
 }
 
 /// Deletes the persistent TUN device `name` (with its addresses, routes and programs); a no-op
 /// when it does not exist.
 pub fn delete_persistent_tun(name: &str) -> Result<(), TunError> {
-    let Some(existing) = tun_flags(name) else {
+    if is_multi_queue(name).is_none() {
         return Ok(());
-    };
-    let file = attach(name, IFF_TUN | IFF_NO_PI | (existing & IFF_MULTI_QUEUE))?;
+    }
+    let file = attach_any(name)?;
     // The device goes when the last file attached to a non-persistent device closes.
     tun_ioctl(&file, name, "TUNSETPERSIST", TUNSETPERSIST, 0)
 }
 
-/// The TUN driver's flags of device `name` (sysfs `tun_flags`), `None` if it is not a TUN.
-fn tun_flags(name: &str) -> Option<libc::c_short> {
-    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/tun_flags")).ok()?;
-    let text = text.trim();
-    let hex = text.strip_prefix("0x").unwrap_or(text);
-    u16::from_str_radix(hex, 16)
-        .ok()
-        .map(|f| f as libc::c_short)
+/// Attaches multi-queue, or single-queue when the existing device is (the kernel refuses a
+/// mismatch with EINVAL). Sysfs' `tun_flags` would tell directly, but shows the namespace sysfs
+/// was mounted in, not necessarily the calling thread's.
+fn attach_any(name: &str) -> Result<std::fs::File, TunError> {
+    match attach(name, IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE) {
+        Err(TunError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+            attach(name, IFF_TUN | IFF_NO_PI)
+        }
+        r => r,
+    }
 }
 
 fn attach(name: &str, flags: libc::c_short) -> Result<std::fs::File, TunError> {

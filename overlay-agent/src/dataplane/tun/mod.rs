@@ -121,7 +121,7 @@ pub struct ForwarderConfig {
     pub port: u16,
     /// The whole overlay Network: destinations in it that no peer owns get ICMP unreachable.
     pub network: (Ipv4Addr, u8),
-    /// Source of the ICMP answers (flannel0's address: the lease's network address).
+    /// Source of the ICMP answers (not a local address: the kernel drops those as martians).
     pub icmp_source: Ipv4Addr,
     /// ICMP answers per second and worker at most.
     pub icmp_per_second: u32,

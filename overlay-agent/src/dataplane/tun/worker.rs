@@ -343,6 +343,7 @@ impl Worker {
                             b.clear();
                             b.resize(off, 0);
                             b.extend_from_slice(inner);
+                            codec::complete_partial_checksum(&mut b[off..]);
                             k += 1;
                             if k == SLOTS {
                                 self.write_tun(dev, &mut gro, &mut out[..k], off).await?;

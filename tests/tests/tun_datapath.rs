@@ -1,0 +1,467 @@
+//! The TUN datapath (`--datapath tun`, and `auto` where eBPF is refused): three hosts all on TUN,
+//! TUN mixed with eBPF in both wire formats, a hand-written flannel udp-format host, hostile
+//! datagrams, agent restart, and the automatic fallback when `bpf()` is not permitted.
+//!
+//! Timing lines start with `TIMING` (run with `--nocapture` to see them).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use overlay_agent::dataplane::{
+    codec::{self, Format},
+    tun::{Forwarder, ForwarderConfig, PeerRoute, PeerTable, Profile, SharedPeers},
+};
+use overlay_tests::{
+    cluster::Cluster,
+    etcd::{TempDir, agent_binary},
+    lab::{Lab, LabConfig},
+    require_root,
+};
+
+fn cluster(prefix: &str, hosts: usize, backend: &str, tmp: &TempDir) -> Cluster {
+    let config = format!(r#"{{"Network": "172.16.0.0/12", "Backend": {{"Type": "{backend}"}}}}"#);
+    Cluster::new(
+        &LabConfig {
+            prefix: prefix.into(),
+            hosts,
+            underlay_mtu: 1500,
+        },
+        &config,
+        agent_binary(),
+        tmp.path(),
+    )
+    .unwrap()
+}
+
+/// Starts host `index`'s agent with `--datapath=<datapath>`.
+fn start(c: &mut Cluster, index: usize, datapath: &str) {
+    let args = c.agent_args(index, &[&format!("--datapath={datapath}")]);
+    c.start_agent(index, args).unwrap();
+}
+
+/// Waits for every agent's subnet.env and does docker's part.
+fn bring_up(c: &mut Cluster) {
+    for i in 0..c.lab.hosts.len() {
+        let env = c.wait_subnet_env(i, Duration::from_secs(30)).unwrap();
+        if c.lab.hosts[i].container.is_none() {
+            c.lab.hosts[i].start_docker(&env).unwrap();
+        }
+    }
+}
+
+fn logs(c: &Cluster) -> String {
+    c.agents
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("--- h{} ---\n{}", i + 1, a.log_text()))
+        .collect()
+}
+
+/// 1 MB over TCP from host `from`'s container to host `to`'s; asserts it arrives intact.
+fn tcp_transfer(c: &Cluster, from: usize, to: usize) {
+    let payload: Vec<u8> = (0..1_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let server = c.lab.hosts[to].container.as_ref().unwrap();
+    let client = c.lab.hosts[from].container.as_ref().unwrap();
+    let ip = server.ip;
+    let listener = server
+        .ns
+        .run(|| TcpListener::bind((ip, 5302)).unwrap())
+        .unwrap();
+    std::thread::scope(|s| {
+        let got = s.spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut got = Vec::new();
+            conn.read_to_end(&mut got).unwrap();
+            got
+        });
+        client
+            .ns
+            .run(|| {
+                let mut conn =
+                    TcpStream::connect_timeout(&(ip, 5302).into(), Duration::from_secs(5)).unwrap();
+                conn.write_all(&payload).unwrap();
+            })
+            .unwrap();
+        let got = got.join().unwrap();
+        assert!(
+            got == payload,
+            "h{} -> h{}: {} of {} bytes arrived, or corrupted",
+            from + 1,
+            to + 1,
+            got.len(),
+            payload.len()
+        );
+    });
+}
+
+fn all_pairs_ping_and_transfer(c: &Cluster) {
+    let failures = c.ping_matrix();
+    assert!(failures.is_empty(), "{failures:?}\n{}", logs(c));
+    let n = c.lab.hosts.len();
+    for from in 0..n {
+        tcp_transfer(c, from, (from + 1) % n);
+    }
+}
+
+#[test]
+fn three_tun_hosts_forward_both_formats() {
+    if !require_root("three_tun_hosts_forward_both_formats") {
+        return;
+    }
+    for (prefix, backend) in [("tunu", "udp"), ("tunv", "vxlan")] {
+        let tmp = TempDir::new(prefix).unwrap();
+        let mut c = cluster(prefix, 3, backend, &tmp);
+        for i in 0..3 {
+            start(&mut c, i, "tun");
+        }
+        bring_up(&mut c);
+        assert!(
+            c.agents[0].log_text().contains("TUN datapath up"),
+            "{}",
+            logs(&c)
+        );
+        all_pairs_ping_and_transfer(&c);
+    }
+}
+
+#[test]
+fn tun_and_ebpf_hosts_mix_in_both_formats() {
+    if !require_root("tun_and_ebpf_hosts_mix_in_both_formats") {
+        return;
+    }
+    for (prefix, backend) in [("mixu", "udp"), ("mixv", "vxlan")] {
+        let tmp = TempDir::new(prefix).unwrap();
+        let mut c = cluster(prefix, 3, backend, &tmp);
+        start(&mut c, 0, "tun");
+        start(&mut c, 1, "ebpf");
+        start(&mut c, 2, "ebpf");
+        bring_up(&mut c);
+        assert!(c.agents[1].log_text().contains("eBPF"), "{}", logs(&c));
+        all_pairs_ping_and_transfer(&c);
+        // Both directions between the TUN host and each eBPF host, bulk.
+        tcp_transfer(&c, 1, 0);
+        tcp_transfer(&c, 2, 0);
+        tcp_transfer(&c, 0, 2);
+    }
+}
+
+/// A host speaking flannel's udp format by other means: a UDP socket on 8285 that answers ICMP
+/// echo requests found in the datagrams, with packets built by hand here (not by our codec).
+#[test]
+fn a_hand_written_flannel_udp_host_interoperates() {
+    if !require_root("a_hand_written_flannel_udp_host_interoperates") {
+        return;
+    }
+    let tmp = TempDir::new("tunflu").unwrap();
+    let mut c = cluster("tunflu", 2, "udp", &tmp);
+    start(&mut c, 0, "tun");
+    bring_up_one(&mut c, 0);
+    // Host 2 plays a flannel udp host for 172.31.250.0/24 at 198.18.0.2.
+    let lease = r#"{"PublicIP":"198.18.0.2","BackendType":"udp"}"#;
+    c.etcd
+        .etcdctl(&["put", "/flannel/subnets/172.31.250.0-24", lease])
+        .unwrap();
+    let sock = c.lab.hosts[1]
+        .ns
+        .run(|| UdpSocket::bind("198.18.0.2:8285").unwrap())
+        .unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let echoer = s.spawn(|| {
+            let mut answered = 0;
+            let mut buf = [0u8; 2048];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                let p = &mut buf[..n];
+                // IPv4 without options carrying ICMP echo request.
+                if p.len() < 28 || p[0] != 0x45 || p[9] != 1 || p[20] != 8 {
+                    continue;
+                }
+                let (src, dst) = ([p[12], p[13], p[14], p[15]], [p[16], p[17], p[18], p[19]]);
+                p[12..16].copy_from_slice(&dst);
+                p[16..20].copy_from_slice(&src);
+                p[20] = 0; // echo reply
+                p[22..24].copy_from_slice(&[0, 0]);
+                let csum = checksum(&p[20..]);
+                p[22..24].copy_from_slice(&csum.to_be_bytes());
+                p[10..12].copy_from_slice(&[0, 0]);
+                let csum = checksum(&p[..20]);
+                p[10..12].copy_from_slice(&csum.to_be_bytes());
+                // flannel's proxy sends from its own port, 8285, to the peer's 8285.
+                sock.send_to(p, from).unwrap();
+                answered += 1;
+            }
+            answered
+        });
+        let ok = (0..50).any(|_| c.ping(0, Ipv4Addr::new(172, 31, 250, 7), 1).is_ok());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let answered = echoer.join().unwrap();
+        assert!(
+            ok,
+            "no echo reply through the hand-written host\n{}",
+            logs(&c)
+        );
+        assert!(answered > 0);
+    });
+}
+
+fn bring_up_one(c: &mut Cluster, i: usize) {
+    let env = c.wait_subnet_env(i, Duration::from_secs(30)).unwrap();
+    c.lab.hosts[i].start_docker(&env).unwrap();
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Drives the forwarder in-process on host 1 of a bare lab: valid, spoofed, truncated, garbage
+/// and non-peer datagrams are counted per reason, nothing panics, and a Network address no peer
+/// owns is answered with ICMP "network unreachable".
+#[test]
+fn hostile_datagrams_are_dropped_and_counted() {
+    if !require_root("hostile_datagrams_are_dropped_and_counted") {
+        return;
+    }
+    let lab = Lab::new(&LabConfig {
+        prefix: "tunbad".into(),
+        hosts: 3,
+        underlay_mtu: 1500,
+    })
+    .unwrap();
+    let h1 = &lab.hosts[0].ns;
+    h1.run(|| overlay_agent::host::create_persistent_tun("flannel0").unwrap())
+        .unwrap();
+    h1.ip(&["addr", "add", "10.5.1.0/16", "dev", "flannel0"])
+        .unwrap();
+    h1.ip(&["link", "set", "flannel0", "mtu", "1472", "up"])
+        .unwrap();
+    let peers = Arc::new(SharedPeers::default());
+    let mut routes = std::collections::BTreeMap::new();
+    routes.insert(
+        (Ipv4Addr::new(10, 5, 2, 0), 24),
+        PeerRoute {
+            public_ip: Ipv4Addr::new(198, 18, 0, 2),
+            vtep_mac: [0; 6],
+        },
+    );
+    peers.publish(PeerTable::new(&routes));
+    let fwd = h1
+        .run(|| {
+            Forwarder::start(
+                ForwarderConfig {
+                    device: "flannel0".into(),
+                    format: Format::Udp,
+                    port: 8285,
+                    network: (Ipv4Addr::new(10, 5, 0, 0), 16),
+                    icmp_source: Ipv4Addr::new(10, 5, 0, 0),
+                    icmp_per_second: 100,
+                    mtu: 1472,
+                    profile: Profile::Full,
+                },
+                peers.clone(),
+            )
+            .unwrap()
+        })
+        .unwrap();
+    let to = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 8285);
+    let inner = |src: [u8; 4]| {
+        let mut p = vec![0u8; 28];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&28u16.to_be_bytes());
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&[10, 5, 1, 9]);
+        let c = codec::internet_checksum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p
+    };
+    let from_peer = lab.hosts[1]
+        .ns
+        .run(|| UdpSocket::bind("198.18.0.2:0").unwrap())
+        .unwrap();
+    let from_stranger = lab.hosts[2]
+        .ns
+        .run(|| UdpSocket::bind("198.18.0.3:0").unwrap())
+        .unwrap();
+    let valid = inner([10, 5, 2, 7]);
+    from_peer.send_to(&valid, to).unwrap();
+    from_peer.send_to(&inner([10, 5, 3, 7]), to).unwrap(); // spoofed source
+    from_peer.send_to(&valid[..27], to).unwrap(); // truncated
+    from_peer.send_to(&[0xff; 64], to).unwrap(); // garbage
+    from_peer.send_to(&[], to).unwrap(); // empty
+    from_stranger.send_to(&valid, to).unwrap(); // not a peer
+    // ICMP unreachable for an address in the Network that no peer owns.
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            h1.name(),
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "10.5.9.9",
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let stats = loop {
+        let s = fwd.stats();
+        if (
+            s.decapsulated,
+            s.drop_spoofed,
+            s.drop_malformed,
+            s.drop_not_peer,
+        ) == (1, 1, 3, 1)
+            || Instant::now() > deadline
+        {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(stats.decapsulated, 1, "{stats}");
+    assert_eq!(stats.drop_spoofed, 1, "{stats}");
+    assert_eq!(stats.drop_malformed, 3, "{stats}");
+    assert_eq!(stats.drop_not_peer, 1, "{stats}");
+    assert!(stats.icmp_sent >= 1, "{stats}; ping said: {out}");
+    assert!(
+        out.contains("Unreachable"),
+        "ping of an unowned Network address: {out}"
+    );
+    assert!(fwd.check().is_ok());
+}
+
+/// Pings every 10 ms across a SIGKILL and restart of the TUN host's agent; forwarding resumes
+/// within a second of the new agent's start.
+#[test]
+fn forwarding_resumes_within_a_second_of_a_restart() {
+    if !require_root("forwarding_resumes_within_a_second_of_a_restart") {
+        return;
+    }
+    let tmp = TempDir::new("tunrs").unwrap();
+    let mut c = cluster("tunrs", 2, "udp", &tmp);
+    start(&mut c, 0, "tun");
+    start(&mut c, 1, "tun");
+    bring_up(&mut c);
+    let target = c.container_ips()[1];
+    assert!(c.ping(0, target, 1).is_ok(), "{}", logs(&c));
+    let client = &c.lab.hosts[0].container.as_ref().unwrap().ns;
+    let pinger = client
+        .spawn(
+            "ping",
+            &["-D", "-i", "0.01", "-W", "1", &target.to_string()],
+            Some(&tmp.path().join("ping.log")),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    c.agents[0].process.as_mut().unwrap().stop(Duration::ZERO);
+    let killed = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    let restarted = Instant::now();
+    let args = c.agents[0].args.clone();
+    c.start_agent(0, args).unwrap();
+    let mut resumed = None;
+    while restarted.elapsed() < Duration::from_secs(5) {
+        // The log is appended to: the second start's line.
+        if c.agents[0].log_text().matches("TUN datapath up").count() >= 2 && resumed.is_none() {
+            resumed = Some(restarted.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        if resumed.is_some() {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    drop(pinger);
+    let log = std::fs::read_to_string(tmp.path().join("ping.log")).unwrap();
+    // The longest gap between consecutive replies.
+    let times: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect();
+    let gap = times.windows(2).map(|w| w[1] - w[0]).fold(0.0f64, f64::max);
+    let last = times.last().copied().unwrap_or(0.0);
+    println!(
+        "TIMING restart: agent killed, restarted 300 ms later; datapath up {:?} after the \
+         restart; longest gap between echo replies {:.0} ms; {} replies",
+        resumed,
+        gap * 1000.0,
+        times.len()
+    );
+    let resumed = resumed.unwrap_or_else(|| panic!("agent did not come back\n{}", logs(&c)));
+    assert!(
+        resumed < Duration::from_secs(1),
+        "datapath up after {resumed:?}"
+    );
+    // Replies resumed: the gap is the kill-to-ready window, not more than 300 ms + start + 1 s.
+    assert!(
+        gap < 0.3 + resumed.as_secs_f64() + 1.0,
+        "gap {gap} s\n{log}"
+    );
+    // And they continue after the restart.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(now - last < 1.0, "no replies after the restart\n{log}");
+    let _ = killed;
+}
+
+/// `--datapath auto` where `bpf()` is not permitted (the agent runs without CAP_BPF and
+/// CAP_SYS_ADMIN, as on a locked-down host): it picks TUN, says why in one line, and forwards.
+#[test]
+fn auto_falls_back_to_tun_when_bpf_is_refused() {
+    if !require_root("auto_falls_back_to_tun_when_bpf_is_refused") {
+        return;
+    }
+    let tmp = TempDir::new("tunauto").unwrap();
+    let mut c = cluster("tunauto", 3, "vxlan", &tmp);
+    // setpriv drops the capabilities from the bounding set, so the exec'd agent never has them.
+    let agent = c.agent_bin.to_string_lossy().into_owned();
+    let mut args = vec![
+        "--bounding-set=-bpf,-sys_admin,-perfmon".to_string(),
+        "--".to_string(),
+        agent,
+    ];
+    args.extend(c.agent_args(0, &["--datapath=auto"]));
+    c.agent_bin = "setpriv".into();
+    c.start_agent(0, args).unwrap();
+    c.agent_bin = agent_binary().to_owned();
+    start(&mut c, 1, "ebpf");
+    start(&mut c, 2, "ebpf");
+    bring_up(&mut c);
+    let log = c.agents[0].log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("--datapath=auto"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line saying why: {lines:?}\n{log}");
+    assert!(
+        lines[0].contains("using the TUN datapath") && lines[0].contains("eBPF cannot load"),
+        "{}",
+        lines[0]
+    );
+    println!("auto fallback says: {}", lines[0]);
+    all_pairs_ping_and_transfer(&c);
+}
