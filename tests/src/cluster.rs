@@ -46,7 +46,8 @@ pub enum ClusterError {
     },
 }
 
-/// etcd running inside a namespace, killed on drop.
+/// etcd running inside a namespace, killed on drop: the one etcd of the lab, the bench and
+/// `cargo xtask run`.
 #[derive(Debug)]
 pub struct NsEtcd {
     process: NsProcess,
@@ -55,12 +56,25 @@ pub struct NsEtcd {
 }
 
 impl NsEtcd {
-    /// Starts etcd in `ns` on [`ETCD_IP`] (which `ns` must own) and waits until it answers.
+    /// Starts etcd in `ns` on [`ETCD_IP`] (which `ns` must own), its log in `dir/etcd.log`, and
+    /// waits until it answers.
     pub fn start(ns: &NetNs, dir: &Path) -> Result<Self, ClusterError> {
-        let data_dir = dir.join("etcd-data");
+        // On tmpfs: fsync on a real disk makes filling etcd with thousands of leases slow.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let data_dir = Path::new("/dev/shm").join(format!(
+            "overlay-etcd-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        std::fs::create_dir_all(dir).map_err(|source| ClusterError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
         let endpoint = format!("http://{ETCD_IP}:{ETCD_PORT}");
         let peer = "http://127.0.0.1:2380";
         let data = data_dir.to_string_lossy().into_owned();
+        let log = dir.join("etcd.log");
         let process = ns.spawn(
             "etcd",
             &[
@@ -80,19 +94,30 @@ impl NsEtcd {
                 &format!("lab={peer}"),
                 "--log-level",
                 "warn",
+                // Large transactions fill etcd with thousands of leases quickly (bench).
+                "--max-txn-ops",
+                "1024",
             ],
-            Some(&dir.join("etcd.log")),
+            Some(&log),
         )?;
-        let etcd = Self {
+        let mut etcd = Self {
             process,
             ns: ns.name().to_owned(),
             data_dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while etcd.etcdctl(&["endpoint", "health"]).is_err() {
+            if let Some(status) = etcd.process.try_wait() {
+                return Err(ClusterError::Timeout {
+                    what: format!(
+                        "etcd to answer: it exited ({status}), see {}",
+                        log.display()
+                    ),
+                });
+            }
             if Instant::now() > deadline {
                 return Err(ClusterError::Timeout {
-                    what: "etcd to answer".into(),
+                    what: "etcd to answer within 20 s".into(),
                 });
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -105,33 +130,59 @@ impl NsEtcd {
         format!("http://{ETCD_IP}:{ETCD_PORT}")
     }
 
+    /// Puts one key.
+    pub fn put(&self, key: &str, value: &str) -> Result<(), NetNsError> {
+        // `--` so values starting with '-' are not taken for flags.
+        self.etcdctl(&["put", "--", key, value]).map(|_| ())
+    }
+
+    /// etcd's Prometheus metrics (`/metrics` on the client URL), fetched from inside the
+    /// namespace (needs curl).
+    pub fn metrics(&self) -> Result<String, NetNsError> {
+        let url = format!("{}/metrics", self.endpoint());
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.ns,
+            "curl",
+            "-sf",
+            "--max-time",
+            "5",
+            &url,
+        ]);
+        output(cmd, "curl /metrics")
+    }
+
     /// Runs etcdctl (v3 API) against it, returning stdout.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String, NetNsError> {
         let endpoint = format!("--endpoints={}", self.endpoint());
-        let mut full = vec!["netns", "exec", &self.ns, "etcdctl", &endpoint];
-        full.extend_from_slice(args);
-        let out = Command::new("ip")
-            .args(&full)
-            .env("ETCDCTL_API", "3")
-            .output()
-            .map_err(|source| NetNsError::Spawn {
-                command: format!("etcdctl {}", args.join(" ")),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(NetNsError::Failed {
-                command: format!("etcdctl {}", args.join(" ")),
-                status: out.status,
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, "etcdctl", &endpoint])
+            .args(args)
+            .env("ETCDCTL_API", "3");
+        output(cmd, &format!("etcdctl {}", args.join(" ")))
     }
+}
+
+fn output(mut cmd: Command, what: &str) -> Result<String, NetNsError> {
+    let out = cmd.output().map_err(|source| NetNsError::Spawn {
+        command: what.to_owned(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(NetNsError::Failed {
+            command: what.to_owned(),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Drop for NsEtcd {
     fn drop(&mut self) {
-        self.process.stop(Duration::from_secs(2));
+        self.process.stop(Duration::from_secs(3));
         let _ = std::fs::remove_dir_all(&self.data_dir);
     }
 }
@@ -200,7 +251,7 @@ impl Cluster {
             source,
         })?;
         let etcd = NsEtcd::start(&lab.switch, dir)?;
-        etcd.etcdctl(&["put", &format!("{PREFIX}/config"), network_config])?;
+        etcd.put(&format!("{PREFIX}/config"), network_config)?;
         let bpffs = BpfFs::new()?;
         Ok(Self {
             agents: Vec::new(),
@@ -466,40 +517,44 @@ impl Cluster {
     /// Every container pings every other, all at once, `count` echoes each; returns
     /// `(from host, to host, stats)` for every ordered pair, in order.
     pub fn ping_matrix_stats(&self, count: u32) -> Vec<(usize, usize, PingStats)> {
-        let mut children = Vec::new();
+        /// Pings in flight at once (a 100-host lab has 9900 pairs).
+        const BATCH: usize = 64;
+        let mut pairs = Vec::new();
         for (from, host) in self.lab.hosts.iter().enumerate() {
-            let Some(c) = host.container.as_ref() else {
-                continue;
-            };
             for (to, other) in self.lab.hosts.iter().enumerate() {
-                let Some(target) = other.container.as_ref() else {
-                    continue;
-                };
-                if from == to {
-                    continue;
+                if let (Some(c), Some(target)) = (&host.container, &other.container)
+                    && from != to
+                {
+                    pairs.push((from, to, c.ns.name(), target.ip));
                 }
-                let child = Command::new("ip")
-                    .args(["netns", "exec", c.ns.name(), "ping", "-n", "-c"])
-                    .arg(count.to_string())
-                    .args(["-i", "0.2", "-W", "1"])
-                    .arg(target.ip.to_string())
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::null())
-                    .spawn();
-                children.push((from, to, child));
             }
         }
-        children
-            .into_iter()
-            .map(|(from, to, child)| {
+        let mut results = Vec::with_capacity(pairs.len());
+        for batch in pairs.chunks(BATCH) {
+            let children: Vec<_> = batch
+                .iter()
+                .map(|(from, to, ns, ip)| {
+                    let child = Command::new("ip")
+                        .args(["netns", "exec", ns, "ping", "-n", "-c"])
+                        .arg(count.to_string())
+                        .args(["-i", "0.2", "-W", "1"])
+                        .arg(ip.to_string())
+                        .stdin(std::process::Stdio::null())
+                        .stdout(std::process::Stdio::piped())
+                        .stderr(std::process::Stdio::null())
+                        .spawn();
+                    (*from, *to, child)
+                })
+                .collect();
+            results.extend(children.into_iter().map(|(from, to, child)| {
                 let stats = child
                     .and_then(|c| c.wait_with_output())
                     .map(|out| PingStats::parse(&String::from_utf8_lossy(&out.stdout)))
                     .unwrap_or_default();
                 (from, to, stats)
-            })
-            .collect()
+            }));
+        }
+        results
     }
 }
 

@@ -107,7 +107,7 @@ pub fn run(
     let subnet_file = hdir.join("subnet.env");
     let log = hdir.join("agent-control-plane.log");
     let args = agent_args(
-        &etcd.endpoint,
+        &etcd.endpoint(),
         lab.hosts[0].underlay_ip,
         &subnet_file.to_string_lossy(),
         "auto",

@@ -121,6 +121,12 @@ impl From<anyhow::Error> for SetupError {
     }
 }
 
+impl From<overlay_tests::cluster::ClusterError> for SetupError {
+    fn from(e: overlay_tests::cluster::ClusterError) -> Self {
+        SetupError::Failed(e.into())
+    }
+}
+
 impl From<overlay_tests::netns::NetNsError> for SetupError {
     fn from(e: overlay_tests::netns::NetNsError) -> Self {
         SetupError::Failed(e.into())
@@ -340,7 +346,7 @@ impl Rig {
             &format!("{ETCD_PREFIX}/config"),
             &format!(r#"{{"Network": "{NETWORK}", "Backend": {{"Type": "{backend}"}}}}"#),
         )?;
-        let endpoint = etcd.endpoint.clone();
+        let endpoint = etcd.endpoint();
         active.etcd = Some(etcd);
         let agent_str = agent.to_string_lossy().into_owned();
         let mut files = Vec::new();
