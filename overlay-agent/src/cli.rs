@@ -126,7 +126,8 @@ pub struct Cli {
     )]
     pub subnet_lease_renew_margin: u32,
 
-    /// Tell docker (via FLANNEL_IPMASQ) that the agent masquerades traffic leaving the overlay.
+    /// Masquerade traffic leaving the overlay Network (iptables rules as flanneld's), and tell
+    /// docker through FLANNEL_IPMASQ that it need not.
     #[arg(
         long,
         env = "FLANNELD_IP_MASQ",

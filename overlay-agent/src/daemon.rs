@@ -19,11 +19,6 @@ use etcd_client::Client;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    dataplane::{
-        self,
-        ebpf::{DecapHook, XdpMode},
-        ebpf_datapath::EbpfOptions,
-    },
     cli::{Cli, DecapKind},
     control::{
         config::{Backend, ConfigError, NetworkConfig},
@@ -36,6 +31,12 @@ use crate::{
         peers::{LeaseChange, LeaseWatch, PeerEvent, PeerSet, WatchBatch},
         subnet_env::{self, SubnetEnv, SubnetEnvError},
     },
+    dataplane::{
+        self,
+        ebpf::{DecapHook, XdpMode},
+        ebpf_datapath::EbpfOptions,
+    },
+    host::iptables,
 };
 
 /// How often the missing-config wait logs what it waits for.
@@ -48,6 +49,13 @@ const FALLBACK_MTU: u32 = 1500;
 /// Why the daemon stopped. Each is reported as one line; the exit status is 1.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// `--ip-masq` was asked for and its rules could not be installed.
+    #[error("--ip-masq: {source}")]
+    IpMasq {
+        /// Why.
+        #[source]
+        source: iptables::IptablesError,
+    },
     /// The network config is invalid.
     #[error("invalid network config at {key}: {source}")]
     Config {
@@ -121,6 +129,38 @@ impl DaemonError {
     pub fn exit_code(&self) -> i32 {
         1
     }
+}
+
+/// flanneld's netfilter rules: forwarding for the Network (so docker's FORWARD policy of DROP
+/// does not eat overlay traffic delivered through the stack; best effort, since hosts without
+/// iptables have no such policy either), and masquerading with `--ip-masq` (required: the
+/// operator asked for it, and docker is told through FLANNEL_IPMASQ not to do it).
+fn install_netfilter_rules(
+    cli: &Cli,
+    config: &NetworkConfig,
+    subnet: crate::control::subnet::Subnet,
+) -> Result<(), DaemonError> {
+    let network = (config.network.addr(), config.network.prefix());
+    if !matches!(config.backend, Backend::Alloc)
+        && let Err(e) = iptables::ensure_forward_rules(network)
+    {
+        tracing::warn!(
+            "forward rules for {}/{} not installed: {e}; a FORWARD policy of DROP (docker sets \
+             one) would drop overlay traffic delivered through the host stack",
+            network.0,
+            network.1
+        );
+    }
+    if cli.ip_masq {
+        iptables::ensure_masquerade_rules(network, (subnet.addr(), subnet.prefix()))
+            .map_err(|source| DaemonError::IpMasq { source })?;
+        tracing::info!(
+            "--ip-masq: masquerading traffic leaving {}/{}",
+            network.0,
+            network.1
+        );
+    }
+    Ok(())
 }
 
 impl From<LeaseError> for DaemonError {
@@ -273,6 +313,7 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
         mtu,
     };
     datapath.start(local).await?;
+    install_netfilter_rules(&cli, &config, held.subnet)?;
 
     let mut agent = Agent {
         settings,

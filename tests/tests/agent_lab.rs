@@ -254,3 +254,38 @@ fn agent_killed_and_restarted_loses_no_ping() {
     });
     assert!(swapped.is_some(), "{}", c.agents[0].log_text());
 }
+
+#[test]
+fn forward_drop_policy_and_ip_masq_work_like_flannel() {
+    if !require_root("forward_drop_policy_and_ip_masq_work_like_flannel") {
+        return;
+    }
+    let tmp = TempDir::new("agents-masq").unwrap();
+    let mut c = cluster("ovt-mq", 2, "udp", &tmp);
+    // What docker >= 1.13 does to a host: forwarding dropped unless someone accepts it.
+    for host in &c.lab.hosts {
+        host.ns
+            .exec("iptables", &["-w", "-P", "FORWARD", "DROP"])
+            .unwrap();
+    }
+    // Through the stack, so the FORWARD chain sees every packet.
+    c.start_all(&["--datapath=ebpf", "--deliver-via-stack", "--ip-masq"])
+        .unwrap();
+    let failures = c.ping_matrix();
+    assert!(
+        failures.is_empty(),
+        "FORWARD DROP not handled: {failures:#?}"
+    );
+    // The switch (198.18.0.254) has no route back to the Network: only a masqueraded echo
+    // request gets an answer.
+    c.ping(0, cluster_switch_ip(), 2)
+        .expect("container -> outside the Network, masqueraded");
+    for (i, agent) in c.agents.iter().enumerate() {
+        let log = agent.log_text();
+        assert!(log.contains("--ip-masq: masquerading"), "h{}: {log}", i + 1);
+    }
+}
+
+fn cluster_switch_ip() -> Ipv4Addr {
+    overlay_tests::cluster::ETCD_IP
+}

@@ -25,6 +25,8 @@ const PACKAGES: &[&str] = &[
     "tcpdump",           // debugging the rigs
     "systemd",           // systemd-analyze verify on deploy/ (tests/tests/deploy.rs)
     "util-linux",        // setpriv: agents under the unit's capability set; mount --bind in `run`
+    "iptables",          // the agent's forward and --ip-masq rules, as flanneld's
+    "curl",              // the bench reads etcd's /metrics
 ];
 
 /// The eBPF toolchain: nightly (for `-Z build-std=core` on bpfel-unknown-none), its rust-src, and
