@@ -20,6 +20,8 @@ pub const PREFIX: &str = "ovl";
 pub const DIR_PREFIX: &str = "overlay-run-";
 /// Prefix of the bpffs mount points overlay-tests' BpfFs creates (`<prefix><pid>-<n>`).
 const BPFFS_PREFIX: &str = "overlay-bpffs-";
+/// Where overlay-tests' NsEtcd keeps its data (`<dir>/<prefix><pid>-<n>`).
+const ETCD_DATA: (&str, &str) = ("/dev/shm", "overlay-etcd-");
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// The lab's bpffs mount point, for the watchdog.
@@ -68,6 +70,9 @@ pub fn install_signal_handlers() {
             umount(&path);
         }
         let _ = std::fs::remove_dir_all(lab_dir(std::process::id()));
+        remove_dirs(Path::new(ETCD_DATA.0), ETCD_DATA.1, |pid| {
+            pid == std::process::id()
+        });
         eprintln!(
             "==> run: cleanup by force ({} namespace(s) deleted)",
             gone.len()
@@ -121,20 +126,9 @@ pub fn remove_leftovers() {
             }
         }
     }
-    let mut dirs = 0;
-    if let Ok(entries) = std::fs::read_dir(&tmp) {
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let stale = name
-                .to_str()
-                .and_then(|n| n.strip_prefix(DIR_PREFIX))
-                .and_then(|pid| pid.parse::<u32>().ok())
-                .is_some_and(|pid| pid != std::process::id() && !pid_alive(pid));
-            if stale && std::fs::remove_dir_all(entry.path()).is_ok() {
-                dirs += 1;
-            }
-        }
-    }
+    let stale = |pid: u32| pid != std::process::id() && !pid_alive(pid);
+    let dirs = remove_dirs(&tmp, DIR_PREFIX, stale)
+        + remove_dirs(Path::new(ETCD_DATA.0), ETCD_DATA.1, stale);
     if namespaces.len() + mounts + dirs > 0 {
         step(format!(
             "run: removed what an earlier run left: {} namespace(s), {mounts} bpffs mount(s), \
@@ -142,4 +136,24 @@ pub fn remove_leftovers() {
             namespaces.len()
         ));
     }
+}
+
+/// Removes the directories `<parent>/<prefix><pid>[-...]` whose pid matches; returns how many.
+fn remove_dirs(parent: &Path, prefix: &str, matches: impl Fn(u32) -> bool) -> usize {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(prefix))
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(&matches)
+        })
+        .filter(|entry| std::fs::remove_dir_all(entry.path()).is_ok())
+        .count()
 }

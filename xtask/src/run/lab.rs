@@ -107,8 +107,10 @@ fn scenario(opts: &Options, binary: &Path, dir: &Path, started: Instant) -> anyh
     step(format!(
         "run: etcd: a real etcd on {ETCD_IP}:{ETCD_PORT}, listening only inside the lab's switch \
          namespace (the lab's loopback: the hosts' namespaces cannot reach this machine's \
-         127.0.0.1, and nothing outside the lab can reach it); data in {}",
-        dir.join("etcd-data").display()
+         127.0.0.1, and nothing outside the lab can reach it); data in a temporary directory \
+         (/dev/shm/overlay-etcd-{}-*), log in {}",
+        std::process::id(),
+        dir.join("etcd.log").display()
     ));
     let mut cluster = Cluster::new(
         &LabConfig {
