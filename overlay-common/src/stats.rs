@@ -117,7 +117,16 @@ mod tests {
         let mut a = Counter::default();
         a.add(100);
         a.add(50);
-        let b = Counter { packets: 1, bytes: 7 };
-        assert_eq!(a.merged(b), Counter { packets: 3, bytes: 157 });
+        let b = Counter {
+            packets: 1,
+            bytes: 7,
+        };
+        assert_eq!(
+            a.merged(b),
+            Counter {
+                packets: 3,
+                bytes: 157
+            }
+        );
     }
 }

@@ -66,9 +66,11 @@ pub fn try_encap(ctx: &TcContext) -> Result<Outcome, i64> {
     ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, flags)?;
 
     match encap {
-        Encap::Vxlan => {
-            ctx.store(0, &wire::vxlan_headers(cfg, &peer, tos, ip_len, src_port), 0)?
-        }
+        Encap::Vxlan => ctx.store(
+            0,
+            &wire::vxlan_headers(cfg, &peer, tos, ip_len, src_port),
+            0,
+        )?,
         _ => ctx.store(0, &wire::udp_headers(cfg, &peer, tos, ip_len, src_port), 0)?,
     }
 

@@ -79,8 +79,10 @@ pub fn tc_decap(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn xdp_decap(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let outcome = decap::try_xdp_decap(&ctx)
-        .unwrap_or(Outcome::new(CounterSlot::DecapError, xdp_action::XDP_DROP as i32));
+    let outcome = decap::try_xdp_decap(&ctx).unwrap_or(Outcome::new(
+        CounterSlot::DecapError,
+        xdp_action::XDP_DROP as i32,
+    ));
     count(outcome.slot, len);
     outcome.action as u32
 }
