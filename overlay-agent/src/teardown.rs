@@ -1,7 +1,8 @@
 //! `overlay-agent teardown`: removes what the agent deliberately leaves behind when it stops, so
 //! that forwarding survives restarts and upgrades: the persistent overlay TUN devices
 //! (`flannel0` for udp, `flannel.<VNI>` for vxlan) with their addresses and routes, and the pinned
-//! programs' links and maps under `--bpffs` (removing the last link pin detaches the programs).
+//! programs' links and maps under `--bpffs` (removing the last link pin detaches the programs),
+//! and the netfilter chains it installed (forward rules, `--ip-masq`).
 //!
 //! Every step runs whatever failed before it; every failure is collected and reported, and the
 //! exit status is non-zero if there was any. Running it again when nothing is left is a no-op.
@@ -16,7 +17,7 @@ use rtnetlink::{
     packet_route::{link::LinkAttribute, route::RouteAttribute},
 };
 
-use crate::dataplane::pins::Pins;
+use crate::{dataplane::pins::Pins, host::iptables};
 
 /// `overlay-agent teardown` flags (the pin directory is the global `--bpffs`).
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -85,7 +86,45 @@ pub async fn teardown(bpffs: &Path) -> Report {
     }
     devices(&mut report).await;
     pins(bpffs, &mut report);
+    netfilter(&mut report);
     report
+}
+
+/// The agent's iptables chains present, as `table/chain`.
+fn overlay_chains() -> Vec<String> {
+    let mut chains = Vec::new();
+    for table in ["filter", "nat"] {
+        let Ok(out) = std::process::Command::new("iptables")
+            .args(["-w", "-t", table, "-S"])
+            .output()
+        else {
+            continue;
+        };
+        chains.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.strip_prefix("-N OVERLAY-"))
+                .map(|c| format!("{table}/OVERLAY-{c}")),
+        );
+    }
+    chains
+}
+
+fn netfilter(report: &mut Report) {
+    let before = overlay_chains();
+    if before.is_empty() {
+        return;
+    }
+    let errors = iptables::remove_rules();
+    if errors.is_empty() {
+        report.removed.push(format!(
+            "iptables chains {} and their jumps",
+            before.join(", ")
+        ));
+    }
+    report
+        .errors
+        .extend(errors.into_iter().map(|e| e.to_string()));
 }
 
 fn pins(bpffs: &Path, report: &mut Report) {

@@ -232,7 +232,7 @@ fn bounding_set() -> String {
     set
 }
 
-fn agents_with_the_units_capabilities(backend: &str, datapath: &str) {
+fn agents_with_the_units_capabilities(backend: &str, datapath: &str, extra: &[&str]) {
     let tmp = TempDir::new(&format!("deploy-caps-{backend}-{datapath}")).unwrap();
     let config = format!(r#"{{"Network": "172.16.0.0/12", "Backend": {{"Type": "{backend}"}}}}"#);
     let mut c = Cluster::new(
@@ -256,7 +256,10 @@ fn agents_with_the_units_capabilities(backend: &str, datapath: &str) {
             "--".into(),
             agent_binary().to_string_lossy().into_owned(),
         ];
-        args.extend(c.agent_args(i, &[&format!("--datapath={datapath}")]));
+        let mut flags = vec![format!("--datapath={datapath}")];
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        args.extend(c.agent_args(i, &flags));
         c.start_agent(i, args).unwrap();
     }
     let envs: Vec<_> = (0..2)
@@ -292,7 +295,7 @@ fn agents_forward_with_only_the_units_capabilities() {
     if !require_root("agents_forward_with_only_the_units_capabilities") {
         return;
     }
-    agents_with_the_units_capabilities("udp", "ebpf");
-    agents_with_the_units_capabilities("vxlan", "ebpf");
-    agents_with_the_units_capabilities("udp", "tun");
+    agents_with_the_units_capabilities("udp", "ebpf", &[]);
+    agents_with_the_units_capabilities("vxlan", "ebpf", &["--ip-masq"]);
+    agents_with_the_units_capabilities("udp", "tun", &[]);
 }

@@ -1,5 +1,5 @@
-//! `overlay-agent teardown` in a lab host: after the agent stops (leaving its device, routes and
-//! pinned programs on purpose), teardown removes them all; a second run is a no-op; a running
+//! `overlay-agent teardown` in a lab host: after the agent stops (leaving its device, routes,
+//! pinned programs and netfilter rules on purpose), teardown removes them all; a second run is a no-op; a running
 //! agent and a device the agent did not create are reported, not silently handled.
 
 use std::process::Output;
@@ -70,7 +70,7 @@ fn teardown_removes_what_the_agent_left(backend: &str, device: &str) {
         tmp.path(),
     )
     .unwrap();
-    c.start_all(&["--datapath=ebpf"]).unwrap();
+    c.start_all(&["--datapath=ebpf", "--ip-masq"]).unwrap();
     assert!(c.ping_matrix().is_empty(), "the lab works before teardown");
     let pins = c.bpffs.path().join("h1");
     let h1 = &c.lab.hosts[0].ns;
@@ -109,6 +109,7 @@ fn teardown_removes_what_the_agent_left(backend: &str, device: &str) {
         text(&out)
     );
     assert!(stdout.contains("left flannel.77 alone"), "{}", text(&out));
+    assert!(stdout.contains("removed iptables chains"), "{}", text(&out));
     assert!(
         h1.ip(&["link", "show", device]).is_err(),
         "{device} still there"
@@ -117,6 +118,11 @@ fn teardown_removes_what_the_agent_left(backend: &str, device: &str) {
     let routes = String::from_utf8_lossy(&h1.ip(&["route"]).unwrap().stdout).into_owned();
     assert!(!routes.contains("172.16.0.0/12"), "route left: {routes}");
     assert!(!pins.exists(), "pins left under {}", pins.display());
+    for table in ["filter", "nat"] {
+        let rules = h1.exec("iptables", &["-w", "-t", table, "-S"]).unwrap();
+        let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+        assert!(!rules.contains("OVERLAY-"), "{table} rules left: {rules}");
+    }
     for id in &links {
         assert!(
             !link_exists(id),
