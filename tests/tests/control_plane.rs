@@ -417,9 +417,14 @@ fn peer_changes_reach_a_watching_agent_quickly() {
     let etcd = Etcd::start().unwrap();
     let tmp = TempDir::new("peers").unwrap();
     let prefix = "/peers";
+    // The agent's own subnet stays below the fake peers' 10.56.101-120, which it would otherwise
+    // pick at random now and then and then lose to them.
     etcd.put(
         &format!("{prefix}/config"),
-        &alloc_config("10.56.0.0/16", ""),
+        &alloc_config(
+            "10.56.0.0/16",
+            r#","SubnetMin":"10.56.1.0","SubnetMax":"10.56.50.0""#,
+        ),
     );
     let a = Agent::spawn(
         tmp.path(),
