@@ -558,6 +558,76 @@ impl Cluster {
     }
 }
 
+/// Sends `bytes` bytes over TCP from the container `from` to the container `to` (listening on
+/// `port`) and checks they arrive intact. Every step has a deadline, so a stalled datapath fails
+/// the test instead of hanging it.
+pub fn tcp_transfer(
+    from: &crate::lab::Container,
+    to: &crate::lab::Container,
+    port: u16,
+    bytes: usize,
+) -> Result<(), String> {
+    use std::io::{Read as _, Write as _};
+    const STEP: Duration = Duration::from_secs(20);
+    let payload: Vec<u8> = (0..bytes as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let ip = to.ip;
+    let listener = to
+        .ns
+        .run(|| std::net::TcpListener::bind((ip, port)))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("listening on {ip}:{port}: {e}"))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    std::thread::scope(|s| {
+        let server = s.spawn(move || -> Result<Vec<u8>, String> {
+            let deadline = Instant::now() + STEP;
+            let (mut conn, _) = loop {
+                match listener.accept() {
+                    Ok(c) => break c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            return Err("no connection within 20 s".into());
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => return Err(format!("accept: {e}")),
+                }
+            };
+            conn.set_nonblocking(false).map_err(|e| e.to_string())?;
+            conn.set_read_timeout(Some(STEP))
+                .map_err(|e| e.to_string())?;
+            let mut got = Vec::new();
+            conn.read_to_end(&mut got)
+                .map_err(|e| format!("receiving after {} bytes: {e}", got.len()))?;
+            Ok(got)
+        });
+        let sent = from
+            .ns
+            .run(|| -> Result<(), String> {
+                let mut conn = std::net::TcpStream::connect_timeout(&(ip, port).into(), STEP)
+                    .map_err(|e| format!("connecting to {ip}:{port}: {e}"))?;
+                conn.set_write_timeout(Some(STEP))
+                    .map_err(|e| e.to_string())?;
+                conn.write_all(&payload)
+                    .map_err(|e| format!("sending: {e}"))
+            })
+            .map_err(|e| e.to_string())?;
+        let got = server
+            .join()
+            .map_err(|_| "receiver panicked".to_string())??;
+        sent?;
+        if got != payload {
+            return Err(format!(
+                "{} of {} bytes arrived, or corrupted",
+                got.len(),
+                payload.len()
+            ));
+        }
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

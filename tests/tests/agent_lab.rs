@@ -3,8 +3,7 @@
 //! container reaches every other; peers come and go through etcd; a killed agent loses no packet.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
@@ -63,37 +62,12 @@ impl Drop for BpfStats {
 
 /// Sends 1 MB between two containers over TCP and checks it arrives intact.
 fn tcp_transfer(cluster: &Cluster, from: usize, to: usize) {
-    let payload: Vec<u8> = (0..1_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
-        .collect();
-    let server = cluster.lab.hosts[to].container.as_ref().unwrap();
-    let client = cluster.lab.hosts[from].container.as_ref().unwrap();
-    let ip = server.ip;
-    let listener = server
-        .ns
-        .run(|| TcpListener::bind((ip, 5301)).unwrap())
-        .unwrap();
-    std::thread::scope(|s| {
-        let got = s.spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            let mut got = Vec::new();
-            conn.read_to_end(&mut got).unwrap();
-            got
-        });
-        client
-            .ns
-            .run(|| {
-                TcpStream::connect_timeout(&(ip, 5301).into(), Duration::from_secs(5))
-                    .unwrap()
-                    .write_all(&payload)
-                    .unwrap();
-            })
-            .unwrap();
-        assert!(
-            got.join().unwrap() == payload,
-            "1 MB transfer corrupted or truncated"
-        );
-    });
+    let container = |i: usize| cluster.lab.hosts[i].container.as_ref().unwrap();
+    if let Err(e) =
+        overlay_tests::cluster::tcp_transfer(container(from), container(to), 5301, 1 << 20)
+    {
+        panic!("h{} -> h{}: {e}", from + 1, to + 1);
+    }
 }
 
 fn every_container_reaches_every_other(backend: &str) {

@@ -4,8 +4,7 @@
 //! device anywhere; and decapsulation refuses what does not come from a peer.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::Ipv4Addr,
     path::Path,
     time::{Duration, Instant},
 };
@@ -143,34 +142,13 @@ fn counter(dp: &EbpfDataplane, slot: CounterSlot) -> u64 {
 
 /// Sends 1 MB over TCP from `from`'s container to `to`'s and checks it arrives byte for byte.
 fn tcp_transfer(from: &Host, to: &Host) {
-    let payload: Vec<u8> = (0..1_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    let server_ns = &to.container.as_ref().unwrap().ns;
-    let client_ns = &from.container.as_ref().unwrap().ns;
-    let server_ip = to.container.as_ref().unwrap().ip;
-    let listener = server_ns
-        .run(|| TcpListener::bind((server_ip, 5201)).unwrap())
-        .unwrap();
-    std::thread::scope(|s| {
-        let server = s.spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            let mut got = Vec::new();
-            conn.read_to_end(&mut got).unwrap();
-            got
-        });
-        client_ns
-            .run(|| {
-                let mut conn =
-                    TcpStream::connect_timeout(&(server_ip, 5201).into(), Duration::from_secs(5))
-                        .unwrap();
-                conn.write_all(&payload).unwrap();
-            })
-            .unwrap();
-        let got = server.join().unwrap();
-        assert_eq!(got.len(), payload.len(), "transfer truncated");
-        assert!(got == payload, "transfer corrupted");
-    });
+    let (a, b) = (
+        from.container.as_ref().unwrap(),
+        to.container.as_ref().unwrap(),
+    );
+    if let Err(e) = overlay_tests::cluster::tcp_transfer(a, b, 5201, 1 << 20) {
+        panic!("h{} -> h{}: {e}", from.number, to.number);
+    }
 }
 
 fn three_hosts_reach_each_other(encap: Encap) {

@@ -5,8 +5,7 @@
 //! Timing lines start with `TIMING` (run with `--nocapture` to see them).
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -63,41 +62,12 @@ fn logs(c: &Cluster) -> String {
 
 /// 1 MB over TCP from host `from`'s container to host `to`'s; asserts it arrives intact.
 fn tcp_transfer(c: &Cluster, from: usize, to: usize) {
-    let payload: Vec<u8> = (0..1_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
-        .collect();
-    let server = c.lab.hosts[to].container.as_ref().unwrap();
-    let client = c.lab.hosts[from].container.as_ref().unwrap();
-    let ip = server.ip;
-    let listener = server
-        .ns
-        .run(|| TcpListener::bind((ip, 5302)).unwrap())
-        .unwrap();
-    std::thread::scope(|s| {
-        let got = s.spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            let mut got = Vec::new();
-            conn.read_to_end(&mut got).unwrap();
-            got
-        });
-        client
-            .ns
-            .run(|| {
-                let mut conn =
-                    TcpStream::connect_timeout(&(ip, 5302).into(), Duration::from_secs(5)).unwrap();
-                conn.write_all(&payload).unwrap();
-            })
-            .unwrap();
-        let got = got.join().unwrap();
-        assert!(
-            got == payload,
-            "h{} -> h{}: {} of {} bytes arrived, or corrupted",
-            from + 1,
-            to + 1,
-            got.len(),
-            payload.len()
-        );
-    });
+    let container = |i: usize| c.lab.hosts[i].container.as_ref().unwrap();
+    if let Err(e) =
+        overlay_tests::cluster::tcp_transfer(container(from), container(to), 5302, 1_000_000)
+    {
+        panic!("h{} -> h{}: {e}\n{}", from + 1, to + 1, logs(c));
+    }
 }
 
 fn all_pairs_ping_and_transfer(c: &Cluster) {
