@@ -263,3 +263,48 @@ fn forward_drop_policy_and_ip_masq_work_like_flannel() {
 fn cluster_switch_ip() -> Ipv4Addr {
     overlay_tests::cluster::ETCD_IP
 }
+
+#[test]
+fn a_vxlan_device_left_by_flanneld_is_reported_not_clobbered() {
+    if !require_root("a_vxlan_device_left_by_flanneld_is_reported_not_clobbered") {
+        return;
+    }
+    let tmp = TempDir::new("agents-leftover").unwrap();
+    let mut c = cluster("ovt-lo", 1, "vxlan", &tmp);
+    let ns = &c.lab.hosts[0].ns;
+    ns.ip(&[
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "dstport",
+        "8472",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    let args = c.agent_args(0, &["--datapath=ebpf"]);
+    c.start_agent(0, args).unwrap();
+    let err = c.wait_subnet_env(0, Duration::from_secs(20)).unwrap_err();
+    let log = c.agents[0].log_text();
+    assert!(
+        log.contains("flannel.1 exists and is a vxlan device")
+            && log.contains("ip link del flannel.1"),
+        "{err}\n{log}"
+    );
+    let status = c.agents[0]
+        .process
+        .as_mut()
+        .unwrap()
+        .stop(Duration::from_secs(5));
+    assert_eq!(status.and_then(|s| s.code()), Some(1));
+    // Left as it was.
+    let link = c.lab.hosts[0]
+        .ns
+        .ip(&["-d", "link", "show", "flannel.1"])
+        .unwrap();
+    assert!(String::from_utf8_lossy(&link.stdout).contains("vxlan id 1"));
+}

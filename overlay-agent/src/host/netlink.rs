@@ -50,6 +50,8 @@ pub struct LinkInfo {
     pub mtu: u32,
     /// Hardware address (empty for L3 devices such as TUN).
     pub mac: Vec<u8>,
+    /// The link kind (`tun`, `vxlan`, `veth`, ...), when the kernel reports one.
+    pub kind: Option<String>,
 }
 
 /// A neighbour (ARP) entry: an IPv4 address resolved to a MAC on an interface.
@@ -377,11 +379,19 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
         index: msg.header.index,
         mtu: 0,
         mac: Vec::new(),
+        kind: None,
     };
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::Mtu(mtu) => info.mtu = *mtu,
             LinkAttribute::Address(mac) => info.mac.clone_from(mac),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let NlLinkInfo::Kind(kind) = i {
+                        info.kind = Some(kind.to_string());
+                    }
+                }
+            }
             _ => {}
         }
     }

@@ -17,6 +17,17 @@ pub enum OverlayDeviceError {
     /// A netlink operation failed.
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    /// A device of another kind holds the overlay device's name.
+    #[error(
+        "{name} exists and is a {kind} device, not the agent's TUN (left by flanneld's vxlan \
+         backend?); remove it first: ip link del {name}"
+    )]
+    Occupied {
+        /// The device name.
+        name: String,
+        /// Its kind.
+        kind: String,
+    },
 }
 
 /// How the overlay device must look.
@@ -37,6 +48,17 @@ pub struct OverlayDevice {
 impl OverlayDevice {
     /// Creates or updates the device; idempotent. Returns its interface index.
     pub async fn ensure(&self, netlink: &Netlink) -> Result<u32, OverlayDeviceError> {
+        // flanneld's vxlan backend leaves a kernel vxlan device under the very name we use.
+        match netlink.link(&self.name).await {
+            Ok(existing) if existing.kind.as_deref().is_some_and(|k| k != "tun") => {
+                return Err(OverlayDeviceError::Occupied {
+                    name: self.name.clone(),
+                    kind: existing.kind.unwrap_or_default(),
+                });
+            }
+            Ok(_) | Err(NetlinkError::NoSuchLink { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
         create_persistent_tun(&self.name)?;
         let link = netlink.link(&self.name).await?;
         netlink.set_mtu_up(link.index, self.mtu).await?;
