@@ -257,7 +257,8 @@ pub async fn claim(
         let committed = match client.txn(txn).await {
             Ok(r) => r.succeeded(),
             Err(e) => {
-                revoke(client, new_lease).await;
+                // The transaction may have committed with only the answer lost: revoking the new
+                // lease would then delete the key we just wrote. Unused, it expires on its own.
                 return Err(req("writing a lease")(e).into());
             }
         };
