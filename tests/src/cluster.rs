@@ -263,6 +263,24 @@ impl Cluster {
         })
     }
 
+    /// A cluster of `hosts` on a 1500-byte underlay with the Network 172.16.0.0/12 and
+    /// `Backend.Type` `backend`, the agent binary the tests build, files under `dir`.
+    pub fn with_backend(
+        prefix: &str,
+        hosts: usize,
+        backend: &str,
+        dir: &Path,
+    ) -> Result<Self, ClusterError> {
+        let config =
+            format!(r#"{{"Network": "172.16.0.0/12", "Backend": {{"Type": "{backend}"}}}}"#);
+        let config_lab = LabConfig {
+            prefix: prefix.into(),
+            hosts,
+            underlay_mtu: 1500,
+        };
+        Self::new(&config_lab, &config, crate::etcd::agent_binary(), dir)
+    }
+
     /// The flanneld command line for host `index` (0-based): the article's flags, this host's
     /// subnet file, and `extra`.
     pub fn agent_args(&self, index: usize, extra: &[&str]) -> Vec<String> {

@@ -9,24 +9,12 @@ use std::{
 
 use overlay_tests::{
     cluster::{Cluster, PREFIX},
-    etcd::{TempDir, agent_binary},
-    lab::LabConfig,
+    etcd::TempDir,
     require_root,
 };
 
 fn cluster(prefix: &str, hosts: usize, backend: &str, tmp: &TempDir) -> Cluster {
-    let config = format!(r#"{{"Network": "172.16.0.0/12", "Backend": {{"Type": "{backend}"}}}}"#);
-    Cluster::new(
-        &LabConfig {
-            prefix: prefix.into(),
-            hosts,
-            underlay_mtu: 1500,
-        },
-        &config,
-        agent_binary(),
-        tmp.path(),
-    )
-    .unwrap()
+    Cluster::with_backend(prefix, hosts, backend, tmp.path()).unwrap()
 }
 
 /// Sums the kernel's run counts (kernel.bpf_stats_enabled) of every loaded program named `name`.

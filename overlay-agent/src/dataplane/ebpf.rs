@@ -15,7 +15,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
@@ -361,46 +361,13 @@ impl EbpfDataplane {
     }
 
     fn attach_xdp(&mut self, interface: &str, mode: XdpMode) -> Result<(), EbpfError> {
-        let program = programs::XDP_DECAP;
-        let attach_err = |source| EbpfError::Attach {
-            program,
-            interface: interface.to_owned(),
-            source,
-        };
-        let pins = self.pins.clone();
+        let site = AttachSite::new(programs::XDP_DECAP, interface, self.pins.as_ref());
         let prog = xdp_program(&mut self.ebpf)?;
-        let Some(pins) = pins else {
-            prog.attach(interface, mode).map_err(attach_err)?;
+        if site.swap_into_pinned(prog)? {
             return Ok(());
-        };
-        let path = pins.link_path(program, interface);
-        if let Ok(old) = PinnedLink::from_pin(&path) {
-            let swapped = XdpLink::try_from(FdLink::from(old))
-                .map_err(|e| e.to_string())
-                .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
-            match swapped {
-                Ok(id) => {
-                    drop(prog.take_link(id).map_err(attach_err)?);
-                    return Ok(());
-                }
-                Err(reason) => {
-                    tracing::info!(%interface, "{program}: pinned link unusable ({reason}); attaching anew");
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
         }
-        let id = prog.attach(interface, mode).map_err(attach_err)?;
-        let link = FdLink::try_from(prog.take_link(id).map_err(attach_err)?).map_err(|e| {
-            attach_err(aya::programs::ProgramError::IOError(std::io::Error::other(
-                e,
-            )))
-        })?;
-        link.pin(&path).map_err(|source| EbpfError::Pin {
-            program,
-            path,
-            source,
-        })?;
-        Ok(())
+        let id = prog.attach(interface, mode).map_err(|e| site.error(e))?;
+        site.pin(prog, id)
     }
 
     fn attach_tc(
@@ -409,69 +376,38 @@ impl EbpfDataplane {
         interface: &str,
         attach_type: TcAttachType,
     ) -> Result<(), EbpfError> {
-        if !tcx_supported() {
+        let tcx = tcx_supported();
+        if !tcx {
             // Legacy tc needs the clsact qdisc; it may already be there, which is fine.
             if let Err(err) = aya::programs::tc::qdisc_add_clsact(interface) {
                 tracing::debug!(%interface, %err, "clsact qdisc not added (may exist already)");
             }
         }
-        let attach_err = |source| EbpfError::Attach {
-            program,
-            interface: interface.to_owned(),
-            source,
-        };
-        let Some(pins) = self.pins.clone() else {
-            classifier(&mut self.ebpf, program)?
-                .attach(interface, attach_type)
-                .map_err(attach_err)?;
-            return Ok(());
-        };
-        let path = pins.link_path(program, interface);
+        // netlink tc filters are not links and cannot be pinned: without tcx, attach plainly.
+        let pinning = self.pins.is_some();
+        let pins = if tcx { self.pins.as_ref() } else { None };
+        let site = AttachSite::new(program, interface, pins);
         let prog = classifier(&mut self.ebpf, program)?;
-        // A link pinned by an earlier run: swap our program into it atomically.
-        if let Ok(old) = PinnedLink::from_pin(&path) {
-            let swapped = SchedClassifierLink::try_from(FdLink::from(old))
-                .map_err(|e| e.to_string())
-                .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
-            match swapped {
-                Ok(id) => {
-                    // The pin holds the link; our handle may go.
-                    drop(prog.take_link(id).map_err(attach_err)?);
-                    tracing::info!(%interface, "{program}: replaced the program in the pinned link");
-                    return Ok(());
-                }
-                Err(reason) => {
-                    // Typically the interface was recreated and the old link is defunct.
-                    tracing::info!(%interface, "{program}: pinned link unusable ({reason}); attaching anew");
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
+        if site.swap_into_pinned(prog)? {
+            return Ok(());
         }
-        let options = if tcx_supported() {
+        let options = if tcx {
             TcAttachOptions::TcxOrder(LinkOrder::default())
         } else {
             TcAttachOptions::Netlink(Default::default())
         };
         let id = prog
             .attach_with_options(interface, attach_type, options)
-            .map_err(attach_err)?;
-        if !tcx_supported() {
-            // netlink tc filters are not links and cannot be pinned; they stay attached anyway
-            // once the process exits, as tc filters do.
-            std::mem::forget(prog.take_link(id).map_err(attach_err)?);
+            .map_err(|e| site.error(e))?;
+        if !tcx {
+            if pinning {
+                // Meant to outlive the process, as a pinned link would: a tc filter does, once
+                // our handle (which would detach it on drop) is forgotten.
+                std::mem::forget(prog.take_link(id).map_err(|e| site.error(e))?);
+            }
             return Ok(());
         }
-        let link = FdLink::try_from(prog.take_link(id).map_err(attach_err)?).map_err(|e| {
-            attach_err(aya::programs::ProgramError::IOError(std::io::Error::other(
-                e,
-            )))
-        })?;
-        link.pin(&path).map_err(|source| EbpfError::Pin {
-            program,
-            path,
-            source,
-        })?;
-        Ok(())
+        site.pin(prog, id)
     }
 
     /// Programs a peer subnet (replacing what the subnet had).
@@ -647,6 +583,119 @@ fn map_err(
 fn tcx_supported() -> bool {
     use aya::util::KernelVersion;
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// A program kind whose links can be pinned and taken over: tcx classifiers and XDP.
+trait LinkedProgram {
+    type Link: TryFrom<FdLink, Error = aya::programs::links::LinkError> + TryInto<FdLink>;
+    type LinkId;
+    fn attach_to_link(&mut self, link: Self::Link) -> Result<Self::LinkId, ProgramError>;
+    fn take_link(&mut self, id: Self::LinkId) -> Result<Self::Link, ProgramError>;
+}
+
+impl LinkedProgram for SchedClassifier {
+    type Link = SchedClassifierLink;
+    type LinkId = aya::programs::tc::SchedClassifierLinkId;
+    fn attach_to_link(&mut self, link: Self::Link) -> Result<Self::LinkId, ProgramError> {
+        SchedClassifier::attach_to_link(self, link)
+    }
+    fn take_link(&mut self, id: Self::LinkId) -> Result<Self::Link, ProgramError> {
+        SchedClassifier::take_link(self, id)
+    }
+}
+
+impl LinkedProgram for Xdp {
+    type Link = XdpLink;
+    type LinkId = aya::programs::xdp::XdpLinkId;
+    fn attach_to_link(&mut self, link: Self::Link) -> Result<Self::LinkId, ProgramError> {
+        Xdp::attach_to_link(self, link)
+    }
+    fn take_link(&mut self, id: Self::LinkId) -> Result<Self::Link, ProgramError> {
+        Xdp::take_link(self, id)
+    }
+}
+
+/// One program on one interface, and where its link is pinned (None: not pinned).
+struct AttachSite<'a> {
+    program: &'static str,
+    interface: &'a str,
+    pin: Option<PathBuf>,
+}
+
+impl<'a> AttachSite<'a> {
+    fn new(program: &'static str, interface: &'a str, pins: Option<&Pins>) -> Self {
+        Self {
+            program,
+            interface,
+            pin: pins.map(|p| p.link_path(program, interface)),
+        }
+    }
+
+    fn error(&self, source: ProgramError) -> EbpfError {
+        EbpfError::Attach {
+            program: self.program,
+            interface: self.interface.to_owned(),
+            source,
+        }
+    }
+
+    /// Swaps `prog` into the link an earlier run pinned here, atomically; false when there is no
+    /// usable one (then a stale pin is removed).
+    fn swap_into_pinned<P: LinkedProgram>(&self, prog: &mut P) -> Result<bool, EbpfError> {
+        let Some(path) = &self.pin else {
+            return Ok(false);
+        };
+        let Ok(old) = PinnedLink::from_pin(path) else {
+            return Ok(false);
+        };
+        let swapped = P::Link::try_from(FdLink::from(old))
+            .map_err(|e| e.to_string())
+            .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
+        match swapped {
+            Ok(id) => {
+                // The pin holds the link; our handle may go.
+                drop(prog.take_link(id).map_err(|e| self.error(e))?);
+                tracing::info!(
+                    interface = %self.interface,
+                    "{}: replaced the program in the pinned link",
+                    self.program
+                );
+                Ok(true)
+            }
+            Err(reason) => {
+                // Typically the interface was recreated and the old link is defunct.
+                tracing::info!(
+                    interface = %self.interface,
+                    "{}: pinned link unusable ({reason}); attaching anew",
+                    self.program
+                );
+                let _ = std::fs::remove_file(path);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Pins the link just made (when pinning), so it outlives the process.
+    fn pin<P: LinkedProgram>(&self, prog: &mut P, id: P::LinkId) -> Result<(), EbpfError> {
+        let Some(path) = &self.pin else {
+            return Ok(());
+        };
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(|e| self.error(e))?
+            .try_into()
+            .map_err(|_| {
+                self.error(ProgramError::IOError(std::io::Error::other(
+                    "the link is not an fd link",
+                )))
+            })?;
+        link.pin(path).map_err(|source| EbpfError::Pin {
+            program: self.program,
+            path: path.clone(),
+            source,
+        })?;
+        Ok(())
+    }
 }
 
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, EbpfError> {

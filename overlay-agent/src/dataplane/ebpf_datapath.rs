@@ -196,19 +196,7 @@ impl Datapath for EbpfDatapath {
     }
 
     fn backend_data(&self) -> Option<serde_json::Value> {
-        match self.backend {
-            Backend::Vxlan { vni, .. } => {
-                let m = vtep_mac_for(self.public_ip);
-                Some(serde_json::json!({
-                    "VNI": vni,
-                    "VtepMAC": format!(
-                        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                        m[0], m[1], m[2], m[3], m[4], m[5]
-                    ),
-                }))
-            }
-            _ => None,
-        }
+        super::backend_data(&self.backend, self.public_ip)
     }
 
     fn start(&mut self, lease: &LocalLease) -> Result<(), DatapathError> {

@@ -86,3 +86,22 @@ pub fn select(
             }),
     }
 }
+
+/// The `BackendData` a host publishes in its lease, the same whichever datapath runs, so a host
+/// may switch datapaths across a restart without its peers noticing: vxlan's VNI and this host's
+/// VTEP MAC (derived from its public IP), nothing for udp.
+pub fn backend_data(backend: &Backend, public_ip: Ipv4Addr) -> Option<serde_json::Value> {
+    match backend {
+        Backend::Vxlan { vni, .. } => {
+            let m = ebpf::vtep_mac_for(public_ip);
+            Some(serde_json::json!({
+                "VNI": vni,
+                "VtepMAC": format!(
+                    "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    m[0], m[1], m[2], m[3], m[4], m[5]
+                ),
+            }))
+        }
+        _ => None,
+    }
+}
