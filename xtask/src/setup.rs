@@ -33,6 +33,10 @@ const PACKAGES: &[&str] = &[
 /// bpf-linker built against the nightly's own LLVM so both agree on the bitcode format.
 const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-fuzz, for `cargo +nightly fuzz run codec` (the `fuzz/` workspace; `cargo xtask test` runs
+/// it). Pinned so a release that needs a newer rustc cannot break setup: 0.13.2 (the newest when
+/// pinned) builds with `--locked` on the nightly 1.97 above. Move it with the nightly.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 #[derive(Debug, clap::Args)]
 pub struct Options {}
@@ -41,6 +45,7 @@ pub fn setup(_opts: &Options) -> anyhow::Result<()> {
     debian_packages()?;
     rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     step("setup: done");
     Ok(())
 }
@@ -140,6 +145,31 @@ fn bpf_linker() -> anyhow::Result<()> {
             &format!("llvm-{llvm_major}"),
         ])
         .env("LLVM_PREFIX", &prefix))
+}
+
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let installed =
+        output(Command::new("cargo").args([&format!("+{NIGHTLY}"), "fuzz", "--version"]));
+    if installed
+        .as_deref()
+        .is_some_and(|v| v.split_whitespace().any(|w| w == CARGO_FUZZ_VERSION))
+    {
+        step(format!("setup: cargo-fuzz {CARGO_FUZZ_VERSION} present"));
+        return Ok(());
+    }
+    step(format!(
+        "setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (cargo install cargo-fuzz --locked, \
+         about a minute)"
+    ));
+    run(Command::new("cargo").args([
+        &format!("+{NIGHTLY}"),
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+        "--force",
+    ]))
 }
 
 /// Finds the nightly's shared LLVM (`libLLVM.so.<major>.<minor>-rust-...`) and its major version.

@@ -49,6 +49,23 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
         &mut totals,
     )?;
 
+    // The codec's fuzz target (fuzz/, its own workspace, built by the nightly with sanitizers) for
+    // a bounded time; libFuzzer exits non-zero when it finds a crash, leaving the input in
+    // fuzz/artifacts/codec/.
+    step("test: fuzzing the codec for 30 s (cargo +nightly fuzz run codec)");
+    run(std::process::Command::new("cargo")
+        .current_dir(&root)
+        .env_remove("CARGO")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .args([
+            "+nightly",
+            "fuzz",
+            "run",
+            "codec",
+            "--",
+            "-max_total_time=30",
+        ]))?;
+
     // Single-threaded: the tests share the kernel's namespaces, links and BPF state.
     // OVERLAY_TESTS_REQUIRE_ROOT turns a skipped root test into a failure, so CI cannot pass by
     // skipping.
