@@ -3,7 +3,8 @@
 //!   lying inside the datagram;
 //! - whatever parses as an IPv4 packet survives encapsulate → decapsulate unchanged (trimmed to
 //!   its total length), for both formats;
-//! - checksum completion never panics, and a completed packet verifies;
+//! - checksum completion (both forms) never panics, and a completed packet verifies;
+//! - every segment cut from a TSO/USO super-packet is a well-formed, checksummed packet;
 //! - the ICMP "destination unreachable" answer, when one is built, is a well-formed IPv4 packet
 //!   with valid header and ICMP checksums, and fits `ICMP_UNREACH_MAX_LEN`.
 //!
@@ -78,6 +79,35 @@ fuzz_target!(|data: &[u8]| {
         }
         L4Checksum::Valid | L4Checksum::Invalid | L4Checksum::NotApplicable => {
             assert_eq!(packet, bytes);
+        }
+    }
+
+    // The receive path's cheap completion agrees with the verifying one.
+    let mut cheap = bytes.to_vec();
+    if codec::complete_if_partial(&mut cheap) {
+        assert_eq!(
+            codec::complete_partial_checksum(&mut cheap),
+            L4Checksum::Valid
+        );
+    } else {
+        assert_eq!(cheap, bytes);
+    }
+
+    // Cutting TSO/USO super-packets: every segment is a complete, checksummed packet.
+    for protocol in [6, 17] {
+        let mss = usize::from(params[0]).max(1) * 8;
+        if let Ok(gso) = codec::parse_gso(bytes, protocol, mss) {
+            for i in 0..gso.segments().min(64) {
+                let mut seg = vec![0u8; gso.header_len()];
+                let n = codec::write_segment_headers(bytes, &gso, i, &mut seg).unwrap();
+                assert_eq!(n, gso.header_len());
+                seg.extend_from_slice(&bytes[gso.payload(i)]);
+                assert_eq!(codec::parse_ipv4(&seg).unwrap().total_len, seg.len());
+                assert_eq!(
+                    codec::complete_partial_checksum(&mut seg),
+                    L4Checksum::Valid
+                );
+            }
         }
     }
 

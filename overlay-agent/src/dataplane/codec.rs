@@ -306,15 +306,26 @@ pub enum L4Checksum {
     Invalid,
 }
 
-fn sum16(data: &[u8], mut sum: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
+/// The one's-complement sum of `data`'s 16-bit words on top of `sum`, folded to 32 bits. Summed
+/// 32 bits at a time into 64 (the end-around carry makes that equal to summing 16-bit words).
+fn sum16(data: &[u8], sum: u32) -> u32 {
+    let mut acc = u64::from(sum);
+    let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
-        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+        acc += u64::from(u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            + u64::from(u32::from_be_bytes([c[4], c[5], c[6], c[7]]));
     }
-    if let [last] = chunks.remainder() {
-        sum += u32::from(*last) << 8;
+    let mut rest = chunks.remainder().chunks_exact(2);
+    for c in &mut rest {
+        acc += u64::from(u16::from_be_bytes([c[0], c[1]]));
     }
-    sum
+    if let [last] = rest.remainder() {
+        acc += u64::from(*last) << 8;
+    }
+    while acc > 0xffff_ffff {
+        acc = (acc & 0xffff_ffff) + (acc >> 32);
+    }
+    acc as u32
 }
 
 fn fold(mut sum: u32) -> u16 {
@@ -364,6 +375,215 @@ pub fn complete_partial_checksum(packet: &mut [u8]) -> L4Checksum {
     }
     packet[at..at + 2].copy_from_slice(&csum.to_be_bytes());
     L4Checksum::Completed
+}
+
+/// The receive path's cheap form of [`complete_partial_checksum`]: completes the TCP/UDP checksum
+/// when the field holds exactly the pseudo-header sum (a sender's unfinished checksum offload),
+/// and otherwise reads only the headers, verifying nothing: the TUN write's GRO verifies what it
+/// coalesces and the kernel verifies the rest, so a pass of ours over every byte would be a
+/// third. Returns whether it completed the checksum. (A valid checksum that happens to equal
+/// the pseudo-header sum is recomputed to the same value.)
+pub fn complete_if_partial(packet: &mut [u8]) -> bool {
+    let Ok(info) = parse_ipv4(packet) else {
+        return false;
+    };
+    let frag = u16::from_be_bytes([packet[6], packet[7]]);
+    let field = match info.protocol {
+        6 => 16,
+        17 => 6,
+        _ => return false,
+    };
+    if frag & 0x3fff != 0 || info.total_len < info.header_len + field + 2 {
+        return false;
+    }
+    let l4_len = info.total_len - info.header_len;
+    let at = info.header_len + field;
+    let stored = u16::from_be_bytes([packet[at], packet[at + 1]]);
+    if info.protocol == 17 && stored == 0 {
+        return false;
+    }
+    let pseudo = sum16(&packet[12..20], u32::from(info.protocol) + l4_len as u32);
+    let partial = fold(pseudo);
+    if stored != partial && stored != !partial {
+        return false;
+    }
+    packet[at..at + 2].copy_from_slice(&[0, 0]);
+    let mut csum = !fold(sum16(&packet[info.header_len..info.total_len], pseudo));
+    if info.protocol == 17 && csum == 0 {
+        csum = 0xffff;
+    }
+    packet[at..at + 2].copy_from_slice(&csum.to_be_bytes());
+    true
+}
+
+/// A TCP (TSO) or UDP (USO) super-packet as the TUN device hands it over with
+/// `VIRTIO_NET_HDR_GSO_TCPV4` / `_UDP_L4`: one IPv4 header and one TCP/UDP header in front of up to
+/// 64 KB of payload, to be cut into `mss`-byte segments ([`write_segment_headers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GsoPacket {
+    /// IHL * 4.
+    pub l3_len: usize,
+    /// The TCP header's length (data offset * 4), or 8 for UDP.
+    pub l4_len: usize,
+    /// 6 (TCP) or 17 (UDP).
+    pub protocol: u8,
+    /// The payload bytes per segment (the virtio header's `gso_size`).
+    pub mss: usize,
+    /// The IPv4 total length: the super-packet's real length.
+    pub total_len: usize,
+}
+
+impl GsoPacket {
+    /// IPv4 and TCP/UDP headers: what every segment repeats.
+    pub fn header_len(&self) -> usize {
+        self.l3_len + self.l4_len
+    }
+
+    /// How many segments the payload makes (one for an empty payload).
+    pub fn segments(&self) -> usize {
+        (self.total_len - self.header_len())
+            .div_ceil(self.mss)
+            .max(1)
+    }
+
+    /// The byte range of segment `i`'s payload in the super-packet.
+    pub fn payload(&self, i: usize) -> std::ops::Range<usize> {
+        let start = (self.header_len() + i * self.mss).min(self.total_len);
+        start..(start + self.mss).min(self.total_len)
+    }
+}
+
+/// Checks a super-packet of protocol `protocol` (6 or 17) to be cut into `mss`-byte segments.
+pub fn parse_gso(packet: &[u8], protocol: u8, mss: usize) -> Result<GsoPacket, CodecError> {
+    let info = parse_ipv4(packet)?;
+    let l3 = info.header_len;
+    let l4_len = match protocol {
+        6 if info.protocol == 6 && info.total_len >= l3 + 20 => {
+            usize::from(packet[l3 + 12] >> 4) * 4
+        }
+        17 if info.protocol == 17 => 8,
+        _ => {
+            return Err(CodecError::Truncated {
+                len: info.total_len,
+                need: l3 + 20,
+            });
+        }
+    };
+    let frag = u16::from_be_bytes([packet[6], packet[7]]);
+    if l4_len < if protocol == 6 { 20 } else { 8 }
+        || l3 + l4_len > info.total_len
+        || mss == 0
+        || frag & 0x3fff != 0
+    {
+        return Err(CodecError::Truncated {
+            len: info.total_len,
+            need: l3 + l4_len.max(8),
+        });
+    }
+    Ok(GsoPacket {
+        l3_len: l3,
+        l4_len,
+        protocol,
+        mss,
+        total_len: info.total_len,
+    })
+}
+
+/// Writes segment `i`'s IPv4 and TCP/UDP headers into `out` (which must hold
+/// [`GsoPacket::header_len`] bytes) as the kernel's segmentation would: total length, IP ID + i,
+/// TCP sequence number + i * mss, FIN and PSH on the last segment only, CWR on the first only, UDP
+/// length; and both checksums complete. The segment on the wire is these headers followed by
+/// `packet[gso.payload(i)]`, which is read (for the checksum) but not copied.
+pub fn write_segment_headers(
+    packet: &[u8],
+    gso: &GsoPacket,
+    i: usize,
+    out: &mut [u8],
+) -> Result<usize, CodecError> {
+    let hdr = gso.header_len();
+    if out.len() < hdr {
+        return Err(CodecError::BufferTooSmall {
+            len: out.len(),
+            need: hdr,
+        });
+    }
+    let (l3, segments) = (gso.l3_len, gso.segments());
+    let payload = &packet[gso.payload(i)];
+    let out = &mut out[..hdr];
+    out.copy_from_slice(&packet[..hdr]);
+    out[2..4].copy_from_slice(&((hdr + payload.len()) as u16).to_be_bytes());
+    let id = u16::from_be_bytes([out[4], out[5]]).wrapping_add(i as u16);
+    out[4..6].copy_from_slice(&id.to_be_bytes());
+    out[10..12].copy_from_slice(&[0, 0]);
+    let ip_csum = internet_checksum(&out[..l3]);
+    out[10..12].copy_from_slice(&ip_csum.to_be_bytes());
+    let l4_total = gso.l4_len + payload.len();
+    let at = if gso.protocol == 6 {
+        let seq = u32::from_be_bytes([out[l3 + 4], out[l3 + 5], out[l3 + 6], out[l3 + 7]])
+            .wrapping_add((i * gso.mss) as u32);
+        out[l3 + 4..l3 + 8].copy_from_slice(&seq.to_be_bytes());
+        if i + 1 < segments {
+            out[l3 + 13] &= !0x09; // FIN, PSH
+        }
+        if i > 0 {
+            out[l3 + 13] &= !0x80; // CWR
+        }
+        l3 + 16
+    } else {
+        out[l3 + 4..l3 + 6].copy_from_slice(&(l4_total as u16).to_be_bytes());
+        l3 + 6
+    };
+    out[at..at + 2].copy_from_slice(&[0, 0]);
+    let pseudo = sum16(&out[12..20], u32::from(gso.protocol) + l4_total as u32);
+    // The L4 header's length is a multiple of 4, so the payload's words line up.
+    let mut csum = !fold(sum16(payload, sum16(&out[l3..], pseudo)));
+    if gso.protocol == 17 && csum == 0 {
+        csum = 0xffff;
+    }
+    out[at..at + 2].copy_from_slice(&csum.to_be_bytes());
+    Ok(hdr)
+}
+
+/// Finishes a checksum the sender's kernel left to offload (`VIRTIO_NET_HDR_F_NEEDS_CSUM`): the
+/// field at `start + offset` holds the pseudo-header sum; the one's-complement sum from `start`
+/// to the end is added to it. Returns false (and leaves the packet) when the field lies outside.
+pub fn complete_offload_checksum(packet: &mut [u8], start: usize, offset: usize) -> bool {
+    let at = start.saturating_add(offset);
+    if at.saturating_add(2) > packet.len() || start > packet.len() {
+        return false;
+    }
+    let initial = u16::from_be_bytes([packet[at], packet[at + 1]]);
+    packet[at..at + 2].copy_from_slice(&[0, 0]);
+    let mut csum = !fold(sum16(&packet[start..], u32::from(initial)));
+    // UDP (checksum at offset 6) sends "no checksum" as zero: a computed zero goes out as 0xffff.
+    if offset == 6 && csum == 0 {
+        csum = 0xffff;
+    }
+    packet[at..at + 2].copy_from_slice(&csum.to_be_bytes());
+    true
+}
+
+/// Puts the pseudo-header sum (not complemented) in a TCP/UDP packet's checksum field, as a
+/// kernel leaving the checksum to offload does (`CHECKSUM_PARTIAL`). Returns false, leaving the
+/// packet, when it is not an unfragmented IPv4 TCP/UDP packet.
+pub fn set_pseudo_header_checksum(packet: &mut [u8]) -> bool {
+    let Ok(info) = parse_ipv4(packet) else {
+        return false;
+    };
+    let field = match info.protocol {
+        6 => 16,
+        17 => 6,
+        _ => return false,
+    };
+    let frag = u16::from_be_bytes([packet[6], packet[7]]);
+    if frag & 0x3fff != 0 || info.total_len < info.header_len + field + 2 {
+        return false;
+    }
+    let l4_len = (info.total_len - info.header_len) as u32;
+    let partial = fold(sum16(&packet[12..20], u32::from(info.protocol) + l4_len));
+    let at = info.header_len + field;
+    packet[at..at + 2].copy_from_slice(&partial.to_be_bytes());
+    true
 }
 
 /// Builds the ICMP "destination unreachable" (code `code`) answering `offending`, sent from
@@ -609,6 +829,102 @@ mod tests {
         assert_eq!(&good[..20], &p[..20]);
     }
 
+    /// The super-packet's segments as they go on the wire: headers + payload.
+    fn segment_all(packet: &[u8], protocol: u8, mss: usize) -> Vec<Vec<u8>> {
+        let gso = parse_gso(packet, protocol, mss).unwrap();
+        (0..gso.segments())
+            .map(|i| {
+                let mut seg = vec![0u8; gso.header_len()];
+                write_segment_headers(packet, &gso, i, &mut seg).unwrap();
+                seg.extend_from_slice(&packet[gso.payload(i)]);
+                seg
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tso_and_uso_super_packets_segment_as_the_kernel_does() {
+        let payload: Vec<u8> = (0..2500u32).map(|i| (i * 7 + 3) as u8).collect();
+        // TCP: seq 1000, flags CWR|PSH|ACK|FIN, a partial (pseudo-header) checksum as TSO leaves.
+        let mut tcp = vec![0u8; 20];
+        tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x80 | 0x08 | 0x10 | 0x01;
+        tcp.extend_from_slice(&payload);
+        let mut packet = ipv4([10, 1, 1, 2], [10, 1, 2, 3], 6, &tcp);
+        packet[4..6].copy_from_slice(&0xfffeu16.to_be_bytes());
+        let segs = segment_all(&packet, 6, 1000);
+        assert_eq!(segs.len(), 3);
+        let mut joined = Vec::new();
+        for (i, seg) in segs.iter().enumerate() {
+            let info = parse_ipv4(seg).unwrap();
+            assert_eq!(info.total_len, seg.len());
+            assert_eq!(internet_checksum(&seg[..20]), 0);
+            assert_eq!(
+                complete_partial_checksum(&mut seg.clone()),
+                L4Checksum::Valid
+            );
+            assert_eq!(
+                u16::from_be_bytes([seg[4], seg[5]]),
+                0xfffeu16.wrapping_add(i as u16)
+            );
+            let seq = u32::from_be_bytes([seg[24], seg[25], seg[26], seg[27]]);
+            assert_eq!(seq, 1000 + 1000 * i as u32);
+            let flags = seg[33];
+            assert_eq!(flags & 0x10, 0x10);
+            assert_eq!(flags & 0x80 != 0, i == 0, "CWR on the first only");
+            assert_eq!(flags & 0x09 != 0, i == 2, "FIN and PSH on the last only");
+            joined.extend_from_slice(&seg[40..]);
+        }
+        assert_eq!(joined, payload);
+        assert_eq!(segs[2].len(), 40 + 500);
+
+        // UDP: each datagram gets its own length and checksum.
+        let mut udp = vec![0u8; 8];
+        udp.extend_from_slice(&payload);
+        let packet = ipv4([10, 1, 1, 2], [10, 1, 2, 3], 17, &udp);
+        let segs = segment_all(&packet, 17, 1200);
+        assert_eq!(segs.len(), 3);
+        for seg in &segs {
+            assert_eq!(
+                usize::from(u16::from_be_bytes([seg[24], seg[25]])),
+                seg.len() - 20
+            );
+            assert_eq!(
+                complete_partial_checksum(&mut seg.clone()),
+                L4Checksum::Valid
+            );
+        }
+        // Not what the virtio header says, or cut short: refused.
+        assert!(parse_gso(&packet, 6, 1200).is_err());
+        assert!(parse_gso(&packet, 17, 0).is_err());
+        assert!(parse_gso(&packet[..25], 17, 1200).is_err());
+    }
+
+    #[test]
+    fn offload_checksums_are_finished() {
+        let mut udp = vec![0u8; 8];
+        udp.extend_from_slice(b"hello, flannel");
+        udp[4..6].copy_from_slice(&22u16.to_be_bytes());
+        let mut packet = ipv4([10, 1, 1, 2], [10, 1, 2, 3], 17, &udp);
+        // What the kernel leaves: the pseudo-header sum, not complemented.
+        let pseudo = fold(sum16(&packet[12..20], 17 + 22));
+        packet[26..28].copy_from_slice(&pseudo.to_be_bytes());
+        assert!(complete_offload_checksum(&mut packet, 20, 6));
+        assert_eq!(
+            complete_partial_checksum(&mut packet.clone()),
+            L4Checksum::Valid
+        );
+        assert!(!complete_offload_checksum(&mut packet, 20, 100));
+        // And back: the pseudo-header sum is what completion recognises as an offload artefact.
+        assert!(set_pseudo_header_checksum(&mut packet));
+        assert_eq!(
+            complete_partial_checksum(&mut packet),
+            L4Checksum::Completed
+        );
+        assert_eq!(complete_partial_checksum(&mut packet), L4Checksum::Valid);
+    }
+
     fn format_strategy() -> impl Strategy<Value = Format> {
         prop_oneof![
             Just(Format::Udp),
@@ -679,6 +995,30 @@ mod tests {
                 prop_assert_eq!(complete_partial_checksum(&mut p), L4Checksum::Valid);
             } else {
                 prop_assert_eq!(p, bytes);
+            }
+        }
+
+        #[test]
+        fn cheap_completion_agrees_with_the_verifying_one(
+            bytes in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let mut cheap = bytes.clone();
+            let mut full = bytes.clone();
+            let completed = complete_if_partial(&mut cheap);
+            match complete_partial_checksum(&mut full) {
+                L4Checksum::Completed => {
+                    prop_assert!(completed);
+                    prop_assert_eq!(&cheap, &full);
+                }
+                L4Checksum::Invalid | L4Checksum::NotApplicable => {
+                    prop_assert!(!completed);
+                    prop_assert_eq!(&cheap, &bytes);
+                }
+                // Unchanged, or rewritten with the same (valid) checksum.
+                L4Checksum::Valid => prop_assert_eq!(
+                    complete_partial_checksum(&mut cheap),
+                    L4Checksum::Valid
+                ),
             }
         }
 

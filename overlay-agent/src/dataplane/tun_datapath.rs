@@ -218,6 +218,10 @@ impl Datapath for TunDatapath {
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
             })
             .map_err(failed(format!("setting up {name}")))?;
+        if let Err(e) = host_tun::set_tx_queue_len(&name, host_tun::DATAPATH_TX_QUEUE_LEN) {
+            // Forwarding works without it, only drops more under load.
+            tracing::warn!("{e}; {name} keeps its transmit queue length");
+        }
         let forwarder = Forwarder::start(
             ForwarderConfig {
                 device: name.clone(),

@@ -13,6 +13,12 @@
 
 use std::{fs::OpenOptions, os::fd::AsRawFd as _};
 
+/// The transmit queue length the TUN datapath gives its device (the kernel's TUN default is 500).
+/// The queue holds what the kernel routes into the device until the forwarder reads it; with TSO
+/// super-packets of up to 64 KB it absorbs a forwarder's scheduling hiccup instead of dropping
+/// (and making TCP back off), as a short queue did under load.
+pub const DATAPATH_TX_QUEUE_LEN: u32 = 5000;
+
 /// Errors creating the TUN device.
 #[derive(Debug, thiserror::Error)]
 pub enum TunError {
@@ -93,6 +99,39 @@ pub fn delete_persistent_tun(name: &str) -> Result<(), TunError> {
 /// Attaches multi-queue, or single-queue when the existing device is (the kernel refuses a
 /// mismatch with EINVAL). Sysfs' `tun_flags` would tell directly, but shows the namespace sysfs
 /// was mounted in, not necessarily the calling thread's.
+/// Sets `name`'s transmit queue length (`ip link set NAME txqueuelen LEN`), in the calling
+/// thread's network namespace. For a TUN device it is the length of each queue's ring.
+pub fn set_tx_queue_len(name: &str, len: u32) -> Result<(), TunError> {
+    const SIOCSIFTXQLEN: libc::c_ulong = 0x8943;
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(TunError::Name { name: name.into() });
+    }
+    #[repr(C)]
+    struct IfReqQlen {
+        name: [u8; libc::IFNAMSIZ],
+        qlen: libc::c_int,
+        _pad: [u8; 20],
+    }
+    let mut req = IfReqQlen {
+        name: [0; libc::IFNAMSIZ],
+        qlen: libc::c_int::try_from(len).unwrap_or(libc::c_int::MAX),
+        _pad: [0; 20],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    let ioctl_err = |source| TunError::Ioctl {
+        request: "SIOCSIFTXQLEN",
+        name: name.into(),
+        source,
+    };
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").map_err(ioctl_err)?;
+    // SAFETY: SIOCSIFTXQLEN reads a struct ifreq, which `req` is laid out as and outlives.
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCSIFTXQLEN, &raw mut req) };
+    if ret < 0 {
+        return Err(ioctl_err(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 fn attach_any(name: &str) -> Result<std::fs::File, TunError> {
     match attach(name, IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE) {
         Err(TunError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {

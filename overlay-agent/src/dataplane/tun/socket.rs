@@ -257,9 +257,15 @@ impl SendBatch {
         self.gso
     }
 
-    /// Prepares `groups`, whose segments are `segments` (pointer and length of each, valid
-    /// until the matching [`SendBatch::send`] returns). Returns the number of messages.
-    pub fn prepare(&mut self, groups: &[SendGroup], segments: &[(*const u8, usize)]) -> usize {
+    /// Prepares `groups`, whose segments are `segments`: `per_segment` pieces (pointer and
+    /// length, valid until the matching [`SendBatch::send`] returns) for each segment, gathered
+    /// by the kernel. Returns the number of messages.
+    pub fn prepare(
+        &mut self,
+        groups: &[SendGroup],
+        segments: &[(*const u8, usize)],
+        per_segment: usize,
+    ) -> usize {
         for (s, &(ptr, len)) in segments.iter().enumerate() {
             self.iovs[s] = libc::iovec {
                 iov_base: ptr.cast_mut().cast(),
@@ -271,8 +277,8 @@ impl SendBatch {
             let h = &mut self.hdrs[m].msg_hdr;
             h.msg_name = (&raw mut self.addrs[m]).cast();
             h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            h.msg_iov = &raw mut self.iovs[g.first];
-            h.msg_iovlen = g.count;
+            h.msg_iov = &raw mut self.iovs[g.first * per_segment];
+            h.msg_iovlen = g.count * per_segment;
             h.msg_flags = 0;
             if g.count > 1 {
                 let ctrl = &mut self.ctrl[m];

@@ -47,6 +47,94 @@ fn in_network(ip: Ipv4Addr, (net, len): (Ipv4Addr, u8)) -> bool {
     u32::from(ip) & mask == u32::from(net) & mask
 }
 
+/// Adds segment `index` of `len` bytes to `dst` to the batch: to the last message when it extends
+/// its GSO run (same peer, every segment but the last of the same size), else as a new message.
+fn push_segment(
+    groups: &mut Vec<SendGroup>,
+    gso: bool,
+    dst: SocketAddrV4,
+    index: usize,
+    len: usize,
+) {
+    if let Some(g) = groups.last_mut()
+        && gso
+        && g.dst == dst
+        && g.count < MAX_GSO_SEGMENTS
+        && g.bytes == g.seg_len * g.count
+        && len <= g.seg_len
+        && g.bytes + len <= MAX_GSO_BYTES
+    {
+        g.count += 1;
+        g.bytes += len;
+        return;
+    }
+    groups.push(SendGroup {
+        dst,
+        first: index,
+        count: 1,
+        seg_len: len,
+        bytes: len,
+    });
+}
+
+/// virtio-net header flag: the checksum from `csum_start` is left to do.
+const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_UDP_L4: u8 = 5;
+/// The ECN bit of `gso_type`: CWR handling, which segmentation does in any case.
+const GSO_ECN: u8 = 0x80;
+/// A segment's header slot: the format's header and the longest IPv4 and TCP headers.
+const SEG_HDR: usize = MAX_ENCAP_LEN + 60 + 60;
+/// TUN reads (super-packets of up to 64 KB) gathered into one batch.
+const READS: usize = 8;
+
+/// The virtio-net header the TUN device puts before each packet read (native endian; the device
+/// is not switched to big-endian).
+#[derive(Debug, Clone, Copy)]
+struct VirtioHeader {
+    flags: u8,
+    gso_type: u8,
+    gso_size: usize,
+    csum_start: usize,
+    csum_offset: usize,
+}
+
+impl VirtioHeader {
+    fn parse(b: &[u8]) -> Self {
+        let u16_at = |i: usize| {
+            b.get(i..i + 2)
+                .map_or(0, |x| usize::from(u16::from_ne_bytes([x[0], x[1]])))
+        };
+        Self {
+            flags: b.first().copied().unwrap_or(0),
+            gso_type: b.get(1).copied().unwrap_or(0) & !GSO_ECN,
+            gso_size: u16_at(4),
+            csum_start: u16_at(6),
+            csum_offset: u16_at(8),
+        }
+    }
+}
+
+/// The virtio-net header that hands `packet`, an IPv4 TCP packet longer than `mtu`, to the TUN
+/// device as a TSO super-packet of `mtu`-sized segments; its checksum field becomes the
+/// pseudo-header sum the kernel completes. None when it is not such a packet.
+fn tcp_gso_header(packet: &mut [u8], mtu: usize) -> Option<[u8; VIRTIO_NET_HDR_LEN]> {
+    let gso = codec::parse_gso(packet, 6, 1).ok()?;
+    let mss = mtu.checked_sub(gso.header_len()).filter(|&m| m > 0)?;
+    if !codec::set_pseudo_header_checksum(packet) {
+        return None;
+    }
+    let mut h = [0u8; VIRTIO_NET_HDR_LEN];
+    h[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    h[1] = GSO_TCPV4;
+    h[2..4].copy_from_slice(&(gso.header_len() as u16).to_ne_bytes());
+    h[4..6].copy_from_slice(&(mss as u16).to_ne_bytes());
+    h[6..8].copy_from_slice(&(gso.l3_len as u16).to_ne_bytes());
+    h[8..10].copy_from_slice(&16u16.to_ne_bytes());
+    Some(h)
+}
+
 /// At most `per_second` answers per one-second window.
 struct RateLimit {
     per_second: u32,
@@ -123,6 +211,174 @@ impl Worker {
     }
 
     async fn tun_to_udp(
+        &self,
+        dev: &AsyncDevice,
+        sock: &AsyncFd<UdpSocket>,
+        peers: PeerReader,
+    ) -> io::Result<()> {
+        if self.config.profile.offload() {
+            self.tun_to_udp_offload(dev, sock, peers).await
+        } else {
+            self.tun_to_udp_copy(dev, sock, peers).await
+        }
+    }
+
+    /// The offload path: reads super-packets with their virtio-net header and cuts TCP/UDP ones
+    /// into segments without copying them: each segment goes out as two pieces gathered by the
+    /// kernel, its headers (format header, IPv4, TCP/UDP, written in a small slot) and its
+    /// payload (in the read buffer). The one pass over the payload in user space is the inner
+    /// checksum, which must be complete on the wire: flannel's peers and the eBPF path deliver
+    /// the inner packet as it is.
+    async fn tun_to_udp_offload(
+        &self,
+        dev: &AsyncDevice,
+        sock: &AsyncFd<UdpSocket>,
+        mut peers: PeerReader,
+    ) -> io::Result<()> {
+        let format = self.config.format;
+        let hl = format.header_len();
+        let mut reads: Vec<Vec<u8>> = (0..READS)
+            .map(|_| vec![0u8; VIRTIO_NET_HDR_LEN + 65_535])
+            .collect();
+        let mut hdrs: Vec<[u8; SEG_HDR]> = vec![[0; SEG_HDR]; SLOTS];
+        let mut pieces: Vec<(*const u8, usize)> = Vec::with_capacity(2 * SLOTS);
+        let mut groups: Vec<SendGroup> = Vec::with_capacity(SLOTS);
+        let mut batch = SendBatch::new(2 * SLOTS, self.gso);
+        let mut icmp = RateLimit {
+            per_second: self.config.icmp_per_second,
+            window: Instant::now(),
+            used: 0,
+        };
+        let mut icmp_buf: Vec<Vec<u8>> = vec![Vec::with_capacity(
+            VIRTIO_NET_HDR_LEN + ICMP_UNREACH_MAX_LEN,
+        )];
+        let mut icmp_gro = GROTable::default();
+        loop {
+            let mut len = match dev.recv(&mut reads[0]).await {
+                Ok(n) => n,
+                Err(e) if is_fatal(&e) => return Err(e),
+                Err(e) => {
+                    tracing::debug!("TUN worker {}: read: {e}", self.index);
+                    continue;
+                }
+            };
+            let table = peers.current();
+            let (mut no_peer, mut not_ipv4, mut malformed) = (0u64, 0u64, 0u64);
+            let mut r = 0;
+            loop {
+                let (vh, pkt) = reads[r][..len].split_at_mut(VIRTIO_NET_HDR_LEN.min(len));
+                let hdr = VirtioHeader::parse(vh);
+                'packet: {
+                    let Some(dst) = codec::ipv4_destination(pkt) else {
+                        not_ipv4 += 1;
+                        break 'packet;
+                    };
+                    let Some(route) = table.lookup(dst) else {
+                        no_peer += 1;
+                        if in_network(dst, self.config.network) {
+                            self.answer_unreachable(
+                                dev,
+                                pkt,
+                                &mut icmp,
+                                &mut icmp_buf,
+                                &mut icmp_gro,
+                                VIRTIO_NET_HDR_LEN,
+                            )
+                            .await;
+                        }
+                        break 'packet;
+                    };
+                    let dst = SocketAddrV4::new(route.public_ip, self.config.port);
+                    let gso = match hdr.gso_type {
+                        GSO_NONE => None,
+                        GSO_TCPV4 => Some(codec::parse_gso(pkt, 6, hdr.gso_size)),
+                        GSO_UDP_L4 => Some(codec::parse_gso(pkt, 17, hdr.gso_size)),
+                        _ => Some(Err(codec::CodecError::NotIpv4 { version: 6 })),
+                    };
+                    let gso = match gso {
+                        None => None,
+                        Some(Ok(g)) => Some(g),
+                        Some(Err(_)) => {
+                            malformed += 1;
+                            break 'packet;
+                        }
+                    };
+                    let Some(gso) = gso else {
+                        // One packet; its checksum may be left to offload.
+                        if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0
+                            && !codec::complete_offload_checksum(
+                                pkt,
+                                hdr.csum_start,
+                                hdr.csum_offset,
+                            )
+                        {
+                            malformed += 1;
+                            break 'packet;
+                        }
+                        let Ok(info) = codec::parse_ipv4(pkt) else {
+                            not_ipv4 += 1;
+                            break 'packet;
+                        };
+                        if pieces.len() == 2 * SLOTS {
+                            self.send_batch(sock, &mut batch, &groups, &pieces, 2)
+                                .await?;
+                            groups.clear();
+                            pieces.clear();
+                        }
+                        let slot = pieces.len() / 2;
+                        let _ = codec::write_header(&format, route.vtep_mac, &mut hdrs[slot]);
+                        pieces.push((hdrs[slot].as_ptr(), hl));
+                        pieces.push((pkt.as_ptr(), info.total_len));
+                        push_segment(&mut groups, self.gso, dst, slot, hl + info.total_len);
+                        break 'packet;
+                    };
+                    let pkt = &*pkt;
+                    for i in 0..gso.segments() {
+                        if pieces.len() == 2 * SLOTS {
+                            self.send_batch(sock, &mut batch, &groups, &pieces, 2)
+                                .await?;
+                            groups.clear();
+                            pieces.clear();
+                        }
+                        let slot = pieces.len() / 2;
+                        let h = &mut hdrs[slot];
+                        let _ = codec::write_header(&format, route.vtep_mac, h);
+                        // Cannot fail: the slot holds the longest headers.
+                        let Ok(n) = codec::write_segment_headers(pkt, &gso, i, &mut h[hl..]) else {
+                            break;
+                        };
+                        let payload = &pkt[gso.payload(i)];
+                        pieces.push((h.as_ptr(), hl + n));
+                        pieces.push((payload.as_ptr(), payload.len()));
+                        push_segment(&mut groups, self.gso, dst, slot, hl + n + payload.len());
+                    }
+                }
+                r += 1;
+                if r == READS {
+                    break;
+                }
+                // Drain what is queued into the same batch: one sendmmsg for many reads.
+                len = match dev.try_recv(&mut reads[r]) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if is_fatal(&e) => return Err(e),
+                    Err(e) => {
+                        tracing::debug!("TUN worker {}: read: {e}", self.index);
+                        break;
+                    }
+                };
+            }
+            Stats::add(&self.stats.no_peer, no_peer);
+            Stats::add(&self.stats.not_ipv4, not_ipv4 + malformed);
+            self.send_batch(sock, &mut batch, &groups, &pieces, 2)
+                .await?;
+            groups.clear();
+            pieces.clear();
+        }
+    }
+
+    /// Without offloads: packets one by one, copied behind the headroom for the format's header.
+    async fn tun_to_udp_copy(
         &self,
         dev: &AsyncDevice,
         sock: &AsyncFd<UdpSocket>,
@@ -214,53 +470,48 @@ impl Worker {
                 let dst = SocketAddrV4::new(route.public_ip, self.config.port);
                 let seg_index = segs.len();
                 segs.push((bufs[i][start..].as_ptr(), seg_len));
-                // A GSO run: same peer, every segment but the last of the same size.
-                if let Some(g) = groups.last_mut()
-                    && self.gso
-                    && g.dst == dst
-                    && g.count < MAX_GSO_SEGMENTS
-                    && g.bytes == g.seg_len * g.count
-                    && seg_len <= g.seg_len
-                    && g.bytes + seg_len <= MAX_GSO_BYTES
-                {
-                    g.count += 1;
-                    g.bytes += seg_len;
-                    continue;
-                }
-                groups.push(SendGroup {
-                    dst,
-                    first: seg_index,
-                    count: 1,
-                    seg_len,
-                    bytes: seg_len,
-                });
+                push_segment(&mut groups, self.gso, dst, seg_index, seg_len);
             }
             Stats::add(&self.stats.no_peer, no_peer);
             Stats::add(&self.stats.not_ipv4, not_ipv4);
-            let messages = batch.prepare(&groups, &segs);
-            let mut from = 0;
-            while from < messages {
-                let mut guard = sock.writable().await?;
-                match guard.try_io(|s| batch.send(socket::raw(s.get_ref()), from, messages)) {
-                    Err(_would_block) => continue,
-                    Ok(Ok(n)) => {
-                        let sent: usize = groups[from..from + n].iter().map(|g| g.count).sum();
-                        Stats::add(&self.stats.encapsulated, sent as u64);
-                        from += n;
-                    }
-                    Ok(Err(e)) => {
-                        // The first message failed (no route to the peer, ...): skip it.
-                        tracing::debug!(
-                            "TUN worker {}: send to {}: {e}",
-                            self.index,
-                            groups[from].dst
-                        );
-                        Stats::add(&self.stats.send_errors, groups[from].count as u64);
-                        from += 1;
-                    }
+            self.send_batch(sock, &mut batch, &groups, &segs, 1).await?;
+        }
+    }
+
+    /// Sends `groups` (each `per_segment` pieces a segment in `pieces`), skipping a message whose
+    /// send fails.
+    async fn send_batch(
+        &self,
+        sock: &AsyncFd<UdpSocket>,
+        batch: &mut SendBatch,
+        groups: &[SendGroup],
+        pieces: &[(*const u8, usize)],
+        per_segment: usize,
+    ) -> io::Result<()> {
+        let messages = batch.prepare(groups, pieces, per_segment);
+        let mut from = 0;
+        while from < messages {
+            let mut guard = sock.writable().await?;
+            match guard.try_io(|s| batch.send(socket::raw(s.get_ref()), from, messages)) {
+                Err(_would_block) => continue,
+                Ok(Ok(n)) => {
+                    let sent: usize = groups[from..from + n].iter().map(|g| g.count).sum();
+                    Stats::add(&self.stats.encapsulated, sent as u64);
+                    from += n;
+                }
+                Ok(Err(e)) => {
+                    // The first message failed (no route to the peer, ...): skip it.
+                    tracing::debug!(
+                        "TUN worker {}: send to {}: {e}",
+                        self.index,
+                        groups[from].dst
+                    );
+                    Stats::add(&self.stats.send_errors, groups[from].count as u64);
+                    from += 1;
                 }
             }
         }
+        Ok(())
     }
 
     async fn answer_unreachable(
@@ -311,6 +562,8 @@ impl Worker {
         // Heads of coalesced TCP flows grow to 64 KB once and keep their capacity.
         let mut out: Vec<Vec<u8>> = (0..SLOTS).map(|_| Vec::with_capacity(off + 2048)).collect();
         let mut gro = GROTable::default();
+        let mtu = self.config.mtu as usize;
+        let mut big: Vec<u8> = Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65_535);
         loop {
             let n = {
                 let mut guard = sock.readable().await?;
@@ -326,6 +579,7 @@ impl Worker {
             };
             let table = peers.current();
             let (mut not_peer, mut spoofed, mut malformed) = (0u64, 0u64, 0u64);
+            let mut oversize = 0u64;
             let mut k = 0;
             for m in 0..n {
                 let (data, src, seg) = rb.message(m);
@@ -338,12 +592,43 @@ impl Worker {
                     match codec::decapsulate(&format, d) {
                         Err(_) => malformed += 1,
                         Ok((_, info)) if !table.owns(src, info.src) => spoofed += 1,
+                        Ok((inner, info))
+                            if offload && info.total_len > mtu && info.protocol == 6 =>
+                        {
+                            // A TCP super-packet left unsegmented by its sender (an eBPF host's
+                            // GSO skb crossing veth, never a real wire): handed to the kernel as
+                            // GSO, or forwarding would answer "fragmentation needed".
+                            big.clear();
+                            big.resize(VIRTIO_NET_HDR_LEN, 0);
+                            big.extend_from_slice(inner);
+                            let Some(vh) = tcp_gso_header(&mut big[VIRTIO_NET_HDR_LEN..], mtu)
+                            else {
+                                oversize += 1;
+                                continue;
+                            };
+                            big[..VIRTIO_NET_HDR_LEN].copy_from_slice(&vh);
+                            // In order with what is queued before it.
+                            if k > 0 {
+                                self.write_tun(dev, &mut gro, &mut out[..k], off).await?;
+                                k = 0;
+                            }
+                            match dev.send(&big).await {
+                                Ok(_) => Stats::add(&self.stats.decapsulated, 1),
+                                Err(e) if is_fatal(&e) => return Err(e),
+                                Err(e) => {
+                                    tracing::debug!("TUN worker {}: write: {e}", self.index);
+                                    Stats::add(&self.stats.tun_write_errors, 1);
+                                }
+                            }
+                        }
                         Ok((inner, _)) => {
                             let b = &mut out[k];
                             b.clear();
                             b.resize(off, 0);
                             b.extend_from_slice(inner);
-                            codec::complete_partial_checksum(&mut b[off..]);
+                            // Completes an unfinished offload (eBPF senders across veth); no
+                            // verification pass here (see complete_if_partial).
+                            codec::complete_if_partial(&mut b[off..]);
                             k += 1;
                             if k == SLOTS {
                                 self.write_tun(dev, &mut gro, &mut out[..k], off).await?;
@@ -358,7 +643,7 @@ impl Worker {
             }
             Stats::add(&self.stats.drop_not_peer, not_peer);
             Stats::add(&self.stats.drop_spoofed, spoofed);
-            Stats::add(&self.stats.drop_malformed, malformed);
+            Stats::add(&self.stats.drop_malformed, malformed + oversize);
             if k > 0 {
                 self.write_tun(dev, &mut gro, &mut out[..k], off).await?;
             }
