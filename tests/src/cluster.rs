@@ -334,18 +334,25 @@ impl Cluster {
         let bin = self.agent_bin.to_string_lossy().into_owned();
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let process = self.lab.hosts[index].ns.spawn(&bin, &argv, Some(&log))?;
-        let agent = AgentProcess {
-            process: Some(process),
-            log,
-            subnet_file,
-            args,
-        };
+        self.record_agent(
+            index,
+            AgentProcess {
+                process: Some(process),
+                log,
+                subnet_file,
+                args,
+            },
+        );
+        Ok(())
+    }
+
+    /// Makes `agent` host `index`'s agent (replacing a stopped one on restart).
+    fn record_agent(&mut self, index: usize, agent: AgentProcess) {
         if index < self.agents.len() {
             self.agents[index] = agent;
         } else {
             self.agents.push(agent);
         }
-        Ok(())
     }
 
     /// Waits until host `index`'s agent has written its subnet.env, and parses it.
@@ -518,17 +525,15 @@ impl Cluster {
         let mut argv: Vec<&str> = vec!["-c", script, &run_s, &bin];
         argv.extend(args.iter().map(String::as_str));
         let process = self.lab.hosts[index].ns.spawn("sh", &argv, Some(&log))?;
-        let agent = AgentProcess {
-            process: Some(process),
-            log,
-            subnet_file,
-            args,
-        };
-        if index < self.agents.len() {
-            self.agents[index] = agent;
-        } else {
-            self.agents.push(agent);
-        }
+        self.record_agent(
+            index,
+            AgentProcess {
+                process: Some(process),
+                log,
+                subnet_file,
+                args,
+            },
+        );
         Ok(())
     }
 

@@ -18,7 +18,6 @@ mod rig;
 
 use std::{
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -62,23 +61,10 @@ pub struct Options {
     pub control_plane: Option<usize>,
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// True once SIGINT or SIGTERM arrived: long steps check it and unwind, dropping the rig.
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::Relaxed)
-}
-
-/// Fails with "interrupted" once a signal arrived.
-pub fn check_interrupted() -> anyhow::Result<()> {
-    if interrupted() {
-        bail!("interrupted");
-    }
-    Ok(())
-}
+pub use crate::cmd::{check_interrupted, interrupted};
 
 extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::Relaxed);
+    crate::cmd::mark_interrupted();
 }
 
 /// On SIGINT/SIGTERM the main thread unwinds at its next check and drops the rig (namespaces,

@@ -102,3 +102,24 @@ pub fn run_tests(cmd: &mut Command, totals: &mut TestTotals) -> anyhow::Result<(
     }
     Ok(())
 }
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records that SIGINT or SIGTERM arrived. Async-signal-safe (one atomic store), for the signal
+/// handlers of `run` and `bench`.
+pub fn mark_interrupted() {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// True once SIGINT or SIGTERM arrived: long steps check it and unwind, dropping what they built.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Fails with "interrupted" once a signal arrived.
+pub fn check_interrupted() -> anyhow::Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
+}

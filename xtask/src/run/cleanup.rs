@@ -3,14 +3,9 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{
-        Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Mutex,
     time::Duration,
 };
-
-use anyhow::bail;
 
 use crate::cmd::step;
 
@@ -23,22 +18,10 @@ const BPFFS_PREFIX: &str = "overlay-bpffs-";
 /// Where overlay-tests' NsEtcd keeps its data (`<dir>/<prefix><pid>-<n>`).
 const ETCD_DATA: (&str, &str) = ("/dev/shm", "overlay-etcd-");
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// The lab's bpffs mount point, for the watchdog.
 static BPFFS: Mutex<Option<PathBuf>> = Mutex::new(None);
 
-/// True once SIGINT or SIGTERM arrived.
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::Relaxed)
-}
-
-/// Fails with "interrupted" once a signal arrived.
-pub fn check_interrupted() -> anyhow::Result<()> {
-    if interrupted() {
-        bail!("interrupted");
-    }
-    Ok(())
-}
+pub use crate::cmd::{check_interrupted, interrupted};
 
 /// Records the lab's bpffs so the watchdog can unmount it.
 pub fn set_bpffs(path: Option<PathBuf>) {
@@ -46,7 +29,7 @@ pub fn set_bpffs(path: Option<PathBuf>) {
 }
 
 extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::Relaxed);
+    crate::cmd::mark_interrupted();
 }
 
 /// On SIGINT/SIGTERM the main thread notices at its next check and drops the lab (agents, etcd,
