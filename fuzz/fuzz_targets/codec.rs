@@ -6,7 +6,9 @@
 //! - checksum completion (both forms) never panics, and a completed packet verifies;
 //! - every segment cut from a TSO/USO super-packet is a well-formed, checksummed packet;
 //! - the ICMP "destination unreachable" answer, when one is built, is a well-formed IPv4 packet
-//!   with valid header and ICMP checksums, and fits `ICMP_UNREACH_MAX_LEN`.
+//!   with valid header and ICMP checksums, and fits `ICMP_UNREACH_MAX_LEN`;
+//! - the receive path's coalescing (`dataplane::tun::coalesce`) never panics on hostile packets
+//!   and writes each packet it was given exactly once.
 //!
 //! Run: `cargo +nightly fuzz run codec` (from the repository root; `cargo xtask test` runs it for
 //! 30 s).
@@ -15,8 +17,9 @@
 use std::net::Ipv4Addr;
 
 use libfuzzer_sys::fuzz_target;
-use overlay_agent::dataplane::codec::{
-    self, Format, ICMP_UNREACH_MAX_LEN, IPV4_MIN_HDR, L4Checksum, MAX_ENCAP_LEN,
+use overlay_agent::dataplane::{
+    codec::{self, Format, ICMP_UNREACH_MAX_LEN, IPV4_MIN_HDR, L4Checksum, MAX_ENCAP_LEN},
+    tun::coalesce::{CoalesceOptions, Coalescer},
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -124,4 +127,34 @@ fuzz_target!(|data: &[u8]| {
     }
     // Too small a buffer is an error, never a panic.
     let _ = codec::icmp_unreachable(bytes, from, code, &mut icmp[..IPV4_MIN_HDR]);
+
+    // Coalescing: the input cut into packets of one length (as a GRO aggregate is), each pushed.
+    let cut = usize::from(params[1]) * 4 + IPV4_MIN_HDR;
+    for options in [
+        CoalesceOptions {
+            vnet_hdr: true,
+            udp: true,
+            mtu: usize::from(params[2]) * 8,
+        },
+        CoalesceOptions {
+            vnet_hdr: false,
+            udp: false,
+            mtu: 1500,
+        },
+    ] {
+        let mut packets = bytes.to_vec();
+        let mut co = Coalescer::new(options, 8);
+        for p in packets.chunks_mut(cut) {
+            if let Ok(info) = codec::parse_ipv4(p) {
+                let _ = co.push(p, &info);
+            }
+            if co.is_full() {
+                let pushed = co.packets();
+                assert_eq!(co.writes().map(|w| w.packets()).sum::<usize>(), pushed);
+                co.reset();
+            }
+        }
+        let pushed = co.packets();
+        assert_eq!(co.writes().map(|w| w.packets()).sum::<usize>(), pushed);
+    }
 });

@@ -335,74 +335,96 @@ fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
+/// What a packet's TCP/UDP checksum field holds ([`check_l4_checksum`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksumField {
+    /// Not TCP or UDP, a fragment, or UDP without a checksum: nothing to check.
+    NotApplicable,
+    /// The checksum verifies.
+    Valid,
+    /// Only the pseudo-header sum: a sender's checksum offload that was never completed (an
+    /// eBPF encapsulation across veth, where no NIC finishes it).
+    Partial,
+    /// Wrong, and not an offload artefact.
+    Invalid,
+}
+
+/// Reads the TCP/UDP checksum of an IPv4 packet against its bytes: one pass over the segment,
+/// nothing written. The receive path's coalescing verifies every segment it merges with this,
+/// because the merged packet goes to the kernel as already checked.
+pub fn check_l4_checksum(packet: &[u8]) -> ChecksumField {
+    let Some((info, at, pseudo)) = l4_checksum_site(packet) else {
+        return ChecksumField::NotApplicable;
+    };
+    if fold(sum16(&packet[info.header_len..info.total_len], pseudo)) == 0xffff {
+        return ChecksumField::Valid;
+    }
+    let stored = u16::from_be_bytes([packet[at], packet[at + 1]]);
+    let partial = fold(pseudo);
+    if stored == partial || stored == !partial {
+        ChecksumField::Partial
+    } else {
+        ChecksumField::Invalid
+    }
+}
+
+/// Where an unfragmented IPv4 TCP/UDP packet keeps its L4 checksum: the summary, the field's
+/// offset and the pseudo-header sum. None for anything else, and for UDP without a checksum.
+fn l4_checksum_site(packet: &[u8]) -> Option<(Ipv4Summary, usize, u32)> {
+    let info = parse_ipv4(packet).ok()?;
+    let frag = u16::from_be_bytes([packet[6], packet[7]]);
+    let field = match info.protocol {
+        6 => 16,
+        17 => 6,
+        _ => return None,
+    };
+    // Fragments (MF or an offset) carry part of the segment only.
+    if frag & 0x3fff != 0 || info.total_len < info.header_len + field + 2 {
+        return None;
+    }
+    let at = info.header_len + field;
+    if info.protocol == 17 && packet[at] == 0 && packet[at + 1] == 0 {
+        return None;
+    }
+    let l4_len = info.total_len - info.header_len;
+    let pseudo = sum16(&packet[12..20], u32::from(info.protocol) + l4_len as u32);
+    Some((info, at, pseudo))
+}
+
+/// The pseudo-header sum (folded, not complemented) of the IPv4 header `ip` for `l4_len` bytes of
+/// protocol `protocol`: what a TCP/UDP checksum field holds while the checksum is left to
+/// offload (`CHECKSUM_PARTIAL`). `ip` must hold at least the first 20 bytes of the header.
+pub fn pseudo_header_checksum(ip: &[u8], protocol: u8, l4_len: usize) -> u16 {
+    fold(sum16(&ip[12..20], u32::from(protocol) + l4_len as u32))
+}
+
 /// Completes the TCP/UDP checksum of a decapsulated IPv4 packet whose sender left it to
 /// checksum offload. A sender's kernel that encapsulates in eBPF (with a zero outer UDP checksum)
 /// passes such packets on unfinished when no NIC computes them (veth); the receiving kernel
 /// would drop them. A packet whose checksum is wrong in any other way is left alone.
 pub fn complete_partial_checksum(packet: &mut [u8]) -> L4Checksum {
-    let Ok(info) = parse_ipv4(packet) else {
-        return L4Checksum::NotApplicable;
-    };
-    let frag = u16::from_be_bytes([packet[6], packet[7]]);
-    let field = match info.protocol {
-        6 => 16,
-        17 => 6,
-        _ => return L4Checksum::NotApplicable,
-    };
-    // Fragments (MF or an offset) carry part of the segment only.
-    if frag & 0x3fff != 0 || info.total_len < info.header_len + field + 2 {
-        return L4Checksum::NotApplicable;
+    match check_l4_checksum(packet) {
+        ChecksumField::NotApplicable => L4Checksum::NotApplicable,
+        ChecksumField::Valid => L4Checksum::Valid,
+        ChecksumField::Invalid => L4Checksum::Invalid,
+        ChecksumField::Partial => {
+            complete_if_partial(packet);
+            L4Checksum::Completed
+        }
     }
-    let l4_len = info.total_len - info.header_len;
-    let at = info.header_len + field;
-    let stored = u16::from_be_bytes([packet[at], packet[at + 1]]);
-    if info.protocol == 17 && stored == 0 {
-        return L4Checksum::NotApplicable;
-    }
-    let pseudo = sum16(&packet[12..20], u32::from(info.protocol) + l4_len as u32);
-    let l4 = &packet[info.header_len..info.total_len];
-    if fold(sum16(l4, pseudo)) == 0xffff {
-        return L4Checksum::Valid;
-    }
-    let partial = fold(pseudo);
-    if stored != partial && stored != !partial {
-        return L4Checksum::Invalid;
-    }
-    packet[at..at + 2].copy_from_slice(&[0, 0]);
-    let mut csum = !fold(sum16(&packet[info.header_len..info.total_len], pseudo));
-    if info.protocol == 17 && csum == 0 {
-        csum = 0xffff;
-    }
-    packet[at..at + 2].copy_from_slice(&csum.to_be_bytes());
-    L4Checksum::Completed
 }
 
-/// The receive path's cheap form of [`complete_partial_checksum`]: completes the TCP/UDP checksum
-/// when the field holds exactly the pseudo-header sum (a sender's unfinished checksum offload),
-/// and otherwise reads only the headers, verifying nothing: the TUN write's GRO verifies what it
-/// coalesces and the kernel verifies the rest, so a pass of ours over every byte would be a
-/// third. Returns whether it completed the checksum. (A valid checksum that happens to equal
-/// the pseudo-header sum is recomputed to the same value.)
+/// The cheap form of [`complete_partial_checksum`], for a TUN device without a virtio-net header
+/// (which could leave the rest to the kernel): completes the TCP/UDP checksum when the field
+/// holds exactly the pseudo-header sum (a sender's unfinished checksum offload), and otherwise
+/// reads only the headers, verifying nothing, since the kernel verifies what it receives.
+/// Returns whether it completed the checksum. (A valid checksum that happens to equal the
+/// pseudo-header sum is recomputed to the same value.)
 pub fn complete_if_partial(packet: &mut [u8]) -> bool {
-    let Ok(info) = parse_ipv4(packet) else {
+    let Some((info, at, pseudo)) = l4_checksum_site(packet) else {
         return false;
     };
-    let frag = u16::from_be_bytes([packet[6], packet[7]]);
-    let field = match info.protocol {
-        6 => 16,
-        17 => 6,
-        _ => return false,
-    };
-    if frag & 0x3fff != 0 || info.total_len < info.header_len + field + 2 {
-        return false;
-    }
-    let l4_len = info.total_len - info.header_len;
-    let at = info.header_len + field;
     let stored = u16::from_be_bytes([packet[at], packet[at + 1]]);
-    if info.protocol == 17 && stored == 0 {
-        return false;
-    }
-    let pseudo = sum16(&packet[12..20], u32::from(info.protocol) + l4_len as u32);
     let partial = fold(pseudo);
     if stored != partial && stored != !partial {
         return false;

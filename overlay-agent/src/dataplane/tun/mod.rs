@@ -14,6 +14,7 @@
 //! [`Profile`] keeps the slower steps selectable (`OVERLAY_TUN_PROFILE`), so each can be measured
 //! with `cargo xtask bench`.
 
+pub mod coalesce;
 pub mod peers;
 pub mod socket;
 pub mod stats;

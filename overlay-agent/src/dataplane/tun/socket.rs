@@ -208,6 +208,12 @@ impl RecvBatch {
         let (len, src, seg) = self.meta[i];
         (&self.bufs[i][..len], src, seg)
     }
+
+    /// As [`RecvBatch::message`], writable (the receive path fixes checksum fields in place).
+    pub fn message_mut(&mut self, i: usize) -> (&mut [u8], Ipv4Addr, usize) {
+        let (len, src, seg) = self.meta[i];
+        (&mut self.bufs[i][..len], src, seg)
+    }
 }
 
 /// One datagram, or a GSO run of same-sized datagrams to one peer.

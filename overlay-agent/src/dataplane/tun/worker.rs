@@ -4,6 +4,7 @@
 use std::{
     io,
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    os::fd::AsRawFd as _,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -13,6 +14,7 @@ use tun_rs::{AsyncDevice, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::{
     ForwarderConfig,
+    coalesce::{CoalesceOptions, Coalescer},
     peers::PeerReader,
     socket::{self, MAX_GSO_BYTES, MAX_GSO_SEGMENTS, RecvBatch, SendBatch, SendGroup},
     stats::Stats,
@@ -114,25 +116,6 @@ impl VirtioHeader {
             csum_offset: u16_at(8),
         }
     }
-}
-
-/// The virtio-net header that hands `packet`, an IPv4 TCP packet longer than `mtu`, to the TUN
-/// device as a TSO super-packet of `mtu`-sized segments; its checksum field becomes the
-/// pseudo-header sum the kernel completes. None when it is not such a packet.
-fn tcp_gso_header(packet: &mut [u8], mtu: usize) -> Option<[u8; VIRTIO_NET_HDR_LEN]> {
-    let gso = codec::parse_gso(packet, 6, 1).ok()?;
-    let mss = mtu.checked_sub(gso.header_len()).filter(|&m| m > 0)?;
-    if !codec::set_pseudo_header_checksum(packet) {
-        return None;
-    }
-    let mut h = [0u8; VIRTIO_NET_HDR_LEN];
-    h[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-    h[1] = GSO_TCPV4;
-    h[2..4].copy_from_slice(&(gso.header_len() as u16).to_ne_bytes());
-    h[4..6].copy_from_slice(&(mss as u16).to_ne_bytes());
-    h[6..8].copy_from_slice(&(gso.l3_len as u16).to_ne_bytes());
-    h[8..10].copy_from_slice(&16u16.to_ne_bytes());
-    Some(h)
 }
 
 /// At most `per_second` answers per one-second window.
@@ -557,13 +540,16 @@ impl Worker {
     ) -> io::Result<()> {
         let offload = self.config.profile.offload();
         let format = self.config.format;
-        let off = if offload { VIRTIO_NET_HDR_LEN } else { 0 };
         let mut rb = RecvBatch::new(if offload { RECV_SLOTS } else { 1 });
-        // Heads of coalesced TCP flows grow to 64 KB once and keep their capacity.
-        let mut out: Vec<Vec<u8>> = (0..SLOTS).map(|_| Vec::with_capacity(off + 2048)).collect();
-        let mut gro = GROTable::default();
-        let mtu = self.config.mtu as usize;
-        let mut big: Vec<u8> = Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65_535);
+        let mut co = Coalescer::new(
+            CoalesceOptions {
+                vnet_hdr: offload,
+                udp: offload && dev.udp_gso(),
+                mtu: self.config.mtu as usize,
+            },
+            SLOTS,
+        );
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(2 + 64);
         loop {
             let n = {
                 let mut guard = sock.readable().await?;
@@ -580,92 +566,78 @@ impl Worker {
             let table = peers.current();
             let (mut not_peer, mut spoofed, mut malformed) = (0u64, 0u64, 0u64);
             let mut oversize = 0u64;
-            let mut k = 0;
+            co.reset();
             for m in 0..n {
-                let (data, src, seg) = rb.message(m);
+                let (data, src, seg) = rb.message_mut(m);
                 let seg = if seg == 0 { data.len().max(1) } else { seg };
                 if !table.is_peer(src) {
                     not_peer += data.len().div_ceil(seg).max(1) as u64;
                     continue;
                 }
-                for d in data.chunks(seg) {
-                    match codec::decapsulate(&format, d) {
-                        Err(_) => malformed += 1,
-                        Ok((_, info)) if !table.owns(src, info.src) => spoofed += 1,
-                        Ok((inner, info))
-                            if offload && info.total_len > mtu && info.protocol == 6 =>
-                        {
-                            // A TCP super-packet left unsegmented by its sender (an eBPF host's
-                            // GSO skb crossing veth, never a real wire): handed to the kernel as
-                            // GSO, or forwarding would answer "fragmentation needed".
-                            big.clear();
-                            big.resize(VIRTIO_NET_HDR_LEN, 0);
-                            big.extend_from_slice(inner);
-                            let Some(vh) = tcp_gso_header(&mut big[VIRTIO_NET_HDR_LEN..], mtu)
-                            else {
-                                oversize += 1;
-                                continue;
-                            };
-                            big[..VIRTIO_NET_HDR_LEN].copy_from_slice(&vh);
-                            // In order with what is queued before it.
-                            if k > 0 {
-                                self.write_tun(dev, &mut gro, &mut out[..k], off).await?;
-                                k = 0;
-                            }
-                            match dev.send(&big).await {
-                                Ok(_) => Stats::add(&self.stats.decapsulated, 1),
-                                Err(e) if is_fatal(&e) => return Err(e),
-                                Err(e) => {
-                                    tracing::debug!("TUN worker {}: write: {e}", self.index);
-                                    Stats::add(&self.stats.tun_write_errors, 1);
-                                }
-                            }
-                        }
-                        Ok((inner, _)) => {
-                            let b = &mut out[k];
-                            b.clear();
-                            b.resize(off, 0);
-                            b.extend_from_slice(inner);
-                            // Completes an unfinished offload (eBPF senders across veth); no
-                            // verification pass here (see complete_if_partial).
-                            codec::complete_if_partial(&mut b[off..]);
-                            k += 1;
-                            if k == SLOTS {
-                                self.write_tun(dev, &mut gro, &mut out[..k], off).await?;
-                                k = 0;
-                            }
-                        }
-                    }
-                }
                 if data.is_empty() {
                     malformed += 1;
+                }
+                for d in data.chunks_mut(seg) {
+                    let (at, info) = match codec::decapsulate(&format, d) {
+                        Err(_) => {
+                            malformed += 1;
+                            continue;
+                        }
+                        Ok((_, info)) if !table.owns(src, info.src) => {
+                            spoofed += 1;
+                            continue;
+                        }
+                        Ok((inner, info)) => (inner.as_ptr() as usize - d.as_ptr() as usize, info),
+                    };
+                    if co.push(&mut d[at..], &info).is_err() {
+                        oversize += 1;
+                    }
+                    if co.is_full() {
+                        self.write_tun(dev, &mut co, &mut iov).await?;
+                    }
                 }
             }
             Stats::add(&self.stats.drop_not_peer, not_peer);
             Stats::add(&self.stats.drop_spoofed, spoofed);
             Stats::add(&self.stats.drop_malformed, malformed + oversize);
-            if k > 0 {
-                self.write_tun(dev, &mut gro, &mut out[..k], off).await?;
-            }
+            self.write_tun(dev, &mut co, &mut iov).await?;
         }
     }
 
+    /// Makes the coalescer's writes, then resets it. A write that fails is counted and skipped.
     async fn write_tun(
         &self,
         dev: &AsyncDevice,
-        gro: &mut GROTable,
-        bufs: &mut [Vec<u8>],
-        off: usize,
+        co: &mut Coalescer,
+        iov: &mut Vec<libc::iovec>,
     ) -> io::Result<()> {
-        let k = bufs.len() as u64;
-        match dev.send_multiple(gro, bufs, off).await {
-            Ok(_) => Stats::add(&self.stats.decapsulated, k),
-            Err(e) if is_fatal(&e) => return Err(e),
-            Err(e) => {
+        let (mut written, mut failed) = (0u64, 0u64);
+        for w in co.writes() {
+            w.iovecs(iov);
+            loop {
+                // SAFETY: the iovecs point at the coalescer's headers and at the receive batch's
+                // buffers, neither touched until the coalescer is reset after these writes.
+                let r = unsafe { libc::writev(dev.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+                if r >= 0 {
+                    written += w.packets() as u64;
+                    break;
+                }
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    dev.writable().await?;
+                    continue;
+                }
+                if is_fatal(&e) {
+                    return Err(e);
+                }
                 tracing::debug!("TUN worker {}: write: {e}", self.index);
-                Stats::add(&self.stats.tun_write_errors, 1);
+                failed += 1;
+                break;
             }
         }
+        co.reset();
+        Stats::add(&self.stats.decapsulated, written);
+        Stats::add(&self.stats.tun_write_errors, failed);
         Ok(())
     }
 }
