@@ -40,7 +40,20 @@ fn display(cmd: &Command) -> String {
 
 /// The cargo that runs this xtask, so nested builds use the same toolchain.
 pub fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    // What `cargo run` set for xtask itself. ring's build script reruns when CARGO_MANIFEST_DIR
+    // changes, so inheriting it rebuilt ring, rustls, tonic, etcd-client and the agent each time
+    // a plain `cargo build`/`cargo test` and an xtask build took turns (over a minute each).
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("CARGO_MANIFEST_")
+            || k.starts_with("CARGO_PKG_")
+            || matches!(&*k, "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE")
+        {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd
 }
 
 /// Whether this process runs as root (namespaces, eBPF and apt need it).
