@@ -314,6 +314,24 @@ pub enum L4Checksum {
 /// beyond a swap of the folded result (RFC 1071, 2.(B)), and a 64-bit accumulator of 32-bit
 /// words cannot overflow below 2^32 words.
 fn sum16(data: &[u8], sum: u32) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above; the answer is cached).
+        return unsafe { sum16_avx2(data, sum) };
+    }
+    sum16_words(data, sum)
+}
+
+/// [`sum16_words`] compiled for AVX2: the same loop, vectorised 32 bytes at a time instead of
+/// the baseline's 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn sum16_avx2(data: &[u8], sum: u32) -> u32 {
+    sum16_words(data, sum)
+}
+
+#[inline(always)]
+fn sum16_words(data: &[u8], sum: u32) -> u32 {
     let mut chunks = data.chunks_exact(4);
     let mut acc: u64 = (&mut chunks)
         .map(|c| u64::from(u32::from_ne_bytes([c[0], c[1], c[2], c[3]])))
@@ -982,6 +1000,7 @@ mod tests {
                 plain += u64::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]));
             }
             prop_assert_eq!(fold(sum16(data, start)), fold64(plain));
+            prop_assert_eq!(fold(sum16_words(data, start)), fold64(plain));
         }
 
         #[test]
