@@ -7,8 +7,9 @@
 //! state is shared but the peer table (see [`peers`]) and counters. The fast path (the default
 //! [`Profile::Full`]) moves TCP as 64 KB super-packets: TUN offloads (`IFF_VNET_HDR`,
 //! `TUNSETOFFLOAD`; super-packets read are cut into segments by the codec without copying the
-//! payload, each segment sent as its headers plus a slice of the read buffer; writes are
-//! coalesced by tun-rs' GRO table, as wireguard-go does), UDP GSO on send and UDP GRO on receive,
+//! payload, each segment sent as its headers plus a slice of the read buffer; received segments
+//! are merged back into super-packets by [`coalesce`] and written gathered, without copying),
+//! UDP GSO on send and UDP GRO on receive,
 //! `recvmmsg`/`sendmmsg`, no allocation per packet.
 //!
 //! [`Profile`] keeps the slower steps selectable (`OVERLAY_TUN_PROFILE`), so each can be measured
