@@ -48,7 +48,10 @@ pub fn cargo() -> Command {
         let k = key.to_string_lossy();
         if k.starts_with("CARGO_MANIFEST_")
             || k.starts_with("CARGO_PKG_")
-            || matches!(&*k, "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE")
+            || matches!(
+                &*k,
+                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
         {
             cmd.env_remove(&key);
         }
