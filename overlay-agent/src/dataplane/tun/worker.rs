@@ -10,7 +10,7 @@ use std::{
 };
 
 use tokio::io::unix::AsyncFd;
-use tun_rs::{AsyncDevice, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::{
     ForwarderConfig,
@@ -23,8 +23,6 @@ use crate::dataplane::codec::{self, ICMP_NET_UNREACH, ICMP_UNREACH_MAX_LEN, MAX_
 
 /// Packets handled per batch in either direction.
 const SLOTS: usize = 128;
-/// TUN reads of one batch stop when fewer slots than one 64 KB super-packet's segments are left.
-const SLOTS_PER_READ: usize = 64;
 /// Datagrams (GRO aggregates) per `recvmmsg`.
 const RECV_SLOTS: usize = 16;
 
@@ -116,6 +114,14 @@ impl VirtioHeader {
             csum_offset: u16_at(8),
         }
     }
+}
+
+/// What answering "destination unreachable" needs (see `Worker::unreachable`).
+struct Unreachable {
+    limit: RateLimit,
+    buf: [u8; VIRTIO_NET_HDR_LEN + ICMP_UNREACH_MAX_LEN],
+    /// Where the ICMP packet starts in `buf`: after the virtio-net header, if the device has one.
+    off: usize,
 }
 
 /// At most `per_second` answers per one-second window.
@@ -227,15 +233,7 @@ impl Worker {
         let mut pieces: Vec<(*const u8, usize)> = Vec::with_capacity(2 * SLOTS);
         let mut groups: Vec<SendGroup> = Vec::with_capacity(SLOTS);
         let mut batch = SendBatch::new(2 * SLOTS, self.gso);
-        let mut icmp = RateLimit {
-            per_second: self.config.icmp_per_second,
-            window: Instant::now(),
-            used: 0,
-        };
-        let mut icmp_buf: Vec<Vec<u8>> = vec![Vec::with_capacity(
-            VIRTIO_NET_HDR_LEN + ICMP_UNREACH_MAX_LEN,
-        )];
-        let mut icmp_gro = GROTable::default();
+        let mut icmp = self.unreachable();
         loop {
             let mut len = match dev.recv(&mut reads[0]).await {
                 Ok(n) => n,
@@ -259,26 +257,22 @@ impl Worker {
                     let Some(route) = table.lookup(dst) else {
                         no_peer += 1;
                         if in_network(dst, self.config.network) {
-                            self.answer_unreachable(
-                                dev,
-                                pkt,
-                                &mut icmp,
-                                &mut icmp_buf,
-                                &mut icmp_gro,
-                                VIRTIO_NET_HDR_LEN,
-                            )
-                            .await;
+                            self.answer_unreachable(dev, pkt, &mut icmp).await;
                         }
                         break 'packet;
                     };
                     let dst = SocketAddrV4::new(route.public_ip, self.config.port);
-                    let gso = match hdr.gso_type {
+                    let protocol = match hdr.gso_type {
                         GSO_NONE => None,
-                        GSO_TCPV4 => Some(codec::parse_gso(pkt, 6, hdr.gso_size)),
-                        GSO_UDP_L4 => Some(codec::parse_gso(pkt, 17, hdr.gso_size)),
-                        _ => Some(Err(codec::CodecError::NotIpv4 { version: 6 })),
+                        GSO_TCPV4 => Some(6),
+                        GSO_UDP_L4 => Some(17),
+                        // TCPv6 and the like: not an IPv4 overlay packet.
+                        _ => {
+                            malformed += 1;
+                            break 'packet;
+                        }
                     };
-                    let gso = match gso {
+                    let gso = match protocol.map(|p| codec::parse_gso(pkt, p, hdr.gso_size)) {
                         None => None,
                         Some(Ok(g)) => Some(g),
                         Some(Err(_)) => {
@@ -303,10 +297,8 @@ impl Worker {
                             break 'packet;
                         };
                         if pieces.len() == 2 * SLOTS {
-                            self.send_batch(sock, &mut batch, &groups, &pieces, 2)
+                            self.send_batch(sock, &mut batch, &mut groups, &mut pieces, 2)
                                 .await?;
-                            groups.clear();
-                            pieces.clear();
                         }
                         let slot = pieces.len() / 2;
                         let _ = codec::write_header(&format, route.vtep_mac, &mut hdrs[slot]);
@@ -318,10 +310,8 @@ impl Worker {
                     let pkt = &*pkt;
                     for i in 0..gso.segments() {
                         if pieces.len() == 2 * SLOTS {
-                            self.send_batch(sock, &mut batch, &groups, &pieces, 2)
+                            self.send_batch(sock, &mut batch, &mut groups, &mut pieces, 2)
                                 .await?;
-                            groups.clear();
-                            pieces.clear();
                         }
                         let slot = pieces.len() / 2;
                         let h = &mut hdrs[slot];
@@ -353,10 +343,8 @@ impl Worker {
             }
             Stats::add(&self.stats.no_peer, no_peer);
             Stats::add(&self.stats.not_ipv4, not_ipv4 + malformed);
-            self.send_batch(sock, &mut batch, &groups, &pieces, 2)
+            self.send_batch(sock, &mut batch, &mut groups, &mut pieces, 2)
                 .await?;
-            groups.clear();
-            pieces.clear();
         }
     }
 
@@ -367,7 +355,6 @@ impl Worker {
         sock: &AsyncFd<UdpSocket>,
         mut peers: PeerReader,
     ) -> io::Result<()> {
-        let offload = self.config.profile.offload();
         let format = self.config.format;
         let hl = format.header_len();
         let seg_cap = MAX_ENCAP_LEN + (self.config.mtu as usize).max(1500);
@@ -377,16 +364,9 @@ impl Worker {
         let mut groups: Vec<SendGroup> = Vec::with_capacity(SLOTS);
         let mut segs: Vec<(*const u8, usize)> = Vec::with_capacity(SLOTS);
         let mut batch = SendBatch::new(SLOTS, self.gso);
-        let mut icmp = RateLimit {
-            per_second: self.config.icmp_per_second,
-            window: Instant::now(),
-            used: 0,
-        };
-        let icmp_off = if offload { VIRTIO_NET_HDR_LEN } else { 0 };
-        let mut icmp_buf: Vec<Vec<u8>> = vec![Vec::with_capacity(icmp_off + ICMP_UNREACH_MAX_LEN)];
-        let mut icmp_gro = GROTable::default();
+        let mut icmp = self.unreachable();
         loop {
-            let mut used = match dev
+            let used = match dev
                 .recv_multiple(&mut orig, &mut bufs, &mut sizes, MAX_ENCAP_LEN)
                 .await
             {
@@ -397,28 +377,7 @@ impl Worker {
                     continue;
                 }
             };
-            if offload {
-                // Drain what is queued into the same batch: one sendmmsg for many reads.
-                while SLOTS - used >= SLOTS_PER_READ {
-                    match dev.try_recv_multiple(
-                        &mut orig,
-                        &mut bufs[used..],
-                        &mut sizes[used..],
-                        MAX_ENCAP_LEN,
-                    ) {
-                        Ok(n) => used += n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) if is_fatal(&e) => return Err(e),
-                        Err(e) => {
-                            tracing::debug!("TUN worker {}: read: {e}", self.index);
-                            break;
-                        }
-                    }
-                }
-            }
             let table = peers.current();
-            groups.clear();
-            segs.clear();
             let (mut no_peer, mut not_ipv4) = (0, 0);
             for i in 0..used {
                 let len = sizes[i];
@@ -430,15 +389,7 @@ impl Worker {
                 let Some(route) = table.lookup(dst) else {
                     no_peer += 1;
                     if in_network(dst, self.config.network) {
-                        self.answer_unreachable(
-                            dev,
-                            pkt,
-                            &mut icmp,
-                            &mut icmp_buf,
-                            &mut icmp_gro,
-                            icmp_off,
-                        )
-                        .await;
+                        self.answer_unreachable(dev, pkt, &mut icmp).await;
                     }
                     continue;
                 };
@@ -457,18 +408,19 @@ impl Worker {
             }
             Stats::add(&self.stats.no_peer, no_peer);
             Stats::add(&self.stats.not_ipv4, not_ipv4);
-            self.send_batch(sock, &mut batch, &groups, &segs, 1).await?;
+            self.send_batch(sock, &mut batch, &mut groups, &mut segs, 1)
+                .await?;
         }
     }
 
     /// Sends `groups` (each `per_segment` pieces a segment in `pieces`), skipping a message whose
-    /// send fails.
+    /// send fails, and empties both for the next batch.
     async fn send_batch(
         &self,
         sock: &AsyncFd<UdpSocket>,
         batch: &mut SendBatch,
-        groups: &[SendGroup],
-        pieces: &[(*const u8, usize)],
+        groups: &mut Vec<SendGroup>,
+        pieces: &mut Vec<(*const u8, usize)>,
         per_segment: usize,
     ) -> io::Result<()> {
         let messages = batch.prepare(groups, pieces, per_segment);
@@ -494,36 +446,44 @@ impl Worker {
                 }
             }
         }
+        groups.clear();
+        pieces.clear();
         Ok(())
     }
 
-    async fn answer_unreachable(
-        &self,
-        dev: &AsyncDevice,
-        offending: &[u8],
-        limit: &mut RateLimit,
-        buf: &mut [Vec<u8>],
-        gro: &mut GROTable,
-        off: usize,
-    ) {
-        if !limit.allow() {
+    /// The state for answering "unreachable": the rate limit and a buffer with room for the
+    /// virtio-net header (left zero: no offload) when the device has one.
+    fn unreachable(&self) -> Unreachable {
+        Unreachable {
+            limit: RateLimit {
+                per_second: self.config.icmp_per_second,
+                window: Instant::now(),
+                used: 0,
+            },
+            buf: [0; VIRTIO_NET_HDR_LEN + ICMP_UNREACH_MAX_LEN],
+            off: if self.config.profile.offload() {
+                VIRTIO_NET_HDR_LEN
+            } else {
+                0
+            },
+        }
+    }
+
+    async fn answer_unreachable(&self, dev: &AsyncDevice, offending: &[u8], u: &mut Unreachable) {
+        if !u.limit.allow() {
             Stats::add(&self.stats.icmp_rate_limited, 1);
             return;
         }
-        let b = &mut buf[0];
-        b.clear();
-        b.resize(off + ICMP_UNREACH_MAX_LEN, 0);
         // No answer is due (an ICMP error, a later fragment) or possible (not IPv4): stay quiet.
         let Ok(Some(n)) = codec::icmp_unreachable(
             offending,
             self.config.icmp_source,
             ICMP_NET_UNREACH,
-            &mut b[off..],
+            &mut u.buf[u.off..],
         ) else {
             return;
         };
-        b.truncate(off + n);
-        match dev.send_multiple(gro, buf, off).await {
+        match dev.send(&u.buf[..u.off + n]).await {
             Ok(_) => Stats::add(&self.stats.icmp_sent, 1),
             Err(e) => {
                 tracing::debug!("TUN worker {}: ICMP write: {e}", self.index);
@@ -540,6 +500,7 @@ impl Worker {
     ) -> io::Result<()> {
         let offload = self.config.profile.offload();
         let format = self.config.format;
+        let hl = format.header_len();
         let mut rb = RecvBatch::new(if offload { RECV_SLOTS } else { 1 });
         let mut co = Coalescer::new(
             CoalesceOptions {
@@ -566,7 +527,6 @@ impl Worker {
             let table = peers.current();
             let (mut not_peer, mut spoofed, mut malformed) = (0u64, 0u64, 0u64);
             let mut oversize = 0u64;
-            co.reset();
             for m in 0..n {
                 let (data, src, seg) = rb.message_mut(m);
                 let seg = if seg == 0 { data.len().max(1) } else { seg };
@@ -578,7 +538,7 @@ impl Worker {
                     malformed += 1;
                 }
                 for d in data.chunks_mut(seg) {
-                    let (at, info) = match codec::decapsulate(&format, d) {
+                    let info = match codec::decapsulate(&format, d) {
                         Err(_) => {
                             malformed += 1;
                             continue;
@@ -587,9 +547,10 @@ impl Worker {
                             spoofed += 1;
                             continue;
                         }
-                        Ok((inner, info)) => (inner.as_ptr() as usize - d.as_ptr() as usize, info),
+                        Ok((_, info)) => info,
                     };
-                    if co.push(&mut d[at..], &info).is_err() {
+                    // The inner packet starts right after the format's header.
+                    if co.push(&mut d[hl..], &info).is_err() {
                         oversize += 1;
                     }
                     if co.is_full() {
