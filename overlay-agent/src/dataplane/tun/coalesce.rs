@@ -81,6 +81,8 @@ struct Run {
     l3_len: usize,
     /// The first segment's payload length: every other but the last is as long.
     seg_size: usize,
+    /// The payload bytes of the run so far.
+    payload: usize,
     /// TCP: the sequence number the next segment must carry.
     next_seq: u32,
     /// The first segment's checksum was left to offload (it matters for a run of one).
@@ -354,12 +356,13 @@ impl Coalescer {
             if appends(
                 run,
                 &e.head[..e.head_len],
-                &e.pieces,
+                e.pieces.len(),
                 packet,
                 hl,
                 payload.len(),
             ) {
                 e.pieces.push((payload.as_ptr(), payload.len()));
+                run.payload += payload.len();
                 run.next_seq = run.next_seq.wrapping_add(payload.len() as u32);
                 let psh = protocol == 6 && packet[l3 + 13] & TCP_PSH != 0;
                 if psh {
@@ -403,6 +406,7 @@ impl Coalescer {
             protocol,
             l3_len: l3,
             seg_size: payload.len(),
+            payload: payload.len(),
             next_seq: seq.wrapping_add(payload.len() as u32),
             partial,
             closed: psh,
@@ -422,22 +426,21 @@ fn flow_key(packet: &[u8], l3: usize) -> FlowKey {
 }
 
 /// Whether `packet` (headers `hl` bytes, then `payload_len` bytes) continues `run`, whose
-/// headers are `head` and whose payloads so far are `pieces`.
+/// headers are `head` and which has `segments` segments so far.
 fn appends(
     run: &Run,
     head: &[u8],
-    pieces: &[(*const u8, usize)],
+    segments: usize,
     packet: &[u8],
     hl: usize,
     payload_len: usize,
 ) -> bool {
     let l3 = run.l3_len;
-    let bytes: usize = hl + pieces.iter().map(|p| p.1).sum::<usize>();
     if run.closed
         || hl != head.len()
         || payload_len > run.seg_size
-        || bytes + payload_len > MAX_IP_LEN
-        || pieces.len() >= MAX_SEGMENTS
+        || hl + run.payload + payload_len > MAX_IP_LEN
+        || segments >= MAX_SEGMENTS
     {
         return false;
     }
@@ -476,8 +479,7 @@ fn finish(e: &mut Entry, run: &Run) {
         };
         return;
     }
-    let payload: usize = e.pieces.iter().map(|p| p.1).sum();
-    let total = hl + payload;
+    let total = hl + run.payload;
     let h = &mut e.head[..hl];
     h[2..4].copy_from_slice(&(total as u16).to_be_bytes());
     h[10..12].copy_from_slice(&[0, 0]);
