@@ -401,6 +401,17 @@ pub fn check_l4_checksum(packet: &[u8]) -> ChecksumField {
 /// Where an unfragmented IPv4 TCP/UDP packet keeps its L4 checksum: the summary, the field's
 /// offset and the pseudo-header sum. None for anything else, and for UDP without a checksum.
 fn l4_checksum_site(packet: &[u8]) -> Option<(Ipv4Summary, usize, u32)> {
+    let (info, at) = l4_checksum_field(packet)?;
+    if info.protocol == 17 && packet[at] == 0 && packet[at + 1] == 0 {
+        return None;
+    }
+    let l4_len = info.total_len - info.header_len;
+    let pseudo = sum16(&packet[12..20], u32::from(info.protocol) + l4_len as u32);
+    Some((info, at, pseudo))
+}
+
+/// The summary and the checksum field's offset of an unfragmented IPv4 TCP/UDP packet.
+fn l4_checksum_field(packet: &[u8]) -> Option<(Ipv4Summary, usize)> {
     let info = parse_ipv4(packet).ok()?;
     let frag = u16::from_be_bytes([packet[6], packet[7]]);
     let field = match info.protocol {
@@ -412,13 +423,7 @@ fn l4_checksum_site(packet: &[u8]) -> Option<(Ipv4Summary, usize, u32)> {
     if frag & 0x3fff != 0 || info.total_len < info.header_len + field + 2 {
         return None;
     }
-    let at = info.header_len + field;
-    if info.protocol == 17 && packet[at] == 0 && packet[at + 1] == 0 {
-        return None;
-    }
-    let l4_len = info.total_len - info.header_len;
-    let pseudo = sum16(&packet[12..20], u32::from(info.protocol) + l4_len as u32);
-    Some((info, at, pseudo))
+    Some((info, info.header_len + field))
 }
 
 /// The pseudo-header sum (folded, not complemented) of the IPv4 header `ip` for `l4_len` bytes of
@@ -619,21 +624,10 @@ pub fn complete_offload_checksum(packet: &mut [u8], start: usize, offset: usize)
 /// kernel leaving the checksum to offload does (`CHECKSUM_PARTIAL`). Returns false, leaving the
 /// packet, when it is not an unfragmented IPv4 TCP/UDP packet.
 pub fn set_pseudo_header_checksum(packet: &mut [u8]) -> bool {
-    let Ok(info) = parse_ipv4(packet) else {
+    let Some((info, at)) = l4_checksum_field(packet) else {
         return false;
     };
-    let field = match info.protocol {
-        6 => 16,
-        17 => 6,
-        _ => return false,
-    };
-    let frag = u16::from_be_bytes([packet[6], packet[7]]);
-    if frag & 0x3fff != 0 || info.total_len < info.header_len + field + 2 {
-        return false;
-    }
-    let l4_len = (info.total_len - info.header_len) as u32;
-    let partial = fold(sum16(&packet[12..20], u32::from(info.protocol) + l4_len));
-    let at = info.header_len + field;
+    let partial = pseudo_header_checksum(packet, info.protocol, info.total_len - info.header_len);
     packet[at..at + 2].copy_from_slice(&partial.to_be_bytes());
     true
 }
