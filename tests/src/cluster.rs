@@ -334,20 +334,25 @@ impl Cluster {
         let bin = self.agent_bin.to_string_lossy().into_owned();
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let process = self.lab.hosts[index].ns.spawn(&bin, &argv, Some(&log))?;
-        self.record_agent(
-            index,
-            AgentProcess {
-                process: Some(process),
-                log,
-                subnet_file,
-                args,
-            },
-        );
+        self.record_agent(index, process, log, subnet_file, args);
         Ok(())
     }
 
-    /// Makes `agent` host `index`'s agent (replacing a stopped one on restart).
-    fn record_agent(&mut self, index: usize, agent: AgentProcess) {
+    /// Makes the started `process` host `index`'s agent (replacing a stopped one on restart).
+    fn record_agent(
+        &mut self,
+        index: usize,
+        process: NsProcess,
+        log: PathBuf,
+        subnet_file: PathBuf,
+        args: Vec<String>,
+    ) {
+        let agent = AgentProcess {
+            process: Some(process),
+            log,
+            subnet_file,
+            args,
+        };
         if index < self.agents.len() {
             self.agents[index] = agent;
         } else {
@@ -525,15 +530,7 @@ impl Cluster {
         let mut argv: Vec<&str> = vec!["-c", script, &run_s, &bin];
         argv.extend(args.iter().map(String::as_str));
         let process = self.lab.hosts[index].ns.spawn("sh", &argv, Some(&log))?;
-        self.record_agent(
-            index,
-            AgentProcess {
-                process: Some(process),
-                log,
-                subnet_file,
-                args,
-            },
-        );
+        self.record_agent(index, process, log, subnet_file, args);
         Ok(())
     }
 

@@ -96,9 +96,6 @@ pub fn delete_persistent_tun(name: &str) -> Result<(), TunError> {
     tun_ioctl(&file, name, "TUNSETPERSIST", TUNSETPERSIST, 0)
 }
 
-/// Attaches multi-queue, or single-queue when the existing device is (the kernel refuses a
-/// mismatch with EINVAL). Sysfs' `tun_flags` would tell directly, but shows the namespace sysfs
-/// was mounted in, not necessarily the calling thread's.
 /// Sets `name`'s transmit queue length (`ip link set NAME txqueuelen LEN`), in the calling
 /// thread's network namespace. For a TUN device it is the length of each queue's ring.
 pub fn set_tx_queue_len(name: &str, len: u32) -> Result<(), TunError> {
@@ -132,6 +129,9 @@ pub fn set_tx_queue_len(name: &str, len: u32) -> Result<(), TunError> {
     Ok(())
 }
 
+/// Attaches multi-queue, or single-queue when the existing device is (the kernel refuses a
+/// mismatch with EINVAL). Sysfs' `tun_flags` would tell directly, but shows the namespace sysfs
+/// was mounted in, not necessarily the calling thread's.
 fn attach_any(name: &str) -> Result<std::fs::File, TunError> {
     match attach(name, IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE) {
         Err(TunError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
