@@ -625,12 +625,17 @@ enum DatapathCmd {
 /// traffic, fed in order through a channel. Peer events are logged here, whatever the datapath.
 struct DatapathHandle {
     tx: Option<mpsc::UnboundedSender<DatapathCmd>>,
+    /// Disconnects when the thread has dropped the datapath.
+    done: std_mpsc::Receiver<()>,
 }
+
+/// How long stopping waits for the datapath's own teardown (the TUN workers and their counters).
+const DATAPATH_STOP_WAIT: Duration = Duration::from_secs(2);
 
 impl DatapathHandle {
     fn spawn(datapath: Option<Box<dyn Datapath>>, health: Health) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<DatapathCmd>();
-        let (alive_tx, _alive_rx) = std_mpsc::channel::<()>();
+        let (alive_tx, done) = std_mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("datapath".into())
             .spawn(move || {
@@ -675,7 +680,7 @@ impl DatapathHandle {
                 }
             })
             .expect("spawning the datapath thread");
-        Self { tx: Some(tx) }
+        Self { tx: Some(tx), done }
     }
 
     async fn start(&self, local: LocalLease) -> Result<(), DaemonError> {
@@ -704,5 +709,19 @@ impl DatapathHandle {
             .and_then(|tx| tx.send(DatapathCmd::Synced(reply)).ok())
             .ok_or(DaemonError::DatapathGone)?;
         rx.await.map_err(|_| DaemonError::DatapathGone)
+    }
+}
+
+impl Drop for DatapathHandle {
+    /// Closes the queue and waits, briefly, for the thread to drop the datapath: the process
+    /// exits right after, and would otherwise cut its teardown short.
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Err(std_mpsc::RecvTimeoutError::Timeout) = self.done.recv_timeout(DATAPATH_STOP_WAIT)
+        {
+            tracing::warn!(
+                "the datapath did not stop within {DATAPATH_STOP_WAIT:?}; exiting without it"
+            );
+        }
     }
 }

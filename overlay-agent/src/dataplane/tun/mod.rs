@@ -243,5 +243,8 @@ impl Drop for Forwarder {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+        // The counters' only trace once the process is gone: what an operator compares
+        // against the traffic seen, and the first thing to look at after a loss.
+        tracing::info!("TUN datapath stopped: {}", self.stats.snapshot());
     }
 }
