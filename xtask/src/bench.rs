@@ -56,6 +56,11 @@ pub struct Options {
     /// Do not build the agent: the agent's modes are reported missing unless --agent is given.
     #[arg(long)]
     pub no_build: bool,
+    /// TCP congestion control of the throughput tests (iperf3 -C), the same in every mode;
+    /// `system` leaves it to the machine's default. Cubic is Linux's default, so the numbers do
+    /// not depend on how this machine happens to be tuned.
+    #[arg(long, default_value = "cubic")]
+    pub tcp_cc: String,
     /// Measure the control plane with N peer leases in etcd instead of the datapaths.
     #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "1000")]
     pub control_plane: Option<usize>,
@@ -170,7 +175,33 @@ fn datapaths(opts: &Options, out_dir: &Path, run_dir: &Path) -> anyhow::Result<(
             .collect()
     };
 
+    let system_cc = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    let cc = match opts.tcp_cc.as_str() {
+        "system" => None,
+        name => {
+            let available =
+                std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+                    .unwrap_or_default();
+            if !available.split_whitespace().any(|a| a == name) {
+                bail!(
+                    "--tcp-cc {name}: not available here (available: {}; `system` uses the \
+                     default, {system_cc})",
+                    available.trim()
+                );
+            }
+            Some(name.to_owned())
+        }
+    };
     let mut notes = Vec::new();
+    notes.push(match &cc {
+        Some(name) => format!(
+            "TCP congestion control: {name} in every mode (iperf3 -C; this machine's default is \
+             {system_cc})."
+        ),
+        None => format!("TCP congestion control: the machine's default, {system_cc}."),
+    });
     let needs_agent = modes.iter().any(|m| matches!(m.kind, Kind::Agent { .. }));
     let agent = if needs_agent {
         step("bench: overlay-agent binary");
@@ -246,7 +277,8 @@ fn datapaths(opts: &Options, out_dir: &Path, run_dir: &Path) -> anyhow::Result<(
                     return Err(e.context(format!("setting up mode {}", mode.name)));
                 }
             };
-            let sample = metrics::measure_all(rig.client(), &active.server_ip.clone(), secs);
+            let sample =
+                metrics::measure_all(rig.client(), &active.server_ip.clone(), secs, cc.as_deref());
             rig.teardown(active);
             rig::check_clean(&rig)?;
             match sample {

@@ -87,10 +87,15 @@ impl Metric {
 pub type Sample = Vec<(Metric, f64)>;
 
 /// Runs every measurement once, `secs` seconds each.
-pub fn measure_all(client: &NetNs, server_ip: &str, secs: u32) -> anyhow::Result<Sample> {
+pub fn measure_all(
+    client: &NetNs,
+    server_ip: &str,
+    secs: u32,
+    cc: Option<&str>,
+) -> anyhow::Result<Sample> {
     let mut out = Vec::new();
     let before = cpu_ticks()?;
-    let tcp1 = iperf_tcp(client, server_ip, 1, secs)?;
+    let tcp1 = iperf_tcp(client, server_ip, 1, secs, cc)?;
     let after = cpu_ticks()?;
     out.push((Metric::Tcp1, tcp1.bits_per_second / 1e9));
     let cpu_secs = (after - before) as f64 / clock_ticks_per_second();
@@ -99,7 +104,7 @@ pub fn measure_all(client: &NetNs, server_ip: &str, secs: u32) -> anyhow::Result
         out.push((Metric::CpuPerGbit, cpu_secs / gbits));
     }
     check_interrupted()?;
-    let tcp4 = iperf_tcp(client, server_ip, 4, secs)?;
+    let tcp4 = iperf_tcp(client, server_ip, 4, secs, cc)?;
     out.push((Metric::Tcp4, tcp4.bits_per_second / 1e9));
     check_interrupted()?;
     out.push((
@@ -179,13 +184,19 @@ fn iperf_json(ns: &NetNs, args: &[&str], secs: u32) -> anyhow::Result<serde_json
     Ok(json)
 }
 
-fn iperf_tcp(ns: &NetNs, ip: &str, streams: u32, secs: u32) -> anyhow::Result<Throughput> {
+fn iperf_tcp(
+    ns: &NetNs,
+    ip: &str,
+    streams: u32,
+    secs: u32,
+    cc: Option<&str>,
+) -> anyhow::Result<Throughput> {
     let (s, p) = (secs.to_string(), streams.to_string());
-    let json = iperf_json(
-        ns,
-        &["-c", ip, "-p", IPERF_PORT, "-t", &s, "-P", &p, "--json"],
-        secs,
-    )?;
+    let mut args = vec!["-c", ip, "-p", IPERF_PORT, "-t", &s, "-P", &p, "--json"];
+    if let Some(cc) = cc {
+        args.extend(["-C", cc]);
+    }
+    let json = iperf_json(ns, &args, secs)?;
     let sum = &json["end"]["sum_received"];
     Ok(Throughput {
         bits_per_second: sum["bits_per_second"]
