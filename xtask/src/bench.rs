@@ -57,16 +57,20 @@ pub struct Options {
     #[arg(long)]
     pub no_build: bool,
     /// TCP congestion control of the throughput tests (iperf3 -C), the same in every mode;
-    /// `system` leaves it to the machine's default. Cubic is Linux's default, so the numbers do
-    /// not depend on how this machine happens to be tuned.
-    #[arg(long, default_value = "cubic")]
-    pub tcp_cc: String,
+    /// `system` leaves it to the machine's default. Unset: cubic, Linux's default, so the numbers
+    /// do not depend on how this machine happens to be tuned (the machine's default, said in the
+    /// report, where cubic is not available).
+    #[arg(long)]
+    pub tcp_cc: Option<String>,
     /// Measure the control plane with N peer leases in etcd instead of the datapaths.
     #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "1000")]
     pub control_plane: Option<usize>,
 }
 
 pub use crate::cmd::{check_interrupted, interrupted};
+
+/// The TCP congestion control of the throughput tests unless `--tcp-cc` says otherwise.
+const DEFAULT_TCP_CC: &str = "cubic";
 
 extern "C" fn on_signal(_: libc::c_int) {
     crate::cmd::mark_interrupted();
@@ -178,13 +182,24 @@ fn datapaths(opts: &Options, out_dir: &Path, run_dir: &Path) -> anyhow::Result<(
     let system_cc = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown".into());
-    let cc = match opts.tcp_cc.as_str() {
-        "system" => None,
-        name => {
-            let available =
-                std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
-                    .unwrap_or_default();
-            if !available.split_whitespace().any(|a| a == name) {
+    let available = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+        .unwrap_or_default();
+    let is_available = |name: &str| available.split_whitespace().any(|a| a == name);
+    let mut notes = Vec::new();
+    let cc = match opts.tcp_cc.as_deref() {
+        None if is_available(DEFAULT_TCP_CC) => Some(DEFAULT_TCP_CC.to_owned()),
+        None => {
+            let why = format!(
+                "{DEFAULT_TCP_CC} is not available here ({}): the machine's default is used",
+                available.trim()
+            );
+            step(format!("bench: {why}"));
+            notes.push(why);
+            None
+        }
+        Some("system") => None,
+        Some(name) => {
+            if !is_available(name) {
                 bail!(
                     "--tcp-cc {name}: not available here (available: {}; `system` uses the \
                      default, {system_cc})",
@@ -194,7 +209,6 @@ fn datapaths(opts: &Options, out_dir: &Path, run_dir: &Path) -> anyhow::Result<(
             Some(name.to_owned())
         }
     };
-    let mut notes = Vec::new();
     notes.push(match &cc {
         Some(name) => format!(
             "TCP congestion control: {name} in every mode (iperf3 -C; this machine's default is \
