@@ -386,27 +386,35 @@ pub fn check_l4_checksum(packet: &[u8]) -> ChecksumField {
     let Some((info, at, pseudo)) = l4_checksum_site(packet) else {
         return ChecksumField::NotApplicable;
     };
-    if fold(sum16(&packet[info.header_len..info.total_len], pseudo)) == 0xffff {
+    if fold(sum16(
+        &packet[info.header_len..info.total_len],
+        u32::from(pseudo),
+    )) == 0xffff
+    {
         return ChecksumField::Valid;
     }
-    let stored = u16::from_be_bytes([packet[at], packet[at + 1]]);
-    let partial = fold(pseudo);
-    if stored == partial || stored == !partial {
+    if holds_pseudo_header_sum(packet, at, pseudo) {
         ChecksumField::Partial
     } else {
         ChecksumField::Invalid
     }
 }
 
+/// Whether the checksum field at `at` holds the pseudo-header sum `pseudo` (or its complement,
+/// as some senders leave it): a checksum left to offload and never finished.
+fn holds_pseudo_header_sum(packet: &[u8], at: usize, pseudo: u16) -> bool {
+    let stored = u16::from_be_bytes([packet[at], packet[at + 1]]);
+    stored == pseudo || stored == !pseudo
+}
+
 /// Where an unfragmented IPv4 TCP/UDP packet keeps its L4 checksum: the summary, the field's
 /// offset and the pseudo-header sum. None for anything else, and for UDP without a checksum.
-fn l4_checksum_site(packet: &[u8]) -> Option<(Ipv4Summary, usize, u32)> {
+fn l4_checksum_site(packet: &[u8]) -> Option<(Ipv4Summary, usize, u16)> {
     let (info, at) = l4_checksum_field(packet)?;
     if info.protocol == 17 && packet[at] == 0 && packet[at + 1] == 0 {
         return None;
     }
-    let l4_len = info.total_len - info.header_len;
-    let pseudo = sum16(&packet[12..20], u32::from(info.protocol) + l4_len as u32);
+    let pseudo = pseudo_header_checksum(packet, info.protocol, info.total_len - info.header_len);
     Some((info, at, pseudo))
 }
 
@@ -459,13 +467,14 @@ pub fn complete_if_partial(packet: &mut [u8]) -> bool {
     let Some((info, at, pseudo)) = l4_checksum_site(packet) else {
         return false;
     };
-    let stored = u16::from_be_bytes([packet[at], packet[at + 1]]);
-    let partial = fold(pseudo);
-    if stored != partial && stored != !partial {
+    if !holds_pseudo_header_sum(packet, at, pseudo) {
         return false;
     }
     packet[at..at + 2].copy_from_slice(&[0, 0]);
-    let mut csum = !fold(sum16(&packet[info.header_len..info.total_len], pseudo));
+    let mut csum = !fold(sum16(
+        &packet[info.header_len..info.total_len],
+        u32::from(pseudo),
+    ));
     if info.protocol == 17 && csum == 0 {
         csum = 0xffff;
     }
