@@ -87,8 +87,6 @@ struct Run {
     next_seq: u32,
     /// The first segment's checksum was left to offload (it matters for a run of one).
     partial: bool,
-    /// A shorter segment or PSH arrived: nothing more is appended.
-    closed: bool,
 }
 
 /// One write: the virtio-net header, `head` (a run's rewritten headers; empty for a packet
@@ -106,10 +104,9 @@ pub struct Coalescer {
     options: CoalesceOptions,
     entries: Vec<Entry>,
     used: usize,
-    /// Entries whose run is open, oldest first.
+    /// Entries whose run is still open (a shorter segment, PSH, another flow's eviction or a
+    /// segment that could not be appended closes it), oldest first.
     open: Vec<usize>,
-    /// Segments pushed since [`Coalescer::reset`].
-    packets: usize,
 }
 
 // SAFETY: the pointers are only stored and handed back to the worker that owns the buffers
@@ -154,7 +151,8 @@ impl Write<'_> {
     }
 
     /// The bytes written (virtio-net header included).
-    pub fn bytes(&self) -> usize {
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
         let vnet = if self.vnet_hdr { VNET_HDR_LEN } else { 0 };
         vnet + self.entry.head_len + self.entry.pieces.iter().map(|p| p.1).sum::<usize>()
     }
@@ -177,7 +175,6 @@ impl Coalescer {
             entries,
             used: 0,
             open: Vec::with_capacity(MAX_OPEN),
-            packets: 0,
         }
     }
 
@@ -185,17 +182,11 @@ impl Coalescer {
     pub fn reset(&mut self) {
         self.used = 0;
         self.open.clear();
-        self.packets = 0;
     }
 
     /// Whether the next push may need a write slot there is none of: write and reset first.
     pub fn is_full(&self) -> bool {
         self.used == self.entries.len()
-    }
-
-    /// The packets pushed since the last reset.
-    pub fn packets(&self) -> usize {
-        self.packets
     }
 
     /// Adds the decapsulated IPv4 packet `packet` (summarised by `info`): appended to its flow's
@@ -314,7 +305,6 @@ impl Coalescer {
     fn single(&mut self, packet: &[u8], vnet: [u8; VNET_HDR_LEN]) {
         let e = &mut self.entries[self.used];
         self.used += 1;
-        self.packets += 1;
         e.vnet = vnet;
         e.head_len = 0;
         e.run = None;
@@ -324,25 +314,18 @@ impl Coalescer {
 
     fn close_flow(&mut self, key: &FlowKey) {
         if let Some(pos) = self.open_run(key) {
-            let i = self.open.remove(pos);
-            if let Some(run) = &mut self.entries[i].run {
-                run.closed = true;
-            }
+            self.open.remove(pos);
         }
     }
 
     fn open_run(&self, key: &FlowKey) -> Option<usize> {
-        self.open.iter().rposition(|&i| {
-            self.entries[i]
-                .run
-                .as_ref()
-                .is_some_and(|r| !r.closed && r.key == *key)
-        })
+        self.open
+            .iter()
+            .rposition(|&i| self.entries[i].run.as_ref().is_some_and(|r| r.key == *key))
     }
 
     /// Appends a verified TCP/UDP segment to its flow's run, or starts a run with it.
     fn merge(&mut self, packet: &[u8], l3: usize, l4_len: usize, partial: bool) {
-        self.packets += 1;
         let protocol = packet[9];
         let key = flow_key(packet, l3);
         let hl = l3 + l4_len;
@@ -369,19 +352,14 @@ impl Coalescer {
                     e.head[l3 + 13] |= TCP_PSH;
                 }
                 if psh || payload.len() < run.seg_size || e.pieces.len() == MAX_SEGMENTS {
-                    run.closed = true;
                     self.open.remove(pos);
                 }
                 return;
             }
-            run.closed = true;
             self.open.remove(pos);
         }
         if self.open.len() == MAX_OPEN {
-            let oldest = self.open.remove(0);
-            if let Some(run) = &mut self.entries[oldest].run {
-                run.closed = true;
-            }
+            self.open.remove(0);
         }
         let index = self.used;
         let e = &mut self.entries[index];
@@ -409,7 +387,6 @@ impl Coalescer {
             payload: payload.len(),
             next_seq: seq.wrapping_add(payload.len() as u32),
             partial,
-            closed: psh,
         });
         if !psh {
             self.open.push(index);
@@ -425,8 +402,8 @@ fn flow_key(packet: &[u8], l3: usize) -> FlowKey {
     key
 }
 
-/// Whether `packet` (headers `hl` bytes, then `payload_len` bytes) continues `run`, whose
-/// headers are `head` and which has `segments` segments so far.
+/// Whether `packet` (headers `hl` bytes, then `payload_len` bytes) continues the open `run`,
+/// whose headers are `head` and which has `segments` segments so far.
 fn appends(
     run: &Run,
     head: &[u8],
@@ -436,8 +413,7 @@ fn appends(
     payload_len: usize,
 ) -> bool {
     let l3 = run.l3_len;
-    if run.closed
-        || hl != head.len()
+    if hl != head.len()
         || payload_len > run.seg_size
         || hl + run.payload + payload_len > MAX_IP_LEN
         || segments >= MAX_SEGMENTS
@@ -595,7 +571,7 @@ mod tests {
             let info = codec::parse_ipv4(p).unwrap();
             co.push(p, &info).unwrap();
         }
-        let pushed = co.packets();
+        let pushed = packets.len();
         let mut iov = Vec::new();
         let mut out = Vec::new();
         let mut carried = 0;
