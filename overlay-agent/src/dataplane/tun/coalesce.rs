@@ -21,10 +21,11 @@
 //!
 //! Pure bookkeeping over pointers: the worker owns the buffers and does the writes.
 
-use super::super::codec::{self, ChecksumField, Ipv4Summary};
+use super::{
+    super::codec::{self, ChecksumField, Ipv4Summary},
+    vnet::{self, F_DATA_VALID, F_NEEDS_CSUM, GSO_TCPV4, GSO_UDP_L4, VirtioHeader},
+};
 
-/// The virtio-net header the TUN device expects in front of each packet written.
-pub const VNET_HDR_LEN: usize = 10;
 /// Segments merged into one packet at most (the kernel's own GRO stops at 64 too).
 const MAX_SEGMENTS: usize = 64;
 /// An IPv4 packet's largest total length.
@@ -33,11 +34,6 @@ const MAX_IP_LEN: usize = 65_535;
 const MAX_OPEN: usize = 16;
 /// The longest IPv4 plus TCP headers.
 const MAX_HEADERS: usize = 60 + 60;
-
-const F_NEEDS_CSUM: u8 = 1;
-const F_DATA_VALID: u8 = 2;
-const GSO_TCPV4: u8 = 1;
-const GSO_UDP_L4: u8 = 5;
 
 const TCP_PSH: u8 = 0x08;
 const TCP_ACK: u8 = 0x10;
@@ -92,7 +88,7 @@ struct Run {
 /// One write: the virtio-net header, `head` (a run's rewritten headers; empty for a packet
 /// written as it is) and `pieces` (payloads, or the whole packet).
 struct Entry {
-    vnet: [u8; VNET_HDR_LEN],
+    vnet: [u8; vnet::LEN],
     head: [u8; MAX_HEADERS],
     head_len: usize,
     pieces: Vec<(*const u8, usize)>,
@@ -127,7 +123,7 @@ impl Write<'_> {
         if self.vnet_hdr {
             iov.push(libc::iovec {
                 iov_base: e.vnet.as_ptr().cast_mut().cast(),
-                iov_len: VNET_HDR_LEN,
+                iov_len: vnet::LEN,
             });
         }
         if e.head_len > 0 {
@@ -153,7 +149,7 @@ impl Write<'_> {
     /// The bytes written (virtio-net header included).
     #[cfg(test)]
     fn bytes(&self) -> usize {
-        let vnet = if self.vnet_hdr { VNET_HDR_LEN } else { 0 };
+        let vnet = if self.vnet_hdr { vnet::LEN } else { 0 };
         vnet + self.entry.head_len + self.entry.pieces.iter().map(|p| p.1).sum::<usize>()
     }
 }
@@ -163,7 +159,7 @@ impl Coalescer {
     pub fn new(options: CoalesceOptions, capacity: usize) -> Self {
         let entries = (0..capacity.max(1))
             .map(|_| Entry {
-                vnet: [0; VNET_HDR_LEN],
+                vnet: [0; vnet::LEN],
                 head: [0; MAX_HEADERS],
                 head_len: 0,
                 pieces: Vec::with_capacity(MAX_SEGMENTS),
@@ -200,7 +196,7 @@ impl Coalescer {
         if !self.options.vnet_hdr {
             // No header can say "checksum left to do": finish what a sender's offload left.
             codec::complete_if_partial(packet);
-            self.single(packet, [0; VNET_HDR_LEN]);
+            self.single(packet, [0; vnet::LEN]);
             return Ok(());
         }
         let l3 = info.header_len;
@@ -239,19 +235,16 @@ impl Coalescer {
                     self.close_flow(&key);
                 }
                 let vnet = match check {
-                    ChecksumField::Valid => vnet_header(F_DATA_VALID, 0, 0, 0, 0, 0),
-                    ChecksumField::Partial => {
-                        set_partial(packet, l3, info.protocol, field);
-                        vnet_header(F_NEEDS_CSUM, 0, 0, 0, l3, field)
-                    }
+                    ChecksumField::Valid => verified(),
+                    ChecksumField::Partial => left_to_offload(packet, l3, info.protocol, field),
                     // Wrong or not checkable: the kernel verifies, drops and counts.
-                    ChecksumField::Invalid | ChecksumField::NotApplicable => [0; VNET_HDR_LEN],
+                    ChecksumField::Invalid | ChecksumField::NotApplicable => [0; vnet::LEN],
                 };
                 self.single(packet, vnet);
                 Ok(())
             }
             _ => {
-                self.single(packet, [0; VNET_HDR_LEN]);
+                self.single(packet, [0; vnet::LEN]);
                 Ok(())
             }
         }
@@ -290,19 +283,20 @@ impl Coalescer {
         }
         let key = flow_key(packet, gso.l3_len);
         self.close_flow(&key);
-        let vnet = vnet_header(
-            F_NEEDS_CSUM,
-            GSO_TCPV4,
-            gso.header_len(),
-            mss,
-            gso.l3_len,
-            16,
-        );
+        let vnet = VirtioHeader {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: gso.header_len(),
+            gso_size: mss,
+            csum_start: gso.l3_len,
+            csum_offset: 16,
+        }
+        .encode();
         self.single(packet, vnet);
         Ok(())
     }
 
-    fn single(&mut self, packet: &[u8], vnet: [u8; VNET_HDR_LEN]) {
+    fn single(&mut self, packet: &[u8], vnet: [u8; vnet::LEN]) {
         let e = &mut self.entries[self.used];
         self.used += 1;
         e.vnet = vnet;
@@ -448,10 +442,9 @@ fn finish(e: &mut Entry, run: &Run) {
     if e.pieces.len() == 1 {
         // A run of one is the packet as it arrived, verified (or left to offload by its sender).
         e.vnet = if run.partial {
-            set_partial(&mut e.head[..hl], l3, run.protocol, field);
-            vnet_header(F_NEEDS_CSUM, 0, 0, 0, l3, field)
+            left_to_offload(&mut e.head[..hl], l3, run.protocol, field)
         } else {
-            vnet_header(F_DATA_VALID, 0, 0, 0, 0, 0)
+            verified()
         };
         return;
     }
@@ -472,7 +465,15 @@ fn finish(e: &mut Entry, run: &Run) {
     } else {
         GSO_TCPV4
     };
-    e.vnet = vnet_header(F_NEEDS_CSUM, gso, hl, run.seg_size, l3, field);
+    e.vnet = VirtioHeader {
+        flags: F_NEEDS_CSUM,
+        gso_type: gso,
+        hdr_len: hl,
+        gso_size: run.seg_size,
+        csum_start: l3,
+        csum_offset: field,
+    }
+    .encode();
 }
 
 /// Puts exactly the pseudo-header sum in the checksum field (some senders leave its complement).
@@ -482,23 +483,26 @@ fn set_partial(packet: &mut [u8], l3: usize, protocol: u8, field: usize) {
     packet[l3 + field..l3 + field + 2].copy_from_slice(&pseudo.to_be_bytes());
 }
 
-/// A virtio-net header (native endian: the device is not switched to big-endian).
-fn vnet_header(
-    flags: u8,
-    gso_type: u8,
-    hdr_len: usize,
-    gso_size: usize,
-    csum_start: usize,
-    csum_offset: usize,
-) -> [u8; VNET_HDR_LEN] {
-    let mut h = [0u8; VNET_HDR_LEN];
-    h[0] = flags;
-    h[1] = gso_type;
-    h[2..4].copy_from_slice(&(hdr_len as u16).to_ne_bytes());
-    h[4..6].copy_from_slice(&(gso_size as u16).to_ne_bytes());
-    h[6..8].copy_from_slice(&(csum_start as u16).to_ne_bytes());
-    h[8..10].copy_from_slice(&(csum_offset as u16).to_ne_bytes());
-    h
+/// The header of one packet whose checksum was verified.
+fn verified() -> [u8; vnet::LEN] {
+    VirtioHeader {
+        flags: F_DATA_VALID,
+        ..Default::default()
+    }
+    .encode()
+}
+
+/// Leaves one packet's checksum (its field at `l3 + field`) to the kernel: the field gets the
+/// pseudo-header sum, and the header returned says so.
+fn left_to_offload(packet: &mut [u8], l3: usize, protocol: u8, field: usize) -> [u8; vnet::LEN] {
+    set_partial(packet, l3, protocol, field);
+    VirtioHeader {
+        flags: F_NEEDS_CSUM,
+        csum_start: l3,
+        csum_offset: field,
+        ..Default::default()
+    }
+    .encode()
 }
 
 #[cfg(test)]
@@ -601,7 +605,7 @@ mod tests {
     /// segments, each verified complete.
     fn segments(w: &[u8]) -> Vec<Vec<u8>> {
         let (flags, gso_type, _, gso_size, start, offset) = vnet(w);
-        let mut pkt = w[VNET_HDR_LEN..].to_vec();
+        let mut pkt = w[vnet::LEN..].to_vec();
         let protocol = pkt[9];
         if gso_type == 0 {
             if flags & F_NEEDS_CSUM != 0 {
@@ -662,7 +666,7 @@ mod tests {
         let (flags, gso_type, hdr_len, gso_size, start, offset) = vnet(&writes[0]);
         assert_eq!((flags, gso_type), (F_NEEDS_CSUM, GSO_TCPV4));
         assert_eq!((hdr_len, gso_size, start, offset), (52, MSS, 20, 16));
-        let packet = &writes[0][VNET_HDR_LEN..];
+        let packet = &writes[0][vnet::LEN..];
         assert_eq!(
             codec::parse_ipv4(packet).unwrap().total_len,
             52 + data.len()

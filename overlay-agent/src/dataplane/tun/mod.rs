@@ -19,6 +19,7 @@ pub mod coalesce;
 pub mod peers;
 pub mod socket;
 pub mod stats;
+pub mod vnet;
 mod worker;
 
 use std::{

@@ -10,7 +10,7 @@ use std::{
 };
 
 use tokio::io::unix::AsyncFd;
-use tun_rs::{AsyncDevice, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, SyncDevice};
 
 use super::{
     ForwarderConfig,
@@ -18,6 +18,7 @@ use super::{
     peers::PeerReader,
     socket::{self, MAX_GSO_BYTES, MAX_GSO_SEGMENTS, RecvBatch, SendBatch, SendGroup},
     stats::Stats,
+    vnet::{self, VirtioHeader},
 };
 use crate::dataplane::codec::{self, ICMP_NET_UNREACH, ICMP_UNREACH_MAX_LEN, MAX_ENCAP_LEN};
 
@@ -77,49 +78,15 @@ fn push_segment(
     });
 }
 
-/// virtio-net header flag: the checksum from `csum_start` is left to do.
-const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
-const GSO_NONE: u8 = 0;
-const GSO_TCPV4: u8 = 1;
-const GSO_UDP_L4: u8 = 5;
-/// The ECN bit of `gso_type`: CWR handling, which segmentation does in any case.
-const GSO_ECN: u8 = 0x80;
 /// A segment's header slot: the format's header and the longest IPv4 and TCP headers.
 const SEG_HDR: usize = MAX_ENCAP_LEN + 60 + 60;
 /// TUN reads (super-packets of up to 64 KB) gathered into one batch.
 const READS: usize = 8;
 
-/// The virtio-net header the TUN device puts before each packet read (native endian; the device
-/// is not switched to big-endian).
-#[derive(Debug, Clone, Copy)]
-struct VirtioHeader {
-    flags: u8,
-    gso_type: u8,
-    gso_size: usize,
-    csum_start: usize,
-    csum_offset: usize,
-}
-
-impl VirtioHeader {
-    fn parse(b: &[u8]) -> Self {
-        let u16_at = |i: usize| {
-            b.get(i..i + 2)
-                .map_or(0, |x| usize::from(u16::from_ne_bytes([x[0], x[1]])))
-        };
-        Self {
-            flags: b.first().copied().unwrap_or(0),
-            gso_type: b.get(1).copied().unwrap_or(0) & !GSO_ECN,
-            gso_size: u16_at(4),
-            csum_start: u16_at(6),
-            csum_offset: u16_at(8),
-        }
-    }
-}
-
 /// What answering "destination unreachable" needs (see `Worker::unreachable`).
 struct Unreachable {
     limit: RateLimit,
-    buf: [u8; VIRTIO_NET_HDR_LEN + ICMP_UNREACH_MAX_LEN],
+    buf: [u8; vnet::LEN + ICMP_UNREACH_MAX_LEN],
     /// Where the ICMP packet starts in `buf`: after the virtio-net header, if the device has one.
     off: usize,
 }
@@ -226,9 +193,7 @@ impl Worker {
     ) -> io::Result<()> {
         let format = self.config.format;
         let hl = format.header_len();
-        let mut reads: Vec<Vec<u8>> = (0..READS)
-            .map(|_| vec![0u8; VIRTIO_NET_HDR_LEN + 65_535])
-            .collect();
+        let mut reads: Vec<Vec<u8>> = (0..READS).map(|_| vec![0u8; vnet::LEN + 65_535]).collect();
         let mut hdrs: Vec<[u8; SEG_HDR]> = vec![[0; SEG_HDR]; SLOTS];
         let mut pieces: Vec<(*const u8, usize)> = Vec::with_capacity(2 * SLOTS);
         let mut groups: Vec<SendGroup> = Vec::with_capacity(SLOTS);
@@ -247,7 +212,7 @@ impl Worker {
             let (mut no_peer, mut not_ipv4, mut malformed) = (0u64, 0u64, 0u64);
             let mut r = 0;
             loop {
-                let (vh, pkt) = reads[r][..len].split_at_mut(VIRTIO_NET_HDR_LEN.min(len));
+                let (vh, pkt) = reads[r][..len].split_at_mut(vnet::LEN.min(len));
                 let hdr = VirtioHeader::parse(vh);
                 'packet: {
                     let Some(dst) = codec::ipv4_destination(pkt) else {
@@ -263,9 +228,9 @@ impl Worker {
                     };
                     let dst = SocketAddrV4::new(route.public_ip, self.config.port);
                     let protocol = match hdr.gso_type {
-                        GSO_NONE => None,
-                        GSO_TCPV4 => Some(6),
-                        GSO_UDP_L4 => Some(17),
+                        vnet::GSO_NONE => None,
+                        vnet::GSO_TCPV4 => Some(6),
+                        vnet::GSO_UDP_L4 => Some(17),
                         // TCPv6 and the like: not an IPv4 overlay packet.
                         _ => {
                             malformed += 1;
@@ -282,7 +247,7 @@ impl Worker {
                     };
                     let Some(gso) = gso else {
                         // One packet; its checksum may be left to offload.
-                        if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0
+                        if hdr.flags & vnet::F_NEEDS_CSUM != 0
                             && !codec::complete_offload_checksum(
                                 pkt,
                                 hdr.csum_start,
@@ -358,7 +323,7 @@ impl Worker {
         let format = self.config.format;
         let hl = format.header_len();
         let seg_cap = MAX_ENCAP_LEN + (self.config.mtu as usize).max(1500);
-        let mut orig = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
+        let mut orig = vec![0u8; vnet::LEN + 65_535];
         let mut bufs: Vec<Vec<u8>> = (0..SLOTS).map(|_| vec![0u8; seg_cap]).collect();
         let mut sizes = vec![0usize; SLOTS];
         let mut groups: Vec<SendGroup> = Vec::with_capacity(SLOTS);
@@ -460,9 +425,9 @@ impl Worker {
                 window: Instant::now(),
                 used: 0,
             },
-            buf: [0; VIRTIO_NET_HDR_LEN + ICMP_UNREACH_MAX_LEN],
+            buf: [0; vnet::LEN + ICMP_UNREACH_MAX_LEN],
             off: if self.config.profile.offload() {
-                VIRTIO_NET_HDR_LEN
+                vnet::LEN
             } else {
                 0
             },
