@@ -324,6 +324,7 @@ impl Coalescer {
         let key = flow_key(packet, l3);
         let hl = l3 + l4_len;
         let payload = &packet[hl..];
+        let psh = protocol == 6 && packet[l3 + 13] & TCP_PSH != 0;
         if let Some(pos) = self.open_run(&key) {
             let i = self.open[pos];
             let e = &mut self.entries[i];
@@ -341,7 +342,6 @@ impl Coalescer {
                 e.pieces.push((payload.as_ptr(), payload.len()));
                 run.payload += payload.len();
                 run.next_seq = run.next_seq.wrapping_add(payload.len() as u32);
-                let psh = protocol == 6 && packet[l3 + 13] & TCP_PSH != 0;
                 if psh {
                     e.head[l3 + 13] |= TCP_PSH;
                 }
@@ -363,16 +363,10 @@ impl Coalescer {
         e.pieces.clear();
         e.pieces.push((payload.as_ptr(), payload.len()));
         let seq = if protocol == 6 {
-            u32::from_be_bytes([
-                packet[l3 + 4],
-                packet[l3 + 5],
-                packet[l3 + 6],
-                packet[l3 + 7],
-            ])
+            tcp_seq(packet, l3)
         } else {
             0
         };
-        let psh = protocol == 6 && packet[l3 + 13] & TCP_PSH != 0;
         e.run = Some(Run {
             key,
             protocol,
@@ -386,6 +380,16 @@ impl Coalescer {
             self.open.push(index);
         }
     }
+}
+
+/// The sequence number of the TCP segment whose header starts at `l4`.
+fn tcp_seq(packet: &[u8], l4: usize) -> u32 {
+    u32::from_be_bytes([
+        packet[l4 + 4],
+        packet[l4 + 5],
+        packet[l4 + 6],
+        packet[l4 + 7],
+    ])
 }
 
 fn flow_key(packet: &[u8], l3: usize) -> FlowKey {
@@ -424,9 +428,8 @@ fn appends(
         return true;
     }
     let t = l3;
-    let seq = u32::from_be_bytes([packet[t + 4], packet[t + 5], packet[t + 6], packet[t + 7]]);
     // ACK number and data offset; flags but PSH; window; urgent pointer and options.
-    seq == run.next_seq
+    tcp_seq(packet, t) == run.next_seq
         && head[t + 8..t + 13] == packet[t + 8..t + 13]
         && (head[t + 13] ^ packet[t + 13]) & !TCP_PSH == 0
         && head[t + 14..t + 16] == packet[t + 14..t + 16]
