@@ -516,19 +516,28 @@ mod tests {
 
     const MSS: usize = 1400;
 
-    /// An IPv4 TCP packet from `src`:`sport` with sequence number `seq`, flags and payload, both
-    /// checksums complete; 12 bytes of timestamp option like Linux sends.
-    fn tcp(src: u8, sport: u16, seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
-        let mut p = vec![0u8; 20 + 32];
+    /// `l4_len` zero bytes behind an IPv4 header from 10.5.`src`.2 to 10.5.9.2 for `l4_len` plus
+    /// `payload_len` bytes of `protocol`, its checksum complete.
+    fn ipv4(src: u8, protocol: u8, df: bool, l4_len: usize, payload_len: usize) -> Vec<u8> {
+        let mut p = vec![0u8; 20 + l4_len];
         p[0] = 0x45;
-        p[2..4].copy_from_slice(&((52 + payload.len()) as u16).to_be_bytes());
-        p[6] = 0x40; // DF
+        p[2..4].copy_from_slice(&((20 + l4_len + payload_len) as u16).to_be_bytes());
+        if df {
+            p[6] = 0x40;
+        }
         p[8] = 63;
-        p[9] = 6;
+        p[9] = protocol;
         p[12..16].copy_from_slice(&[10, 5, src, 2]);
         p[16..20].copy_from_slice(&[10, 5, 9, 2]);
         let ip = codec::internet_checksum(&p[..20]);
         p[10..12].copy_from_slice(&ip.to_be_bytes());
+        p
+    }
+
+    /// An IPv4 TCP packet from `src`:`sport` with sequence number `seq`, flags and payload, both
+    /// checksums complete; 12 bytes of timestamp option like Linux sends.
+    fn tcp(src: u8, sport: u16, seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut p = ipv4(src, 6, true, 32, payload.len());
         p[20..22].copy_from_slice(&sport.to_be_bytes());
         p[22..24].copy_from_slice(&5201u16.to_be_bytes());
         p[24..28].copy_from_slice(&seq.to_be_bytes());
@@ -544,15 +553,7 @@ mod tests {
     }
 
     fn udp(src: u8, payload: &[u8]) -> Vec<u8> {
-        let mut p = vec![0u8; 28];
-        p[0] = 0x45;
-        p[2..4].copy_from_slice(&((28 + payload.len()) as u16).to_be_bytes());
-        p[8] = 63;
-        p[9] = 17;
-        p[12..16].copy_from_slice(&[10, 5, src, 2]);
-        p[16..20].copy_from_slice(&[10, 5, 9, 2]);
-        let ip = codec::internet_checksum(&p[..20]);
-        p[10..12].copy_from_slice(&ip.to_be_bytes());
+        let mut p = ipv4(src, 17, false, 8, payload.len());
         p[20..22].copy_from_slice(&4000u16.to_be_bytes());
         p[22..24].copy_from_slice(&5000u16.to_be_bytes());
         p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
