@@ -15,6 +15,7 @@ mod metrics;
 mod proxy;
 mod report;
 mod rig;
+mod tcp_cc;
 
 use std::{
     path::{Path, PathBuf},
@@ -56,11 +57,10 @@ pub struct Options {
     /// Do not build the agent: the agent's modes are reported missing unless --agent is given.
     #[arg(long)]
     pub no_build: bool,
-    /// TCP congestion control of the throughput tests (iperf3 -C), the same in every mode;
+    /// TCP congestion control of every TCP socket in the containers, the same in every mode;
     /// `system` leaves it to the machine's default. Unset: cubic, Linux's default, so the numbers
     /// do not depend on how this machine happens to be tuned (the machine's default, said in the
     /// report, where cubic is not available).
-    #[arg(long)]
     pub tcp_cc: Option<String>,
     /// Measure the control plane with N peer leases in etcd instead of the datapaths.
     #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "1000")]
@@ -68,9 +68,6 @@ pub struct Options {
 }
 
 pub use crate::cmd::{check_interrupted, interrupted};
-
-/// The TCP congestion control of the throughput tests unless `--tcp-cc` says otherwise.
-const DEFAULT_TCP_CC: &str = "cubic";
 
 extern "C" fn on_signal(_: libc::c_int) {
     crate::cmd::mark_interrupted();
@@ -96,6 +93,7 @@ fn install_signal_handlers() {
             "==> bench: cleanup by force ({} namespace(s) deleted)",
             gone.len()
         );
+        tcp_cc::restore_allowed();
         std::process::exit(130);
     });
 }
@@ -179,43 +177,10 @@ fn datapaths(opts: &Options, out_dir: &Path, run_dir: &Path) -> anyhow::Result<(
             .collect()
     };
 
-    let system_cc = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into());
-    let available = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
-        .unwrap_or_default();
-    let is_available = |name: &str| available.split_whitespace().any(|a| a == name);
-    let mut notes = Vec::new();
-    let cc = match opts.tcp_cc.as_deref() {
-        None if is_available(DEFAULT_TCP_CC) => Some(DEFAULT_TCP_CC.to_owned()),
-        None => {
-            let why = format!(
-                "{DEFAULT_TCP_CC} is not available here ({}): the machine's default is used",
-                available.trim()
-            );
-            step(format!("bench: {why}"));
-            notes.push(why);
-            None
-        }
-        Some("system") => None,
-        Some(name) => {
-            if !is_available(name) {
-                bail!(
-                    "--tcp-cc {name}: not available here (available: {}; `system` uses the \
-                     default, {system_cc})",
-                    available.trim()
-                );
-            }
-            Some(name.to_owned())
-        }
-    };
-    notes.push(match &cc {
-        Some(name) => format!(
-            "TCP congestion control: {name} in every mode (iperf3 -C; this machine's default is \
-             {system_cc})."
-        ),
-        None => format!("TCP congestion control: the machine's default, {system_cc}."),
-    });
+    let tcp_cc::Choice { cc, mut notes } = tcp_cc::TcpCc::select(opts.tcp_cc.as_deref())?;
+    for note in &notes {
+        step(format!("bench: {note}"));
+    }
     let needs_agent = modes.iter().any(|m| matches!(m.kind, Kind::Agent { .. }));
     let agent = if needs_agent {
         step("bench: overlay-agent binary");
@@ -244,7 +209,7 @@ fn datapaths(opts: &Options, out_dir: &Path, run_dir: &Path) -> anyhow::Result<(
         "bench: rig of 2 simulated hosts; {} mode(s) x {repeat} repeat(s), {secs} s per test",
         modes.len()
     ));
-    let mut rig = Rig::new(2, run_dir).context("building the rig")?;
+    let mut rig = Rig::new(2, run_dir, cc).context("building the rig")?;
     let mut results: Vec<ModeResult> = modes
         .iter()
         .map(|m| ModeResult {
@@ -291,8 +256,12 @@ fn datapaths(opts: &Options, out_dir: &Path, run_dir: &Path) -> anyhow::Result<(
                     return Err(e.context(format!("setting up mode {}", mode.name)));
                 }
             };
-            let sample =
-                metrics::measure_all(rig.client(), &active.server_ip.clone(), secs, cc.as_deref());
+            let sample = metrics::measure_all(
+                rig.client(),
+                &active.server_ip,
+                secs,
+                rig.tcp_cc.effective(),
+            );
             rig.teardown(active);
             rig::check_clean(&rig)?;
             match sample {

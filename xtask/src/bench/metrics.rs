@@ -91,11 +91,11 @@ pub fn measure_all(
     client: &NetNs,
     server_ip: &str,
     secs: u32,
-    cc: Option<&str>,
+    tcp_cc: &str,
 ) -> anyhow::Result<Sample> {
     let mut out = Vec::new();
     let before = cpu_ticks()?;
-    let tcp1 = iperf_tcp(client, server_ip, 1, secs, cc)?;
+    let tcp1 = iperf_tcp(client, server_ip, 1, secs, tcp_cc)?;
     let after = cpu_ticks()?;
     out.push((Metric::Tcp1, tcp1.bits_per_second / 1e9));
     let cpu_secs = (after - before) as f64 / clock_ticks_per_second();
@@ -104,7 +104,7 @@ pub fn measure_all(
         out.push((Metric::CpuPerGbit, cpu_secs / gbits));
     }
     check_interrupted()?;
-    let tcp4 = iperf_tcp(client, server_ip, 4, secs, cc)?;
+    let tcp4 = iperf_tcp(client, server_ip, 4, secs, tcp_cc)?;
     out.push((Metric::Tcp4, tcp4.bits_per_second / 1e9));
     check_interrupted()?;
     out.push((
@@ -189,14 +189,19 @@ fn iperf_tcp(
     ip: &str,
     streams: u32,
     secs: u32,
-    cc: Option<&str>,
+    tcp_cc: &str,
 ) -> anyhow::Result<Throughput> {
     let (s, p) = (secs.to_string(), streams.to_string());
-    let mut args = vec!["-c", ip, "-p", IPERF_PORT, "-t", &s, "-P", &p, "--json"];
-    if let Some(cc) = cc {
-        args.extend(["-C", cc]);
-    }
+    let args = ["-c", ip, "-p", IPERF_PORT, "-t", &s, "-P", &p, "--json"];
     let json = iperf_json(ns, &args, secs)?;
+    // The namespace's default decides it (see tcp_cc); a mismatch would mislabel the numbers.
+    let used = json["end"]["sender_tcp_congestion"].as_str();
+    if used.is_some_and(|u| u != tcp_cc) {
+        bail!(
+            "iperf3's sender used {} where the bench set {tcp_cc}",
+            used.unwrap_or_default()
+        );
+    }
     let sum = &json["end"]["sum_received"];
     Ok(Throughput {
         bits_per_second: sum["bits_per_second"]

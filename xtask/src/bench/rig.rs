@@ -22,6 +22,7 @@ use super::{
     interrupted,
     metrics::{IPERF_PORT, SOCKPERF_PORT},
     proxy::{self, UdpProxy},
+    tcp_cc::TcpCc,
 };
 
 /// Prefix of every namespace the bench creates.
@@ -138,6 +139,8 @@ impl From<overlay_tests::netns::NetNsError> for SetupError {
 pub struct Rig {
     pub lab: Lab,
     pub dir: PathBuf,
+    /// Given to each mode's containers.
+    pub tcp_cc: TcpCc,
 }
 
 /// What a running mode holds; dropping it stops the servers, agents, proxies and etcd.
@@ -154,7 +157,7 @@ pub struct Active {
 
 impl Rig {
     /// Builds the rig with `hosts` hosts. `dir` receives logs and per-host subnet.env files.
-    pub fn new(hosts: usize, dir: &Path) -> anyhow::Result<Self> {
+    pub fn new(hosts: usize, dir: &Path, tcp_cc: TcpCc) -> anyhow::Result<Self> {
         let lab = Lab::new(&LabConfig {
             prefix: PREFIX.into(),
             hosts,
@@ -167,6 +170,7 @@ impl Rig {
         Ok(Self {
             lab,
             dir: dir.to_owned(),
+            tcp_cc,
         })
     }
 
@@ -237,6 +241,8 @@ impl Rig {
         for (host, env) in self.lab.hosts.iter_mut().zip(&envs) {
             host.start_docker(env)
                 .context("docker bridge from subnet.env")?;
+            let container = host.container.as_ref().expect("started");
+            self.tcp_cc.apply(&container.ns)?;
         }
         let c2 = self.lab.hosts[1].container.as_ref().expect("started");
         active.server_ip = c2.ip.to_string();
