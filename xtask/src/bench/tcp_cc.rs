@@ -66,9 +66,19 @@ impl TcpCc {
                  default, {system})"
             ),
         };
-        let name = name.filter(|n| *n != system);
-        if let Some(name) = &name {
-            allow(name)?;
+        let mut name = name.filter(|n| *n != system);
+        if let Some(n) = &name
+            && let Err(e) = allow(n)
+        {
+            // Asked for by name: fail. By default: say so and measure under the machine's.
+            if requested.is_some() {
+                return Err(e);
+            }
+            notes.push(format!(
+                "{n} could not be made the containers' default ({e:#}): the machine's default is \
+                 used"
+            ));
+            name = None;
         }
         let cc = TcpCc { name, system };
         notes.push(format!(
