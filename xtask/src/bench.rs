@@ -61,6 +61,7 @@ pub struct Options {
     /// `system` leaves it to the machine's default. Unset: cubic, Linux's default, so the numbers
     /// do not depend on how this machine happens to be tuned (the machine's default, said in the
     /// report, where cubic is not available).
+    #[arg(long)]
     pub tcp_cc: Option<String>,
     /// Measure the control plane with N peer leases in etcd instead of the datapaths.
     #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "1000")]
