@@ -600,25 +600,24 @@ mod tests {
         out
     }
 
-    fn vnet(w: &[u8]) -> (u8, u8, usize, usize, usize, usize) {
-        let u = |i: usize| usize::from(u16::from_ne_bytes([w[i], w[i + 1]]));
-        (w[0], w[1], u(2), u(4), u(6), u(8))
-    }
-
     /// Cuts a written packet as the kernel would (by its virtio-net header) and returns the
     /// segments, each verified complete.
     fn segments(w: &[u8]) -> Vec<Vec<u8>> {
-        let (flags, gso_type, _, gso_size, start, offset) = vnet(w);
+        let h = VirtioHeader::parse(w);
         let mut pkt = w[vnet::LEN..].to_vec();
         let protocol = pkt[9];
-        if gso_type == 0 {
-            if flags & F_NEEDS_CSUM != 0 {
-                assert!(codec::complete_offload_checksum(&mut pkt, start, offset));
+        if h.gso_type == 0 {
+            if h.flags & F_NEEDS_CSUM != 0 {
+                assert!(codec::complete_offload_checksum(
+                    &mut pkt,
+                    h.csum_start,
+                    h.csum_offset
+                ));
             }
             return vec![pkt];
         }
         // The kernel's segmentation: headers per segment, checksums completed.
-        let gso = codec::parse_gso(&pkt, protocol, gso_size).unwrap();
+        let gso = codec::parse_gso(&pkt, protocol, h.gso_size).unwrap();
         (0..gso.segments())
             .map(|i| {
                 let mut s = vec![0u8; gso.header_len()];
@@ -667,9 +666,12 @@ mod tests {
         let originals = pkts.clone();
         let writes = coalesce(options(), &mut pkts);
         assert_eq!(writes.len(), 1);
-        let (flags, gso_type, hdr_len, gso_size, start, offset) = vnet(&writes[0]);
-        assert_eq!((flags, gso_type), (F_NEEDS_CSUM, GSO_TCPV4));
-        assert_eq!((hdr_len, gso_size, start, offset), (52, MSS, 20, 16));
+        let h = VirtioHeader::parse(&writes[0]);
+        assert_eq!((h.flags, h.gso_type), (F_NEEDS_CSUM, GSO_TCPV4));
+        assert_eq!(
+            (h.hdr_len, h.gso_size, h.csum_start, h.csum_offset),
+            (52, MSS, 20, 16)
+        );
         let packet = &writes[0][vnet::LEN..];
         assert_eq!(
             codec::parse_ipv4(packet).unwrap().total_len,
@@ -720,11 +722,15 @@ mod tests {
         let writes = coalesce(options(), &mut pkts);
         assert_eq!(writes.len(), 3);
         assert_eq!(
-            vnet(&writes[1]).0,
+            VirtioHeader::parse(&writes[1]).flags,
             0,
             "no DATA_VALID, no NEEDS_CSUM: the kernel checks"
         );
-        assert_eq!(vnet(&writes[0]).0, F_DATA_VALID, "a verified run of one");
+        assert_eq!(
+            VirtioHeader::parse(&writes[0]).flags,
+            F_DATA_VALID,
+            "a verified run of one"
+        );
     }
 
     #[test]
@@ -744,7 +750,7 @@ mod tests {
         assert_eq!(writes.len(), 1);
         assert_eq!(segments(&writes[0]).len(), 3);
         let w = coalesce(options(), &mut lone);
-        assert_eq!(vnet(&w[0]).0, F_NEEDS_CSUM);
+        assert_eq!(VirtioHeader::parse(&w[0]).flags, F_NEEDS_CSUM);
         assert_eq!(
             codec::check_l4_checksum(&segments(&w[0])[0]),
             ChecksumField::Valid
@@ -759,7 +765,7 @@ mod tests {
         let originals = pkts.clone();
         let writes = coalesce(options(), &mut pkts);
         assert_eq!(writes.len(), 2);
-        assert_eq!(vnet(&writes[0]).1, GSO_UDP_L4);
+        assert_eq!(VirtioHeader::parse(&writes[0]).gso_type, GSO_UDP_L4);
         let out: Vec<Vec<u8>> = writes.iter().flat_map(|w| segments(w)).collect();
         assert!(same(&out, &originals));
         let no_uso = CoalesceOptions {
@@ -768,7 +774,11 @@ mod tests {
         };
         let writes = coalesce(no_uso, &mut originals.clone());
         assert_eq!(writes.len(), originals.len());
-        assert!(writes.iter().all(|w| vnet(w).0 == F_DATA_VALID));
+        assert!(
+            writes
+                .iter()
+                .all(|w| VirtioHeader::parse(w).flags == F_DATA_VALID)
+        );
     }
 
     #[test]
@@ -792,8 +802,8 @@ mod tests {
         let data = payload(6, 5000);
         let mut pkts = vec![tcp(1, 1, 0, TCP_ACK, &data)];
         let writes = coalesce(options(), &mut pkts);
-        let (_, gso_type, _, gso_size, _, _) = vnet(&writes[0]);
-        assert_eq!((gso_type, gso_size), (GSO_TCPV4, 1500 - 52));
+        let h = VirtioHeader::parse(&writes[0]);
+        assert_eq!((h.gso_type, h.gso_size), (GSO_TCPV4, 1500 - 52));
         assert_eq!(segments(&writes[0]).len(), 4);
         let mut co = Coalescer::new(
             CoalesceOptions {
