@@ -386,11 +386,7 @@ pub fn check_l4_checksum(packet: &[u8]) -> ChecksumField {
     let Some((info, at, pseudo)) = l4_checksum_site(packet) else {
         return ChecksumField::NotApplicable;
     };
-    if fold(sum16(
-        &packet[info.header_len..info.total_len],
-        u32::from(pseudo),
-    )) == 0xffff
-    {
+    if l4_sum(packet, &info, pseudo) == 0xffff {
         return ChecksumField::Valid;
     }
     if holds_pseudo_header_sum(packet, at, pseudo) {
@@ -398,6 +394,15 @@ pub fn check_l4_checksum(packet: &[u8]) -> ChecksumField {
     } else {
         ChecksumField::Invalid
     }
+}
+
+/// The folded sum of the TCP/UDP segment in `packet` (checksum field included) on top of its
+/// pseudo-header sum: 0xffff when the checksum verifies. The pass over every payload byte.
+fn l4_sum(packet: &[u8], info: &Ipv4Summary, pseudo: u16) -> u16 {
+    fold(sum16(
+        &packet[info.header_len..info.total_len],
+        u32::from(pseudo),
+    ))
 }
 
 /// Whether the checksum field at `at` holds the pseudo-header sum `pseudo` (or its complement,
@@ -471,10 +476,7 @@ pub fn complete_if_partial(packet: &mut [u8]) -> bool {
         return false;
     }
     packet[at..at + 2].copy_from_slice(&[0, 0]);
-    let mut csum = !fold(sum16(
-        &packet[info.header_len..info.total_len],
-        u32::from(pseudo),
-    ));
+    let mut csum = !l4_sum(packet, &info, pseudo);
     if info.protocol == 17 && csum == 0 {
         csum = 0xffff;
     }
