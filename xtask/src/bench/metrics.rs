@@ -195,12 +195,10 @@ fn iperf_tcp(
     let args = ["-c", ip, "-p", IPERF_PORT, "-t", &s, "-P", &p, "--json"];
     let json = iperf_json(ns, &args, secs)?;
     // The namespace's default decides it (see tcp_cc); a mismatch would mislabel the numbers.
-    let used = json["end"]["sender_tcp_congestion"].as_str();
-    if used.is_some_and(|u| u != tcp_cc) {
-        bail!(
-            "iperf3's sender used {} where the bench set {tcp_cc}",
-            used.unwrap_or_default()
-        );
+    if let Some(used) = json["end"]["sender_tcp_congestion"].as_str()
+        && used != tcp_cc
+    {
+        bail!("iperf3's sender used {used} where the bench set {tcp_cc}");
     }
     let sum = &json["end"]["sum_received"];
     Ok(Throughput {
