@@ -1,4 +1,4 @@
-//! Fuzzes flannel's wire formats (`overlay_agent::dataplane::codec`) on arbitrary input:
+//! Fuzzes flannel's wire formats (`overlay_agent::dataplane::tun::codec`) on arbitrary input:
 //! - decapsulation of both formats never panics, and what it accepts is a well-formed IPv4 packet
 //!   lying inside the datagram;
 //! - whatever parses as an IPv4 packet survives encapsulate → decapsulate unchanged (trimmed to
@@ -17,9 +17,9 @@
 use std::net::Ipv4Addr;
 
 use libfuzzer_sys::fuzz_target;
-use overlay_agent::dataplane::{
-    codec::{self, Format, ICMP_UNREACH_MAX_LEN, IPV4_MIN_HDR, L4Checksum, MAX_ENCAP_LEN},
-    tun::coalesce::{CoalesceOptions, Coalescer},
+use overlay_agent::dataplane::tun::{
+    codec::{self, Format, ICMP_UNREACH_MAX_LEN, IPV4_MIN_LEN, L4Checksum, MAX_FORMAT_HEADER},
+    coalesce::{CoalesceOptions, Coalescer},
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
     for format in &formats {
         if let Ok((inner, info)) = codec::decapsulate(format, bytes) {
             assert_eq!(inner.len(), info.total_len);
-            assert!(info.header_len >= IPV4_MIN_HDR && info.header_len <= info.total_len);
+            assert!(info.header_len >= IPV4_MIN_LEN && info.header_len <= info.total_len);
             assert_eq!(codec::parse_ipv4(inner), Ok(info));
             let start = inner.as_ptr() as usize - bytes.as_ptr() as usize;
             assert_eq!(start, format.header_len());
@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // Encapsulation round trips: whatever is a valid inner packet comes back unchanged.
-    let mut out = vec![0u8; bytes.len() + MAX_ENCAP_LEN];
+    let mut out = vec![0u8; bytes.len() + MAX_FORMAT_HEADER];
     for format in &formats {
         match codec::encapsulate(format, peer_mac, bytes, &mut out) {
             Ok(len) => {
@@ -126,10 +126,10 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(codec::internet_checksum(&answer[info.header_len..]), 0);
     }
     // Too small a buffer is an error, never a panic.
-    let _ = codec::icmp_unreachable(bytes, from, code, &mut icmp[..IPV4_MIN_HDR]);
+    let _ = codec::icmp_unreachable(bytes, from, code, &mut icmp[..IPV4_MIN_LEN]);
 
     // Coalescing: the input cut into packets of one length (as a GRO aggregate is), each pushed.
-    let cut = usize::from(params[1]) * 4 + IPV4_MIN_HDR;
+    let cut = usize::from(params[1]) * 4 + IPV4_MIN_LEN;
     for options in [
         CoalesceOptions {
             vnet_hdr: true,

@@ -17,7 +17,7 @@ use rtnetlink::{
     packet_route::{link::LinkAttribute, route::RouteAttribute},
 };
 
-use crate::{dataplane::pins::Pins, host::iptables};
+use crate::{dataplane::ebpf::pins::Pins, host::iptables};
 
 /// `overlay-agent teardown` flags (the pin directory is the global `--bpffs`).
 #[derive(Debug, Clone, Default, clap::Args)]

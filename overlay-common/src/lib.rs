@@ -8,7 +8,10 @@
 #![deny(missing_docs)]
 
 pub mod maps;
+pub mod net;
+pub mod policy;
 pub mod stats;
+pub mod wire;
 
 pub use stats::{COUNTER_SLOTS, COUNTERS_MAP, Counter, CounterSlot};
 
@@ -24,4 +27,4 @@ pub mod programs {
 
 /// Version of the maps' layout and the programs' contract. Pinned objects of another version are
 /// replaced, never reused.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;

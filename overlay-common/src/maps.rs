@@ -34,12 +34,21 @@ pub enum Encap {
 }
 
 impl Encap {
-    /// Bytes added in front of the inner IPv4 packet (outer IPv4 + UDP [+ VXLAN + inner Ethernet]).
+    /// Bytes added in front of the inner IPv4 packet (outer IPv4 + UDP [+ VXLAN + inner
+    /// Ethernet]): what the overlay MTU is the underlay's minus.
     pub const fn overhead(self) -> u32 {
         match self {
             Encap::None => 0,
-            Encap::Udp => 20 + 8,
-            Encap::Vxlan => 20 + 8 + 8 + 14,
+            Encap::Udp => crate::wire::UDP_ENCAP_LEN as u32,
+            Encap::Vxlan => crate::wire::VXLAN_ENCAP_LEN as u32,
+        }
+    }
+
+    /// Bytes the format puts in front of the inner packet inside the UDP payload.
+    pub const fn format_header(self) -> usize {
+        match self {
+            Encap::Vxlan => crate::wire::VXLAN_FORMAT_HEADER,
+            _ => crate::wire::UDP_FORMAT_HEADER,
         }
     }
 

@@ -49,8 +49,9 @@ slots! {
     DropMalformed = 8,
     /// VXLAN packet with the wrong flags, VNI or inner destination MAC: dropped.
     DropBadVxlan = 9,
-    /// Overlay packet that is a fragment or has IP options: passed to the stack untouched.
-    PassUnparsed = 10,
+    /// Overlay packet from a peer that is a fragment or has IP options: dropped (see
+    /// [`crate::policy`]).
+    DropUnparsed = 10,
     /// A helper failed while decapsulating: dropped.
     DecapError = 11,
     /// Overlay packet from a peer whose inner destination is not in this host's subnet: dropped

@@ -1,9 +1,10 @@
 //! Decapsulation on the underlay interface's ingress, by TC (default) or XDP (`--decap xdp`).
 //!
 //! VXLAN and flannel's udp format carry no authentication: flannel accepts whatever reaches its
-//! port. Here a packet must come from a known peer's public IP, and its inner source must lie in a
-//! subnet that peer holds; everything else is counted and dropped. The checks are shared by both
-//! hooks through [`Packet`], which reads bytes the same way (a bounded copy) on either.
+//! port. Here every overlay packet is judged by the receive policy the TUN datapath shares
+//! (`overlay_common::policy`): a known peer sent it, its inner source is that peer's, its inner
+//! destination is local. This module only finds the payload, on either hook through [`Packet`]
+//! (a bounded copy on both), and moves the accepted inner packet on.
 
 use aya_ebpf::{
     bindings::{
@@ -17,9 +18,11 @@ use aya_ebpf::{
 use overlay_common::{
     CounterSlot,
     maps::{Encap, FLAG_DELIVER_VIA_STACK},
+    policy::{self, Datagram, Outer, Peers},
+    wire,
 };
 
-use crate::{CONFIG, ENDPOINTS, Outcome, PEER_ADDRS, PEERS, wire};
+use crate::{CONFIG, ENDPOINTS, Outcome, PEER_ADDRS, PEERS};
 
 /// Reading packet bytes by copy, on either hook.
 pub trait Packet {
@@ -54,115 +57,116 @@ impl Packet for XdpContext {
     }
 }
 
+/// The UDP payload of an overlay packet, as the shared receive policy reads it.
+struct Payload<'a, P: Packet> {
+    pkt: &'a P,
+    /// Where the payload starts in the packet.
+    start: usize,
+    len: usize,
+}
+
+impl<P: Packet> Datagram for Payload<'_, P> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline(always)]
+    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        self.pkt.read::<[u8; N]>(self.start + offset).ok()
+    }
+}
+
+/// The peer maps, as the shared receive policy asks them.
+struct MapPeers;
+
+impl Peers for MapPeers {
+    #[inline(always)]
+    fn is_peer(&self, addr: [u8; 4]) -> bool {
+        PEER_ADDRS.get_ptr(addr).is_some()
+    }
+
+    #[inline(always)]
+    fn owner(&self, inner: [u8; 4]) -> Option<[u8; 4]> {
+        PEERS.get(Key::new(32, inner)).map(|p| p.public_ip)
+    }
+}
+
 /// What to do with a packet on the underlay.
 pub enum Verdict {
-    /// Not an overlay packet of ours (or one we leave to the stack): pass, count if `Some`.
-    Pass(Option<CounterSlot>),
-    /// Ours and unacceptable: drop and count.
+    /// Not an overlay packet of ours: pass, uncounted.
+    Pass,
+    /// Ours and refused by the receive policy: drop and count.
     Drop(CounterSlot),
-    /// Ours and valid: strip `strip` bytes after the Ethernet header; the inner packet is for
+    /// Ours and accepted: strip `strip` bytes after the Ethernet header; the inner packet is for
     /// `inner_dst`.
     Decap { strip: usize, inner_dst: [u8; 4] },
 }
 
+/// The mechanics of the hook: is this an overlay packet addressed to us, and where is its UDP
+/// payload. Whether it is acceptable is [`policy::judge`]'s, shared with the TUN datapath.
 #[inline(always)]
-pub fn classify<P: Packet>(pkt: &P) -> Verdict {
+pub fn classify<P: Packet>(pkt: &P, pkt_len: usize) -> Verdict {
     let Some(cfg) = CONFIG.get(0) else {
-        return Verdict::Pass(None);
+        return Verdict::Pass;
     };
-    let encap = Encap::from_u8(cfg.encap);
-    if encap == Encap::None {
-        return Verdict::Pass(None);
+    if Encap::from_u8(cfg.encap) == Encap::None {
+        return Verdict::Pass;
     }
     // Anything we cannot read far enough is not an overlay packet of ours.
     let Ok(eth_type) = pkt.read::<[u8; 2]>(12) else {
-        return Verdict::Pass(None);
+        return Verdict::Pass;
     };
     if u16::from_be_bytes(eth_type) != wire::ETH_P_IP {
-        return Verdict::Pass(None);
+        return Verdict::Pass;
     }
-    let Ok(ip) = pkt.read::<[u8; 20]>(wire::ETH_LEN) else {
-        return Verdict::Pass(None);
+    let Ok(ip) = pkt.read::<[u8; wire::IPV4_MIN_LEN]>(wire::ETH_LEN) else {
+        return Verdict::Pass;
     };
     if ip[9] != wire::IPPROTO_UDP || ip[16..20] != cfg.local_ip {
-        return Verdict::Pass(None);
+        return Verdict::Pass;
     }
     let ihl = usize::from(ip[0] & 0x0f) * 4;
     let frag = u16::from_be_bytes([ip[6], ip[7]]);
     if frag & 0x1fff != 0 {
-        // A later fragment has no UDP header to look at: whoever reassembles it decides.
-        return Verdict::Pass(None);
+        // A later fragment has no UDP header to look at: it is not recognisably ours. Its first
+        // fragment was refused below, so the stack cannot reassemble it either.
+        return Verdict::Pass;
     }
-    let Ok(ports) = pkt.read::<[u8; 4]>(wire::ETH_LEN + (ihl & 0x3c)) else {
-        return Verdict::Pass(None);
+    let udp_at = wire::ETH_LEN + (ihl & 0x3c);
+    let Ok(ports) = pkt.read::<[u8; 4]>(udp_at) else {
+        return Verdict::Pass;
     };
     if u16::from_be_bytes([ports[2], ports[3]]) != cfg.port {
-        return Verdict::Pass(None);
+        return Verdict::Pass;
     }
-    // Ours from here on. Strangers first, whatever the packet's shape.
-    let outer_src: [u8; 4] = [ip[12], ip[13], ip[14], ip[15]];
-    if PEER_ADDRS.get_ptr(outer_src).is_none() {
-        return Verdict::Drop(CounterSlot::DropNotPeer);
-    }
-    if ihl != 20 || frag & 0x2000 != 0 {
-        // IP options or a first fragment from a peer: rare on an overlay (the MTU prevents
-        // fragments), left to the stack, where the userspace path, if it runs, sees the
-        // reassembled datagram; without it they are lost.
-        return Verdict::Pass(Some(CounterSlot::PassUnparsed));
-    }
-    let inner = wire::ETH_LEN
-        + match encap {
-            Encap::Vxlan => {
-                let Ok(vx) = pkt.read::<[u8; 22]>(wire::ETH_LEN + 28) else {
-                    return Verdict::Drop(CounterSlot::DropMalformed);
-                };
-                let vni = cfg.vni.to_be_bytes();
-                let vxlan_ok = vx[0] & wire::VXLAN_FLAG_VNI != 0
-                    && vx[4..7] == vni[1..4]
-                    && vx[8..14] == cfg.vtep_mac
-                    && u16::from_be_bytes([vx[20], vx[21]]) == wire::ETH_P_IP;
-                if !vxlan_ok {
-                    return Verdict::Drop(CounterSlot::DropBadVxlan);
-                }
-                wire::VXLAN_ENCAP_LEN
-            }
-            _ => wire::UDP_ENCAP_LEN,
-        };
-    let Ok(inner_ip) = pkt.read::<[u8; 20]>(inner) else {
-        return Verdict::Drop(CounterSlot::DropMalformed);
+    let start = udp_at + wire::UDP_LEN;
+    let payload = Payload {
+        pkt,
+        start,
+        len: pkt_len.saturating_sub(start),
     };
-    if inner_ip[0] >> 4 != 4 || inner_ip[0] & 0x0f < 5 {
-        return Verdict::Drop(CounterSlot::DropMalformed);
+    let outer = Outer {
+        ip_options: ihl != wire::IPV4_MIN_LEN,
+        fragment: frag & 0x2000 != 0,
+    };
+    let sender = [ip[12], ip[13], ip[14], ip[15]];
+    match policy::judge(cfg, &MapPeers, sender, outer, &payload) {
+        Err(refusal) => Verdict::Drop(refusal.counter()),
+        // No options (the policy refused them), so the payload starts at a fixed offset.
+        Ok(accepted) => Verdict::Decap {
+            strip: wire::IPV4_MIN_LEN + wire::UDP_LEN + accepted.inner,
+            inner_dst: accepted.dst,
+        },
     }
-    let inner_src = [inner_ip[12], inner_ip[13], inner_ip[14], inner_ip[15]];
-    match PEERS.get(Key::new(32, inner_src)) {
-        Some(owner) if owner.public_ip == outer_src => {}
-        _ => return Verdict::Drop(CounterSlot::DropSpoofed),
-    }
-    let inner_dst = [inner_ip[16], inner_ip[17], inner_ip[18], inner_ip[19]];
-    if !in_subnet(inner_dst, cfg.subnet, cfg.subnet_prefix_len) {
-        return Verdict::Drop(CounterSlot::DropNotLocal);
-    }
-    Verdict::Decap {
-        strip: inner - wire::ETH_LEN,
-        inner_dst,
-    }
-}
-
-#[inline(always)]
-fn in_subnet(addr: [u8; 4], subnet: [u8; 4], prefix_len: u8) -> bool {
-    let mask = u32::MAX
-        .checked_shl(32 - u32::from(prefix_len.min(32)))
-        .unwrap_or(0);
-    u32::from_be_bytes(addr) & mask == u32::from_be_bytes(subnet) & mask
 }
 
 const PASS: i32 = TC_ACT_OK as i32;
 const DROP: i32 = TC_ACT_SHOT as i32;
 
 pub fn try_tc_decap(ctx: &TcContext) -> Result<Outcome, i64> {
-    let (strip, inner_dst) = match classify(ctx) {
-        Verdict::Pass(slot) => return Ok(Outcome { slot, action: PASS }),
+    let (strip, inner_dst) = match classify(ctx, ctx.len() as usize) {
+        Verdict::Pass => return Ok(Outcome::not_ours(PASS)),
         Verdict::Drop(slot) => return Ok(Outcome::new(slot, DROP)),
         Verdict::Decap { strip, inner_dst } => (strip, inner_dst),
     };
@@ -198,8 +202,8 @@ pub fn try_tc_decap(ctx: &TcContext) -> Result<Outcome, i64> {
 pub fn try_xdp_decap(ctx: &XdpContext) -> Result<Outcome, i64> {
     const PASS: i32 = xdp_action::XDP_PASS as i32;
     const DROP: i32 = xdp_action::XDP_DROP as i32;
-    let strip = match classify(ctx) {
-        Verdict::Pass(slot) => return Ok(Outcome { slot, action: PASS }),
+    let strip = match classify(ctx, ctx.data_end() - ctx.data()) {
+        Verdict::Pass => return Ok(Outcome::not_ours(PASS)),
         Verdict::Drop(slot) => return Ok(Outcome::new(slot, DROP)),
         Verdict::Decap { strip, .. } => strip,
     };

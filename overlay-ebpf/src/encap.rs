@@ -16,7 +16,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::TcContext,
 };
-use overlay_common::{CounterSlot, maps::Encap};
+use overlay_common::{CounterSlot, maps::Encap, wire::ETH_LEN};
 
 use crate::{CONFIG, Outcome, PEERS, wire};
 
@@ -53,7 +53,7 @@ pub fn try_encap(ctx: &TcContext) -> Result<Outcome, i64> {
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let src_port = wire::flow_src_port(hash);
 
-    let ret = unsafe { bpf_skb_change_head(ctx.skb.skb, wire::ETH_LEN as u32, 0) };
+    let ret = unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_LEN as u32, 0) };
     if ret != 0 {
         return Err(ret);
     }
@@ -61,7 +61,7 @@ pub fn try_encap(ctx: &TcContext) -> Result<Outcome, i64> {
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_FIXED_GSO,
     );
     if encap == Encap::Vxlan {
-        flags |= u64::from(BPF_F_ADJ_ROOM_ENCAP_L2_ETH) | encap_l2(wire::ETH_LEN as u64);
+        flags |= u64::from(BPF_F_ADJ_ROOM_ENCAP_L2_ETH) | encap_l2(ETH_LEN as u64);
     }
     ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, flags)?;
 

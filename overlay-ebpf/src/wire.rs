@@ -1,17 +1,12 @@
 //! Outer headers of flannel's two wire formats, built on the stack and written with one store.
 
-use overlay_common::maps::{Config, Peer};
-
-pub const ETH_LEN: usize = 14;
-pub const ETH_P_IP: u16 = 0x0800;
-pub const IPPROTO_UDP: u8 = 17;
-/// Outer headers of the `udp` format after the Ethernet header: IPv4 + UDP.
-pub const UDP_ENCAP_LEN: usize = 20 + 8;
-/// Outer headers of the `vxlan` format after the Ethernet header: IPv4 + UDP + VXLAN + inner
-/// Ethernet.
-pub const VXLAN_ENCAP_LEN: usize = 20 + 8 + 8 + 14;
-/// VXLAN flags byte: "VNI present" (RFC 7348 section 5).
-pub const VXLAN_FLAG_VNI: u8 = 0x08;
+use overlay_common::{
+    maps::{Config, Peer},
+    wire::{
+        ETH_LEN, ETH_P_IP, IPPROTO_UDP, IPV4_MIN_LEN, UDP_ENCAP_LEN, UDP_LEN, VXLAN_ENCAP_LEN,
+        VXLAN_FLAG_VNI, vxlan,
+    },
+};
 
 /// Maps a flow hash onto the ephemeral port range as the kernel's `udp_flow_src_port` does, so
 /// receivers spread flows over queues (RSS) and ECMP paths like they do for kernel tunnels.
@@ -37,20 +32,19 @@ pub fn vxlan_headers(cfg: &Config, peer: &Peer, tos: u8, ip_len: u16, src_port: 
     let mut h = [0u8; ETH_LEN + VXLAN_ENCAP_LEN];
     write_eth_ip_udp(&mut h, cfg, peer, tos, ip_len, src_port);
     let vni = cfg.vni.to_be_bytes();
-    h[42] = VXLAN_FLAG_VNI;
-    h[46] = vni[1];
-    h[47] = vni[2];
-    h[48] = vni[3];
-    h[50..56].copy_from_slice(&peer.vtep_mac);
-    h[56..62].copy_from_slice(&cfg.vtep_mac);
-    h[62..64].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    let vx = &mut h[ETH_LEN + IPV4_MIN_LEN + UDP_LEN..];
+    vx[vxlan::FLAGS] = VXLAN_FLAG_VNI;
+    vx[vxlan::VNI].copy_from_slice(&vni[1..4]);
+    vx[vxlan::INNER_DST_MAC].copy_from_slice(&peer.vtep_mac);
+    vx[vxlan::INNER_SRC_MAC].copy_from_slice(&cfg.vtep_mac);
+    vx[vxlan::INNER_ETHERTYPE].copy_from_slice(&ETH_P_IP.to_be_bytes());
     h
 }
 
 #[inline(always)]
 fn write_eth_ip_udp(h: &mut [u8], cfg: &Config, peer: &Peer, tos: u8, ip_len: u16, src_port: u16) {
     h[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-    let ip = &mut h[ETH_LEN..ETH_LEN + 20];
+    let ip = &mut h[ETH_LEN..ETH_LEN + IPV4_MIN_LEN];
     ip[0] = 0x45;
     ip[1] = tos;
     ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
@@ -63,10 +57,10 @@ fn write_eth_ip_udp(h: &mut [u8], cfg: &Config, peer: &Peer, tos: u8, ip_len: u1
     ip[16..20].copy_from_slice(&peer.public_ip);
     let csum = ipv4_checksum(ip);
     ip[10..12].copy_from_slice(&csum.to_be_bytes());
-    let udp = &mut h[ETH_LEN + 20..ETH_LEN + 28];
+    let udp = &mut h[ETH_LEN + IPV4_MIN_LEN..ETH_LEN + IPV4_MIN_LEN + UDP_LEN];
     udp[0..2].copy_from_slice(&src_port.to_be_bytes());
     udp[2..4].copy_from_slice(&cfg.port.to_be_bytes());
-    udp[4..6].copy_from_slice(&(ip_len.wrapping_sub(20)).to_be_bytes());
+    udp[4..6].copy_from_slice(&(ip_len.wrapping_sub(IPV4_MIN_LEN as u16)).to_be_bytes());
     // UDP checksum 0 (allowed over IPv4): nothing for a NIC's checksum offload to get wrong.
 }
 

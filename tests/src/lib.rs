@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod etcd;
 pub mod lab;
 pub mod netns;
+pub mod receive_cases;
 
 /// Returns true when the test may run; prints why and returns false when it must skip.
 ///

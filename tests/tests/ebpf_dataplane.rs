@@ -11,13 +11,16 @@ use std::{
 
 use overlay_agent::{
     dataplane::{
-        ebpf::{DecapHook, EbpfConfig, EbpfDataplane, PeerRoute, XdpMode, vtep_mac_for},
-        endpoints,
-        pins::Pins,
+        contract::{LocalLease, OverlaySpec},
+        ebpf::{DecapHook, EbpfDataplane, PeerRoute, XdpMode, endpoints, pins::Pins},
     },
-    host::{Netlink, OverlayDevice},
+    host::{Netlink, iface::Underlay},
 };
-use overlay_common::{CounterSlot, maps::Encap};
+use overlay_common::{
+    CounterSlot,
+    maps::Encap,
+    net::{Mac, Subnet},
+};
 use overlay_tests::{
     bpffs::BpfFs,
     lab::{Host, Lab, LabConfig, SubnetEnv, UNDERLAY_IF},
@@ -30,11 +33,25 @@ fn subnet_of(host: &Host) -> Ipv4Addr {
     Ipv4Addr::new(172, 16, host.number as u8, 0)
 }
 
-fn device_name(encap: Encap) -> &'static str {
-    match encap {
-        Encap::Vxlan => "flannel.1",
-        _ => "flannel0",
-    }
+fn lease_of(host: &Host) -> Subnet {
+    Subnet::new(subnet_of(host), 24).unwrap()
+}
+
+/// The contract's view of a lab host: what the agent derives from the backend and the lease.
+fn spec_of(host: &Host, encap: Encap) -> OverlaySpec {
+    let backend = match encap {
+        Encap::Vxlan => overlay_agent::control::config::Backend::Vxlan {
+            vni: 1,
+            port: port_of(encap),
+            direct_routing: false,
+            gbp: false,
+            mtu: None,
+        },
+        _ => overlay_agent::control::config::Backend::Udp {
+            port: port_of(encap),
+        },
+    };
+    OverlaySpec::new(&backend, host.underlay_ip).unwrap()
 }
 
 fn port_of(encap: Encap) -> u16 {
@@ -68,27 +85,23 @@ fn bring_up_with(
             rt.block_on(async {
                 let netlink = Netlink::connect().unwrap();
                 let underlay = netlink.link(UNDERLAY_IF).await.unwrap();
-                let device = OverlayDevice {
-                    name: device_name(encap).into(),
-                    mtu: underlay.mtu - encap.overhead(),
-                    lease_addr: subnet_of(host),
-                    addr_prefix_len: if encap == Encap::Vxlan { 32 } else { NETWORK.1 },
-                    network: NETWORK,
+                let spec = spec_of(host, encap);
+                let lease = LocalLease {
+                    network: Subnet::new(NETWORK.0, NETWORK.1).unwrap(),
+                    subnet: lease_of(host),
+                    underlay: Underlay {
+                        name: UNDERLAY_IF.into(),
+                        addr: host.underlay_ip,
+                        mtu: underlay.mtu,
+                    },
+                    mtu: underlay.mtu - spec.overhead(),
                 };
+                let device = spec.device(&lease);
                 device.ensure(&netlink).await.unwrap();
                 let pins = pins.map(|p| Pins::open(p).unwrap());
                 let mut dp = EbpfDataplane::load(pins).unwrap();
-                dp.configure(&EbpfConfig {
-                    encap,
-                    local_ip: host.underlay_ip,
-                    subnet: (subnet_of(host), 24),
-                    underlay_ifindex: underlay.index,
-                    port: port_of(encap),
-                    vni: 1,
-                    vtep_mac: vtep_mac_for(host.underlay_ip),
-                    deliver_via_stack: false,
-                })
-                .unwrap();
+                dp.configure(&spec.program_config(&lease, underlay.index, false))
+                    .unwrap();
                 dp.attach(&device.name, UNDERLAY_IF, decap).unwrap();
                 // Spawned from this thread, so the learner lives in the host's namespace.
                 endpoints::spawn(
@@ -104,10 +117,9 @@ fn bring_up_with(
 
 fn peer_route(host: &Host) -> PeerRoute {
     PeerRoute {
-        subnet: subnet_of(host),
-        prefix_len: 24,
+        subnet: lease_of(host),
         public_ip: host.underlay_ip,
-        vtep_mac: vtep_mac_for(host.underlay_ip),
+        vtep_mac: Mac::vtep_for(host.underlay_ip),
     }
 }
 
@@ -268,7 +280,7 @@ fn removed_peer_becomes_unreachable_and_non_peers_are_dropped() {
     ping(&lab.hosts[0], ip2).expect("reachable while peered");
 
     // Host 2 forgets host 1: host 1's packets now come from a non-peer and are dropped.
-    dps[1].remove_peer(subnet_of(&lab.hosts[0]), 24).unwrap();
+    dps[1].remove_peer(lease_of(&lab.hosts[0])).unwrap();
     let started = Instant::now();
     assert!(
         ping(&lab.hosts[0], ip2).is_err(),
@@ -315,11 +327,7 @@ fn flannel_kernel_vxlan(host: &Host, peers: &[&Host]) -> [u8; 6] {
     ])
     .unwrap();
     for peer in peers {
-        let mac = vtep_mac_for(peer.underlay_ip)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":");
+        let mac = Mac::vtep_for(peer.underlay_ip).to_string();
         let gw = subnet_of(peer).to_string();
         ns.ip(&[
             "neigh",
@@ -388,7 +396,7 @@ fn mixed_cluster_with_flannel_kernel_vxlan_host() {
     for (i, dp) in dps.iter_mut().enumerate() {
         dp.upsert_peer(peer_route(&ours[1 - i])).unwrap();
         dp.upsert_peer(PeerRoute {
-            vtep_mac: flannel_mac,
+            vtep_mac: Mac(flannel_mac),
             ..peer_route(flannel_host)
         })
         .unwrap();
@@ -439,10 +447,9 @@ fn restart_with_pinned_programs_loses_no_packet_and_drops_stale_peers() {
     dps[1].upsert_peer(peer_route(&lab.hosts[0])).unwrap();
     // A peer that will be gone by the time host 1's agent restarts.
     let departed = PeerRoute {
-        subnet: Ipv4Addr::new(172, 16, 77, 0),
-        prefix_len: 24,
+        subnet: Subnet::new(Ipv4Addr::new(172, 16, 77, 0), 24).unwrap(),
         public_ip: Ipv4Addr::new(198, 18, 0, 77),
-        vtep_mac: [0; 6],
+        vtep_mac: Mac::default(),
     };
     dps[0].upsert_peer(departed).unwrap();
     for host in &mut lab.hosts {

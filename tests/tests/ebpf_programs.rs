@@ -4,8 +4,13 @@
 
 use std::net::Ipv4Addr;
 
-use overlay_agent::dataplane::ebpf::{EbpfConfig, EbpfDataplane, PeerRoute};
-use overlay_common::{CounterSlot, maps::Encap, programs};
+use overlay_agent::dataplane::ebpf::{EbpfDataplane, PeerRoute};
+use overlay_common::{
+    CounterSlot,
+    maps::{Config, Encap},
+    net::{Mac, Subnet},
+    programs,
+};
 use overlay_tests::require_root;
 
 const TC_ACT_OK: i32 = 0;
@@ -22,25 +27,29 @@ const PEER_VTEP: [u8; 6] = [0x0e, 0xfa, 198, 18, 0, 2];
 
 fn dataplane(encap: Encap) -> EbpfDataplane {
     let mut dp = EbpfDataplane::load(None).unwrap();
-    dp.configure(&EbpfConfig {
-        encap,
-        local_ip: ME,
-        subnet: (Ipv4Addr::new(172, 16, 1, 0), 24),
+    dp.configure(&Config {
+        encap: encap as u8,
+        local_ip: ME.octets(),
+        subnet: [172, 16, 1, 0],
+        subnet_prefix_len: 24,
         underlay_ifindex: 1,
         port: if encap == Encap::Vxlan { 8472 } else { 8285 },
         vni: 1,
         vtep_mac: MY_VTEP,
-        deliver_via_stack: false,
+        ..Config::default()
     })
     .unwrap();
     dp.upsert_peer(PeerRoute {
-        subnet: Ipv4Addr::new(172, 16, 2, 0),
-        prefix_len: 24,
+        subnet: net("172.16.2.0/24"),
         public_ip: PEER,
-        vtep_mac: PEER_VTEP,
+        vtep_mac: Mac(PEER_VTEP),
     })
     .unwrap();
     dp
+}
+
+fn net(s: &str) -> Subnet {
+    s.parse().unwrap()
 }
 
 fn checksum(bytes: &[u8]) -> u16 {
@@ -170,24 +179,25 @@ fn decap_udp_format_checks_sender_and_strips_headers() {
         Some(CounterSlot::DropMalformed),
     );
 
-    // Outer IP options and first fragments go to the stack untouched; later fragments and other
-    // traffic are not ours and are not counted.
+    // Outer IP options and first fragments from a peer are refused (the TUN datapath refuses
+    // them too: one receive policy); later fragments and other traffic are not ours and are not
+    // counted.
     let mut with_options = udp_format(PEER, &inner);
     with_options[14] = 0x46;
     with_options.splice(34..34, [1, 1, 1, 1]);
     decap_case(
         &mut dp,
         &with_options,
-        TC_ACT_OK,
-        Some(CounterSlot::PassUnparsed),
+        TC_ACT_SHOT,
+        Some(CounterSlot::DropUnparsed),
     );
     let mut first_fragment = udp_format(PEER, &inner);
     first_fragment[20] = 0x20;
     decap_case(
         &mut dp,
         &first_fragment,
-        TC_ACT_OK,
-        Some(CounterSlot::PassUnparsed),
+        TC_ACT_SHOT,
+        Some(CounterSlot::DropUnparsed),
     );
     let mut later_fragment = udp_format(PEER, &inner);
     later_fragment[20] = 0x00;
@@ -373,15 +383,14 @@ fn peer_updates_keep_the_sender_set_exact() {
     }
     let mut dp = dataplane(Encap::Udp);
     let to_me = |src| udp_format(PEER, &inner_ping(src, MY_CONTAINER));
-    let second = Ipv4Addr::new(172, 16, 3, 0);
+    let second = net("172.16.3.0/24");
     let second_src = Ipv4Addr::new(172, 16, 3, 9);
 
     // The same lease again, with another VTEP MAC: the peer stays accepted.
     dp.upsert_peer(PeerRoute {
-        subnet: Ipv4Addr::new(172, 16, 2, 0),
-        prefix_len: 24,
+        subnet: net("172.16.2.0/24"),
         public_ip: PEER,
-        vtep_mac: [2, 0, 0, 0, 0, 9],
+        vtep_mac: Mac([2, 0, 0, 0, 0, 9]),
     })
     .unwrap();
     assert_eq!(verdict_of(&mut dp, &to_me(PEER_CONTAINER)), TC_ACT_OK);
@@ -389,12 +398,11 @@ fn peer_updates_keep_the_sender_set_exact() {
     // Two subnets on one address; one goes: the other's traffic is still accepted.
     dp.upsert_peer(PeerRoute {
         subnet: second,
-        prefix_len: 24,
         public_ip: PEER,
-        vtep_mac: PEER_VTEP,
+        vtep_mac: Mac(PEER_VTEP),
     })
     .unwrap();
-    dp.remove_peer(Ipv4Addr::new(172, 16, 2, 0), 24).unwrap();
+    dp.remove_peer(net("172.16.2.0/24")).unwrap();
     assert_eq!(verdict_of(&mut dp, &to_me(second_src)), TC_ACT_OK);
     assert_eq!(
         verdict_of(&mut dp, &to_me(PEER_CONTAINER)),
@@ -405,9 +413,8 @@ fn peer_updates_keep_the_sender_set_exact() {
     // The subnet moves to another host: the old address, holding nothing now, is a stranger.
     dp.upsert_peer(PeerRoute {
         subnet: second,
-        prefix_len: 24,
         public_ip: STRANGER,
-        vtep_mac: PEER_VTEP,
+        vtep_mac: Mac(PEER_VTEP),
     })
     .unwrap();
     let before = dp.counters().unwrap();

@@ -10,9 +10,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overlay_agent::dataplane::{
-    codec::{self, Format},
-    tun::{Forwarder, ForwarderConfig, PeerRoute, PeerTable, Profile, SharedPeers},
+use overlay_agent::dataplane::tun::{
+    Forwarder, ForwarderConfig, PeerRoute, PeerTable, Profile, SharedPeers, codec,
+};
+use overlay_common::{
+    maps::{Config, Encap},
+    net::{Mac, Subnet},
+    policy::Refusal,
 };
 use overlay_tests::{
     cluster::Cluster,
@@ -224,11 +228,13 @@ fn hostile_datagrams_are_dropped_and_counted() {
         .unwrap();
     let peers = Arc::new(SharedPeers::default());
     let mut routes = std::collections::BTreeMap::new();
+    let peer_subnet: Subnet = "10.5.2.0/24".parse().unwrap();
     routes.insert(
-        (Ipv4Addr::new(10, 5, 2, 0), 24),
+        peer_subnet,
         PeerRoute {
+            subnet: peer_subnet,
             public_ip: Ipv4Addr::new(198, 18, 0, 2),
-            vtep_mac: [0; 6],
+            vtep_mac: Mac::default(),
         },
     );
     peers.publish(PeerTable::new(&routes));
@@ -237,9 +243,15 @@ fn hostile_datagrams_are_dropped_and_counted() {
             Forwarder::start(
                 ForwarderConfig {
                     device: "flannel0".into(),
-                    format: Format::Udp,
-                    port: 8285,
-                    network: (Ipv4Addr::new(10, 5, 0, 0), 16),
+                    host: Config {
+                        local_ip: [198, 18, 0, 1],
+                        port: 8285,
+                        encap: Encap::Udp as u8,
+                        subnet: [10, 5, 1, 0],
+                        subnet_prefix_len: 24,
+                        ..Config::default()
+                    },
+                    network: "10.5.0.0/16".parse().unwrap(),
                     icmp_source: Ipv4Addr::new(10, 5, 0, 0),
                     icmp_per_second: 100,
                     mtu: 1472,
@@ -251,14 +263,14 @@ fn hostile_datagrams_are_dropped_and_counted() {
         })
         .unwrap();
     let to = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 8285);
-    let inner = |src: [u8; 4]| {
+    let inner_to = |src: [u8; 4], dst: [u8; 4]| {
         let mut p = vec![0u8; 28];
         p[0] = 0x45;
         p[2..4].copy_from_slice(&28u16.to_be_bytes());
         p[8] = 64;
         p[9] = 17;
         p[12..16].copy_from_slice(&src);
-        p[16..20].copy_from_slice(&[10, 5, 1, 9]);
+        p[16..20].copy_from_slice(&dst);
         let c = codec::internet_checksum(&p[..20]);
         p[10..12].copy_from_slice(&c.to_be_bytes());
         p
@@ -271,12 +283,18 @@ fn hostile_datagrams_are_dropped_and_counted() {
         .ns
         .run(|| UdpSocket::bind("198.18.0.3:0").unwrap())
         .unwrap();
+    let inner = |src: [u8; 4]| inner_to(src, [10, 5, 1, 9]);
     let valid = inner([10, 5, 2, 7]);
     from_peer.send_to(&valid, to).unwrap();
     from_peer.send_to(&inner([10, 5, 3, 7]), to).unwrap(); // spoofed source
     from_peer.send_to(&valid[..27], to).unwrap(); // truncated
     from_peer.send_to(&[0xff; 64], to).unwrap(); // garbage
     from_peer.send_to(&[], to).unwrap(); // empty
+    // A relay attempt: from the peer's container to a third host's (10.5.3.0/24 is no lease
+    // here, but whether it is one does not matter: it is not this host's subnet).
+    from_peer
+        .send_to(&inner_to([10, 5, 2, 7], [10, 5, 3, 7]), to)
+        .unwrap();
     from_stranger.send_to(&valid, to).unwrap(); // not a peer
     // ICMP unreachable for an address in the Network that no peer owns.
     let out = std::process::Command::new("ip")
@@ -299,10 +317,11 @@ fn hostile_datagrams_are_dropped_and_counted() {
         let s = fwd.stats();
         if (
             s.decapsulated,
-            s.drop_spoofed,
-            s.drop_malformed,
-            s.drop_not_peer,
-        ) == (1, 1, 3, 1)
+            s.refused(Refusal::Spoofed),
+            s.refused(Refusal::Malformed),
+            s.refused(Refusal::NotPeer),
+            s.refused(Refusal::NotLocal),
+        ) == (1, 1, 3, 1, 1)
             || Instant::now() > deadline
         {
             break s;
@@ -310,9 +329,10 @@ fn hostile_datagrams_are_dropped_and_counted() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(stats.decapsulated, 1, "{stats}");
-    assert_eq!(stats.drop_spoofed, 1, "{stats}");
-    assert_eq!(stats.drop_malformed, 3, "{stats}");
-    assert_eq!(stats.drop_not_peer, 1, "{stats}");
+    assert_eq!(stats.refused(Refusal::Spoofed), 1, "{stats}");
+    assert_eq!(stats.refused(Refusal::Malformed), 3, "{stats}");
+    assert_eq!(stats.refused(Refusal::NotPeer), 1, "{stats}");
+    assert_eq!(stats.refused(Refusal::NotLocal), 1, "{stats}");
     assert!(stats.icmp_sent >= 1, "{stats}; ping said: {out}");
     assert!(
         out.contains("Unreachable"),

@@ -103,12 +103,13 @@ impl Backend {
     }
 
     /// Bytes the encapsulation adds to each packet: the MTU of the overlay is the underlay's minus
-    /// this. IPv4 20 + UDP 8 for udp; plus VXLAN 8 and the inner Ethernet header 14 for vxlan.
+    /// this (the wire formats' own lengths, `overlay_common::wire`).
     pub fn encap_overhead(&self) -> u32 {
+        use overlay_common::maps::Encap;
         match self {
-            Backend::Udp { .. } => 28,
-            Backend::Vxlan { .. } => 50,
-            Backend::Alloc => 0,
+            Backend::Udp { .. } => Encap::Udp.overhead(),
+            Backend::Vxlan { .. } => Encap::Vxlan.overhead(),
+            Backend::Alloc => Encap::None.overhead(),
         }
     }
 }

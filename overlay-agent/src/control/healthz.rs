@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::dataplane::contract::Unhealthy;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpListener,
@@ -23,7 +24,7 @@ struct State {
     /// Why no lease is held (when `lease_until` is `None`).
     lease_reason: String,
     /// Why the datapath is not up; `None` when it is.
-    datapath: Option<String>,
+    datapath: Option<Unhealthy>,
 }
 
 impl Health {
@@ -32,7 +33,7 @@ impl Health {
         Self(Arc::new(Mutex::new(State {
             lease_until: None,
             lease_reason: reason.to_owned(),
-            datapath: Some("datapath not started".to_owned()),
+            datapath: Some(Unhealthy::Starting),
         })))
     }
 
@@ -52,9 +53,9 @@ impl Health {
         s.lease_reason = reason.into();
     }
 
-    /// Records the datapath's state: `None` when up, else why not.
-    pub fn datapath(&self, reason: Option<String>) {
-        self.state().datapath = reason;
+    /// Records the datapath's state.
+    pub fn datapath(&self, state: Result<(), Unhealthy>) {
+        self.state().datapath = state.err();
     }
 
     /// `None` when healthy, else the reason.
@@ -70,7 +71,7 @@ impl Health {
             }
             Some(_) => {}
         }
-        s.datapath.clone()
+        s.datapath.as_ref().map(|u| u.to_string())
     }
 }
 

@@ -103,11 +103,7 @@ impl LeaseAttrs {
 
 /// The key of `subnet` under `prefix`.
 pub fn subnet_key(prefix: &str, subnet: &Subnet) -> String {
-    format!(
-        "{}/subnets/{}",
-        prefix.trim_end_matches('/'),
-        subnet.to_key()
-    )
+    format!("{}/subnets/{}", prefix.trim_end_matches('/'), subnet.key())
 }
 
 /// The prefix all lease keys share.

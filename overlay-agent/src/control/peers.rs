@@ -4,7 +4,7 @@
 //! The result is one stream of [`PeerEvent`]s, whatever produced it, so every datapath consumes
 //! the same thing.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::collections::HashMap;
 
 use etcd_client::{Client, EventType, WatchOptions, WatchStream};
 
@@ -14,27 +14,14 @@ use super::{
     subnet::Subnet,
 };
 
-/// Another host, as its lease describes it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Peer {
-    /// Its containers' subnet.
-    pub subnet: Subnet,
-    /// Where to send its traffic.
-    pub public_ip: Ipv4Addr,
-    /// Its backend (`udp`, `vxlan`, ...).
-    pub backend_type: String,
-    /// Backend specifics (vxlan: `VNI`, `VtepMAC`).
-    pub backend_data: Option<serde_json::Value>,
-}
+pub use crate::dataplane::contract::{Peer, PeerBackend};
 
-impl Peer {
-    fn new(subnet: Subnet, attrs: LeaseAttrs) -> Self {
-        Self {
-            subnet,
-            public_ip: attrs.public_ip,
-            backend_type: attrs.backend_type,
-            backend_data: attrs.backend_data,
-        }
+/// A peer from its lease: the one place a lease's JSON becomes a typed peer.
+fn peer_of(subnet: Subnet, attrs: &LeaseAttrs) -> Peer {
+    Peer {
+        subnet,
+        public_ip: attrs.public_ip,
+        backend: PeerBackend::from_lease(&attrs.backend_type, attrs.backend_data.as_ref()),
     }
 }
 
@@ -85,7 +72,7 @@ impl PeerSet {
             }
             match &e.attrs {
                 Some(a) => {
-                    fresh.insert(e.subnet, Peer::new(e.subnet, a.clone()));
+                    fresh.insert(e.subnet, peer_of(e.subnet, a));
                 }
                 None => tracing::warn!("ignoring lease {} with an unreadable value", e.subnet),
             }
@@ -117,7 +104,7 @@ impl PeerSet {
                 subnet,
                 attrs: Some(attrs),
             } => {
-                let peer = Peer::new(*subnet, attrs.clone());
+                let peer = peer_of(*subnet, attrs);
                 if self.peers.get(subnet) == Some(&peer) {
                     return None;
                 }
@@ -255,6 +242,7 @@ impl LeaseWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn attrs(ip: [u8; 4]) -> LeaseAttrs {
         LeaseAttrs {

@@ -1,6 +1,8 @@
-//! Host setup: the overlay device, its addresses and routes, through netlink and the TUN driver.
+//! Host setup and host facts: the underlay interface, the overlay device, its addresses and routes
+//! (netlink and the TUN driver), and the netfilter rules.
 //! Everything here acts in the calling thread's network namespace.
 
+pub mod iface;
 pub mod iptables;
 pub mod netlink;
 pub mod overlay;

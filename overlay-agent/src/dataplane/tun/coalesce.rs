@@ -22,7 +22,7 @@
 //! Pure bookkeeping over pointers: the worker owns the buffers and does the writes.
 
 use super::{
-    super::codec::{self, ChecksumField, Ipv4Summary},
+    codec::{self, ChecksumField, Ipv4Summary},
     vnet::{self, F_DATA_VALID, F_NEEDS_CSUM, GSO_TCPV4, GSO_UDP_L4, VirtioHeader},
 };
 

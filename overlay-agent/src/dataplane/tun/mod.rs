@@ -16,6 +16,8 @@
 //! with `cargo xtask bench`.
 
 pub mod coalesce;
+pub mod codec;
+pub mod datapath;
 pub mod peers;
 pub mod socket;
 pub mod stats;
@@ -31,7 +33,10 @@ use std::{
 pub use peers::{PeerRoute, PeerTable, SharedPeers};
 pub use stats::{Stats, StatsSnapshot};
 
-use super::codec::Format;
+use overlay_common::maps::Config;
+
+use crate::{control::subnet::Subnet, dataplane::contract::Unhealthy};
+use codec::Format;
 
 /// Errors starting the forwarder.
 #[derive(Debug, thiserror::Error)]
@@ -120,12 +125,11 @@ impl Profile {
 pub struct ForwarderConfig {
     /// The TUN device (it must exist; multi-queue when the profile runs several workers).
     pub device: String,
-    /// The wire format.
-    pub format: Format,
-    /// The UDP port: listened on, and sent to.
-    pub port: u16,
+    /// This host's side of the overlay as the eBPF programs get it (`OverlaySpec::program_config`):
+    /// the wire format, port, VNI and VtepMAC, and what the receive policy judges by.
+    pub host: Config,
     /// The whole overlay Network: destinations in it that no peer owns get ICMP unreachable.
-    pub network: (Ipv4Addr, u8),
+    pub network: Subnet,
     /// Source of the ICMP answers (not a local address: the kernel drops those as martians).
     pub icmp_source: Ipv4Addr,
     /// ICMP answers per second and worker at most.
@@ -134,6 +138,18 @@ pub struct ForwarderConfig {
     pub mtu: u32,
     /// The performance profile.
     pub profile: Profile,
+}
+
+impl ForwarderConfig {
+    /// The wire format.
+    pub fn format(&self) -> Format {
+        Format::of(&self.host)
+    }
+
+    /// The UDP port: listened on, and sent to.
+    pub fn port(&self) -> u16 {
+        self.host.port
+    }
 }
 
 /// The running forwarder. Dropping it stops the workers and closes their queues and sockets.
@@ -177,8 +193,8 @@ impl Forwarder {
         };
         let sockets: Vec<UdpSocket> = (0..workers)
             .map(|worker| {
-                socket::bind(config.port, options).map_err(|source| ForwarderError::Bind {
-                    port: config.port,
+                socket::bind(config.port(), options).map_err(|source| ForwarderError::Bind {
+                    port: config.port(),
                     worker,
                     source,
                 })
@@ -225,14 +241,14 @@ impl Forwarder {
         &self.description
     }
 
-    /// `Err` with a reason when a worker has stopped.
-    pub fn check(&self) -> Result<(), String> {
-        let dead = self.workers.iter().filter(|w| w.is_finished()).count();
-        if dead > 0 {
-            return Err(format!(
-                "{dead} of {} TUN datapath workers stopped (see the log)",
-                self.workers.len()
-            ));
+    /// `Err` when a worker has stopped (its reason is in the log).
+    pub fn check(&self) -> Result<(), Unhealthy> {
+        let stopped = self.workers.iter().filter(|w| w.is_finished()).count();
+        if stopped > 0 {
+            return Err(Unhealthy::WorkersStopped {
+                stopped,
+                workers: self.workers.len(),
+            });
         }
         Ok(())
     }

@@ -6,6 +6,9 @@
 //! and bumps a generation counter, which workers compare once per batch, so the packet path
 //! takes no lock.
 
+use overlay_common::{net::mask, policy::Peers};
+
+use crate::control::subnet::Subnet;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::Ipv4Addr,
@@ -15,14 +18,7 @@ use std::{
     },
 };
 
-/// Where to send a subnet's packets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerRoute {
-    /// The peer's public (underlay) address.
-    pub public_ip: Ipv4Addr,
-    /// The peer's VtepMAC (vxlan; zero for udp).
-    pub vtep_mac: [u8; 6],
-}
+pub use crate::dataplane::contract::PeerRoute;
 
 /// One immutable snapshot of the peers.
 #[derive(Debug, Default)]
@@ -32,20 +28,16 @@ pub struct PeerTable {
     public_ips: HashSet<Ipv4Addr>,
 }
 
-fn mask(len: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
-}
-
 impl PeerTable {
-    /// Builds a table from `(subnet address, prefix length) -> route`.
-    pub fn new(routes: &BTreeMap<(Ipv4Addr, u8), PeerRoute>) -> Self {
+    /// Builds a table from the installed routes.
+    pub fn new(routes: &BTreeMap<Subnet, PeerRoute>) -> Self {
         let mut by_len: BTreeMap<u8, HashMap<u32, PeerRoute>> = BTreeMap::new();
         let mut public_ips = HashSet::new();
-        for (&(addr, len), route) in routes {
+        for (subnet, route) in routes {
             by_len
-                .entry(len)
+                .entry(subnet.prefix())
                 .or_default()
-                .insert(u32::from(addr) & mask(len), *route);
+                .insert(u32::from(subnet.addr()), *route);
             public_ips.insert(route.public_ip);
         }
         Self {
@@ -67,12 +59,6 @@ impl PeerTable {
         self.public_ips.contains(&sender)
     }
 
-    /// Whether a packet with inner source `inner_src` may come from `sender`.
-    pub fn owns(&self, sender: Ipv4Addr, inner_src: Ipv4Addr) -> bool {
-        self.lookup(inner_src)
-            .is_some_and(|r| r.public_ip == sender)
-    }
-
     /// The number of peers.
     pub fn len(&self) -> usize {
         self.by_len.iter().map(|(_, m)| m.len()).sum()
@@ -81,6 +67,18 @@ impl PeerTable {
     /// Whether there are no peers.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// What the shared receive policy asks of the peers (the eBPF decap asks its maps the same).
+impl Peers for PeerTable {
+    fn is_peer(&self, addr: [u8; 4]) -> bool {
+        self.is_peer(Ipv4Addr::from(addr))
+    }
+
+    fn owner(&self, inner: [u8; 4]) -> Option<[u8; 4]> {
+        self.lookup(Ipv4Addr::from(inner))
+            .map(|r| r.public_ip.octets())
     }
 }
 
@@ -140,29 +138,43 @@ impl PeerReader {
 mod tests {
     use super::*;
 
-    fn route(last: u8) -> PeerRoute {
-        PeerRoute {
-            public_ip: Ipv4Addr::new(198, 18, 0, last),
-            vtep_mac: [0; 6],
-        }
+    fn route(subnet: &str, last: u8) -> (Subnet, PeerRoute) {
+        let subnet: Subnet = subnet.parse().unwrap();
+        (
+            subnet,
+            PeerRoute {
+                subnet,
+                public_ip: Ipv4Addr::new(198, 18, 0, last),
+                vtep_mac: Default::default(),
+            },
+        )
     }
 
     #[test]
     fn longest_prefix_wins_and_sender_checks_match_the_ebpf_decap() {
-        let mut routes = BTreeMap::new();
-        routes.insert((Ipv4Addr::new(10, 5, 0, 0), 16), route(9));
-        routes.insert((Ipv4Addr::new(10, 5, 2, 0), 24), route(2));
-        routes.insert((Ipv4Addr::new(10, 5, 3, 0), 24), route(3));
+        let routes: BTreeMap<_, _> = [
+            route("10.5.0.0/16", 9),
+            route("10.5.2.0/24", 2),
+            route("10.5.3.0/24", 3),
+        ]
+        .into_iter()
+        .collect();
         let t = PeerTable::new(&routes);
         assert_eq!(t.len(), 3);
-        assert_eq!(t.lookup(Ipv4Addr::new(10, 5, 2, 7)), Some(&route(2)));
-        assert_eq!(t.lookup(Ipv4Addr::new(10, 5, 7, 7)), Some(&route(9)));
+        assert_eq!(
+            t.lookup(Ipv4Addr::new(10, 5, 2, 7)),
+            Some(&route("10.5.2.0/24", 2).1)
+        );
+        assert_eq!(
+            t.lookup(Ipv4Addr::new(10, 5, 7, 7)),
+            Some(&route("10.5.0.0/16", 9).1)
+        );
         assert_eq!(t.lookup(Ipv4Addr::new(10, 6, 0, 1)), None);
         assert!(t.is_peer(Ipv4Addr::new(198, 18, 0, 3)));
         assert!(!t.is_peer(Ipv4Addr::new(198, 18, 0, 4)));
-        assert!(t.owns(Ipv4Addr::new(198, 18, 0, 3), Ipv4Addr::new(10, 5, 3, 1)));
+        assert_eq!(t.owner([10, 5, 3, 1]), Some([198, 18, 0, 3]));
         // A peer sending with another peer's container address is spoofing.
-        assert!(!t.owns(Ipv4Addr::new(198, 18, 0, 3), Ipv4Addr::new(10, 5, 2, 1)));
+        assert_ne!(t.owner([10, 5, 2, 1]), Some([198, 18, 0, 3]));
     }
 
     #[test]
@@ -170,8 +182,7 @@ mod tests {
         let shared = Arc::new(SharedPeers::default());
         let mut reader = shared.reader();
         assert!(reader.current().is_empty());
-        let mut routes = BTreeMap::new();
-        routes.insert((Ipv4Addr::new(10, 5, 2, 0), 24), route(2));
+        let routes: BTreeMap<_, _> = [route("10.5.2.0/24", 2)].into_iter().collect();
         shared.publish(PeerTable::new(&routes));
         assert_eq!(reader.current().len(), 1);
     }

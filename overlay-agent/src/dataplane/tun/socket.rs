@@ -18,11 +18,23 @@ pub const MAX_GSO_SEGMENTS: usize = 64;
 /// Largest UDP payload of one GSO send (65535 - IPv4 - UDP headers).
 pub const MAX_GSO_BYTES: usize = 65_507;
 
+use overlay_common::policy::Outer;
+
 const SOL_UDP: libc::c_int = 17;
 const UDP_SEGMENT: libc::c_int = 103;
 const UDP_GRO: libc::c_int = 104;
-/// Room for one cmsg carrying an int (CMSG_SPACE(4) = 24 on 64-bit), 8-byte aligned.
+/// `IP_RECVFRAGSIZE`: a cmsg with the largest fragment's size when the datagram was reassembled.
+const IP_RECVFRAGSIZE: libc::c_int = 25;
+/// `IP_RECVOPTS`: a cmsg with the IP options, when the packet carried any.
+const IP_RECVOPTS: libc::c_int = 6;
+/// The cmsg type `IP_RECVOPTS` delivers.
+const IP_OPTIONS: libc::c_int = 4;
+/// Room for one cmsg carrying an int (CMSG_SPACE(4) = 24 on 64-bit), 8-byte aligned: a send's
+/// UDP_SEGMENT.
 type CmsgBuf = [u64; 4];
+/// Room for the cmsgs a receive asks for, 8-byte aligned: UDP_GRO and IP_RECVFRAGSIZE (an int
+/// each, CMSG_SPACE(4) = 24 on 64-bit) and IP options (CMSG_SPACE(40) = 56).
+type RecvCmsgBuf = [u64; 16];
 
 /// What the socket offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +72,10 @@ pub fn bind(port: u16, options: SocketOptions) -> io::Result<UdpSocket> {
     if options.gro {
         setsockopt(fd, SOL_UDP, UDP_GRO, one)?;
     }
+    // The receive policy refuses fragmented datagrams and IP options, as the eBPF decap must
+    // (it cannot reassemble); the kernel would otherwise hide both from a UDP socket.
+    setsockopt(fd, libc::IPPROTO_IP, IP_RECVFRAGSIZE, one)?;
+    setsockopt(fd, libc::IPPROTO_IP, IP_RECVOPTS, one)?;
     let addr = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: port.to_be(),
@@ -118,10 +134,10 @@ pub struct RecvBatch {
     bufs: Vec<Box<[u8]>>,
     addrs: Vec<libc::sockaddr_in>,
     iovs: Vec<libc::iovec>,
-    ctrl: Vec<CmsgBuf>,
+    ctrl: Vec<RecvCmsgBuf>,
     hdrs: Vec<libc::mmsghdr>,
-    /// Per received message: length, sender, GRO segment size (0: one datagram).
-    meta: Vec<(usize, Ipv4Addr, usize)>,
+    /// Per received message: length, sender, GRO segment size (0: one datagram), outer shape.
+    meta: Vec<(usize, Ipv4Addr, usize, Outer)>,
 }
 
 // SAFETY: the raw pointers in iovs/hdrs point into the batch's own heap buffers and are rebuilt
@@ -140,9 +156,9 @@ impl RecvBatch {
                 .collect(),
             addrs: vec![addr; slots],
             iovs: vec![iov; slots],
-            ctrl: vec![[0; 4]; slots],
+            ctrl: vec![[0; 16]; slots],
             hdrs: vec![hdr; slots],
-            meta: vec![(0, Ipv4Addr::UNSPECIFIED, 0); slots],
+            meta: vec![(0, Ipv4Addr::UNSPECIFIED, 0, Outer::default()); slots],
         }
     }
 
@@ -161,7 +177,7 @@ impl RecvBatch {
             h.msg_iov = &raw mut self.iovs[i];
             h.msg_iovlen = 1;
             h.msg_control = self.ctrl[i].as_mut_ptr().cast();
-            h.msg_controllen = size_of::<CmsgBuf>();
+            h.msg_controllen = size_of::<RecvCmsgBuf>();
             h.msg_flags = 0;
             self.hdrs[i].msg_len = 0;
         }
@@ -183,36 +199,43 @@ impl RecvBatch {
             let len = self.hdrs[i].msg_len as usize;
             let src = Ipv4Addr::from(u32::from_be(self.addrs[i].sin_addr.s_addr));
             let mut seg = 0;
+            let mut outer = Outer::default();
             let h = &self.hdrs[i].msg_hdr;
             // SAFETY: the CMSG_* macros walk the control buffer the kernel filled, bounded by
             // msg_controllen.
             unsafe {
                 let mut c = libc::CMSG_FIRSTHDR(h);
                 while !c.is_null() {
-                    if (*c).cmsg_level == SOL_UDP && (*c).cmsg_type == UDP_GRO {
-                        seg = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>())
-                            as usize;
+                    match ((*c).cmsg_level, (*c).cmsg_type) {
+                        (SOL_UDP, UDP_GRO) => {
+                            seg = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>())
+                                as usize;
+                        }
+                        (libc::IPPROTO_IP, IP_RECVFRAGSIZE) => outer.fragment = true,
+                        (libc::IPPROTO_IP, IP_OPTIONS) => outer.ip_options = true,
+                        _ => {}
                     }
                     c = libc::CMSG_NXTHDR(h, c);
                 }
             }
             // A datagram truncated to the buffer (MSG_TRUNC) is refused whole by the codec: its
             // inner length no longer fits.
-            self.meta[i] = (len.min(RECV_BUF_LEN), src, seg);
+            self.meta[i] = (len.min(RECV_BUF_LEN), src, seg, outer);
         }
         Ok(got)
     }
 
-    /// Message `i` of the last [`RecvBatch::recv`]: its bytes, sender and GRO segment size.
-    pub fn message(&self, i: usize) -> (&[u8], Ipv4Addr, usize) {
-        let (len, src, seg) = self.meta[i];
-        (&self.bufs[i][..len], src, seg)
+    /// Message `i` of the last [`RecvBatch::recv`]: its bytes, sender, GRO segment size and how
+    /// the outer packet arrived.
+    pub fn message(&self, i: usize) -> (&[u8], Ipv4Addr, usize, Outer) {
+        let (len, src, seg, outer) = self.meta[i];
+        (&self.bufs[i][..len], src, seg, outer)
     }
 
     /// As [`RecvBatch::message`], writable (the receive path fixes checksum fields in place).
-    pub fn message_mut(&mut self, i: usize) -> (&mut [u8], Ipv4Addr, usize) {
-        let (len, src, seg) = self.meta[i];
-        (&mut self.bufs[i][..len], src, seg)
+    pub fn message_mut(&mut self, i: usize) -> (&mut [u8], Ipv4Addr, usize, Outer) {
+        let (len, src, seg, outer) = self.meta[i];
+        (&mut self.bufs[i][..len], src, seg, outer)
     }
 }
 

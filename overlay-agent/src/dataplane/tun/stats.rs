@@ -1,6 +1,9 @@
-//! Counters of the TUN datapath: what was forwarded and, per reason, what was dropped.
+//! Counters of the TUN datapath: what was forwarded and, per reason, what was dropped. Refusals
+//! of the receive policy are counted per [`Refusal`], under the names the eBPF counters use.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use overlay_common::policy::Refusal;
 
 /// Counters shared by all workers (relaxed atomics, added once per batch where possible).
 #[derive(Debug, Default)]
@@ -19,12 +22,10 @@ pub struct Stats {
     pub send_errors: AtomicU64,
     /// Packets decapsulated and written to the TUN device.
     pub decapsulated: AtomicU64,
-    /// Datagrams from an address that is no peer's public IP.
-    pub drop_not_peer: AtomicU64,
-    /// Datagrams from a peer carrying an inner source that peer does not hold.
-    pub drop_spoofed: AtomicU64,
-    /// Datagrams the codec refused (truncated, garbage, wrong VNI or MAC).
-    pub drop_malformed: AtomicU64,
+    /// Datagrams the receive policy refused, per [`Refusal::index`].
+    pub refused: [AtomicU64; Refusal::ALL.len()],
+    /// Accepted packets the coalescer could not take (a TCP super-packet it cannot cut).
+    pub coalesce_errors: AtomicU64,
     /// Writes to the TUN device that failed.
     pub tun_write_errors: AtomicU64,
 }
@@ -40,10 +41,16 @@ pub struct StatsSnapshot {
     pub icmp_rate_limited: u64,
     pub send_errors: u64,
     pub decapsulated: u64,
-    pub drop_not_peer: u64,
-    pub drop_spoofed: u64,
-    pub drop_malformed: u64,
+    pub refused: [u64; Refusal::ALL.len()],
+    pub coalesce_errors: u64,
     pub tun_write_errors: u64,
+}
+
+impl StatsSnapshot {
+    /// Datagrams refused for `reason`.
+    pub fn refused(&self, reason: Refusal) -> u64 {
+        self.refused[reason.index()]
+    }
 }
 
 impl Stats {
@@ -51,6 +58,13 @@ impl Stats {
     pub fn add(counter: &AtomicU64, n: u64) {
         if n != 0 {
             counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds per-reason refusal counts.
+    pub fn add_refused(&self, counts: &[u64; Refusal::ALL.len()]) {
+        for (counter, n) in self.refused.iter().zip(counts) {
+            Stats::add(counter, *n);
         }
     }
 
@@ -65,9 +79,8 @@ impl Stats {
             icmp_rate_limited: l(&self.icmp_rate_limited),
             send_errors: l(&self.send_errors),
             decapsulated: l(&self.decapsulated),
-            drop_not_peer: l(&self.drop_not_peer),
-            drop_spoofed: l(&self.drop_spoofed),
-            drop_malformed: l(&self.drop_malformed),
+            refused: std::array::from_fn(|i| l(&self.refused[i])),
+            coalesce_errors: l(&self.coalesce_errors),
             tun_write_errors: l(&self.tun_write_errors),
         }
     }
@@ -77,18 +90,19 @@ impl std::fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "encapsulated {} decapsulated {}; dropped: no peer {} not IPv4 {} not from a peer {} \
-             spoofed {} malformed {}; icmp sent {} rate-limited {}; errors: send {} tun write {}",
-            self.encapsulated,
-            self.decapsulated,
-            self.no_peer,
-            self.not_ipv4,
-            self.drop_not_peer,
-            self.drop_spoofed,
-            self.drop_malformed,
+            "encapsulated {} decapsulated {}; dropped: no peer {} not IPv4 {}",
+            self.encapsulated, self.decapsulated, self.no_peer, self.not_ipv4,
+        )?;
+        for reason in Refusal::ALL {
+            write!(f, " {} {}", reason.counter().name(), self.refused(reason))?;
+        }
+        write!(
+            f,
+            "; icmp sent {} rate-limited {}; errors: send {} coalesce {} tun write {}",
             self.icmp_sent,
             self.icmp_rate_limited,
             self.send_errors,
+            self.coalesce_errors,
             self.tun_write_errors
         )
     }

@@ -3,7 +3,7 @@
 
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{SocketAddrV4, UdpSocket},
     os::fd::AsRawFd as _,
     sync::Arc,
     time::{Duration, Instant},
@@ -20,7 +20,9 @@ use super::{
     stats::Stats,
     vnet::{self, VirtioHeader},
 };
-use crate::dataplane::codec::{self, ICMP_NET_UNREACH, ICMP_UNREACH_MAX_LEN, MAX_ENCAP_LEN};
+use overlay_common::policy::Refusal;
+
+use super::codec::{self, ICMP_NET_UNREACH, ICMP_UNREACH_MAX_LEN, MAX_FORMAT_HEADER};
 
 /// Packets handled per batch in either direction.
 const SLOTS: usize = 128;
@@ -41,11 +43,6 @@ fn is_fatal(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EBADFD | libc::EBADF | libc::ENODEV | libc::ENXIO)
     )
-}
-
-fn in_network(ip: Ipv4Addr, (net, len): (Ipv4Addr, u8)) -> bool {
-    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-    u32::from(ip) & mask == u32::from(net) & mask
 }
 
 /// Adds segment `index` of `len` bytes to `dst` to the batch: to the last message when it extends
@@ -79,7 +76,7 @@ fn push_segment(
 }
 
 /// A segment's header slot: the format's header and the longest IPv4 and TCP headers.
-const SEG_HDR: usize = MAX_ENCAP_LEN + 60 + 60;
+const SEG_HDR: usize = MAX_FORMAT_HEADER + 60 + 60;
 /// TUN reads (super-packets of up to 64 KB) gathered into one batch.
 const READS: usize = 8;
 
@@ -191,7 +188,7 @@ impl Worker {
         sock: &AsyncFd<UdpSocket>,
         mut peers: PeerReader,
     ) -> io::Result<()> {
-        let format = self.config.format;
+        let format = self.config.format();
         let hl = format.header_len();
         let mut reads: Vec<Vec<u8>> = (0..READS).map(|_| vec![0u8; vnet::LEN + 65_535]).collect();
         let mut hdrs: Vec<[u8; SEG_HDR]> = vec![[0; SEG_HDR]; SLOTS];
@@ -221,12 +218,12 @@ impl Worker {
                     };
                     let Some(route) = table.lookup(dst) else {
                         no_peer += 1;
-                        if in_network(dst, self.config.network) {
+                        if self.config.network.contains_ip(dst) {
                             self.answer_unreachable(dev, pkt, &mut icmp).await;
                         }
                         break 'packet;
                     };
-                    let dst = SocketAddrV4::new(route.public_ip, self.config.port);
+                    let dst = SocketAddrV4::new(route.public_ip, self.config.port());
                     let protocol = match hdr.gso_type {
                         vnet::GSO_NONE => None,
                         vnet::GSO_TCPV4 => Some(6),
@@ -266,7 +263,7 @@ impl Worker {
                                 .await?;
                         }
                         let slot = pieces.len() / 2;
-                        let _ = codec::write_header(&format, route.vtep_mac, &mut hdrs[slot]);
+                        let _ = codec::write_header(&format, route.vtep_mac.0, &mut hdrs[slot]);
                         pieces.push((hdrs[slot].as_ptr(), hl));
                         pieces.push((pkt.as_ptr(), info.total_len));
                         push_segment(&mut groups, self.gso, dst, slot, hl + info.total_len);
@@ -280,7 +277,7 @@ impl Worker {
                         }
                         let slot = pieces.len() / 2;
                         let h = &mut hdrs[slot];
-                        let _ = codec::write_header(&format, route.vtep_mac, h);
+                        let _ = codec::write_header(&format, route.vtep_mac.0, h);
                         // Cannot fail: the slot holds the longest headers.
                         let Ok(n) = codec::write_segment_headers(pkt, &gso, i, &mut h[hl..]) else {
                             break;
@@ -320,9 +317,9 @@ impl Worker {
         sock: &AsyncFd<UdpSocket>,
         mut peers: PeerReader,
     ) -> io::Result<()> {
-        let format = self.config.format;
+        let format = self.config.format();
         let hl = format.header_len();
-        let seg_cap = MAX_ENCAP_LEN + (self.config.mtu as usize).max(1500);
+        let seg_cap = MAX_FORMAT_HEADER + (self.config.mtu as usize).max(1500);
         let mut orig = vec![0u8; vnet::LEN + 65_535];
         let mut bufs: Vec<Vec<u8>> = (0..SLOTS).map(|_| vec![0u8; seg_cap]).collect();
         let mut sizes = vec![0usize; SLOTS];
@@ -332,7 +329,7 @@ impl Worker {
         let mut icmp = self.unreachable();
         loop {
             let used = match dev
-                .recv_multiple(&mut orig, &mut bufs, &mut sizes, MAX_ENCAP_LEN)
+                .recv_multiple(&mut orig, &mut bufs, &mut sizes, MAX_FORMAT_HEADER)
                 .await
             {
                 Ok(n) => n,
@@ -346,27 +343,27 @@ impl Worker {
             let (mut no_peer, mut not_ipv4) = (0, 0);
             for i in 0..used {
                 let len = sizes[i];
-                let pkt = &bufs[i][MAX_ENCAP_LEN..MAX_ENCAP_LEN + len];
+                let pkt = &bufs[i][MAX_FORMAT_HEADER..MAX_FORMAT_HEADER + len];
                 let Some(dst) = codec::ipv4_destination(pkt) else {
                     not_ipv4 += 1;
                     continue;
                 };
                 let Some(route) = table.lookup(dst) else {
                     no_peer += 1;
-                    if in_network(dst, self.config.network) {
+                    if self.config.network.contains_ip(dst) {
                         self.answer_unreachable(dev, pkt, &mut icmp).await;
                     }
                     continue;
                 };
-                let start = MAX_ENCAP_LEN - hl;
-                // Cannot fail: the headroom is MAX_ENCAP_LEN >= hl.
+                let start = MAX_FORMAT_HEADER - hl;
+                // Cannot fail: the headroom is MAX_FORMAT_HEADER >= hl.
                 let _ = codec::write_header(
                     &format,
-                    route.vtep_mac,
-                    &mut bufs[i][start..MAX_ENCAP_LEN],
+                    route.vtep_mac.0,
+                    &mut bufs[i][start..MAX_FORMAT_HEADER],
                 );
                 let seg_len = hl + len;
-                let dst = SocketAddrV4::new(route.public_ip, self.config.port);
+                let dst = SocketAddrV4::new(route.public_ip, self.config.port());
                 let seg_index = segs.len();
                 segs.push((bufs[i][start..].as_ptr(), seg_len));
                 push_segment(&mut groups, self.gso, dst, seg_index, seg_len);
@@ -464,8 +461,6 @@ impl Worker {
         mut peers: PeerReader,
     ) -> io::Result<()> {
         let offload = self.config.profile.offload();
-        let format = self.config.format;
-        let hl = format.header_len();
         let mut rb = RecvBatch::new(if offload { RECV_SLOTS } else { 1 });
         let mut co = Coalescer::new(
             CoalesceOptions {
@@ -490,32 +485,30 @@ impl Worker {
                 }
             };
             let table = peers.current();
-            let (mut not_peer, mut spoofed, mut malformed) = (0u64, 0u64, 0u64);
+            let mut refused = [0u64; Refusal::ALL.len()];
             let mut oversize = 0u64;
             for m in 0..n {
-                let (data, src, seg) = rb.message_mut(m);
+                let (data, src, seg, outer) = rb.message_mut(m);
                 let seg = if seg == 0 { data.len().max(1) } else { seg };
-                if !table.is_peer(src) {
-                    not_peer += data.len().div_ceil(seg).max(1) as u64;
-                    continue;
-                }
                 if data.is_empty() {
-                    malformed += 1;
+                    // The policy's verdict on an empty datagram, without a chunk to judge.
+                    let reason = match codec::receive(&self.config.host, table, src, outer, data) {
+                        Err(reason) => reason,
+                        Ok(_) => Refusal::Malformed,
+                    };
+                    refused[reason.index()] += 1;
                 }
                 for d in data.chunks_mut(seg) {
-                    let info = match codec::decapsulate(&format, d) {
-                        Err(_) => {
-                            malformed += 1;
-                            continue;
-                        }
-                        Ok((_, info)) if !table.owns(src, info.src) => {
-                            spoofed += 1;
-                            continue;
-                        }
-                        Ok((_, info)) => info,
-                    };
+                    let (header, info) =
+                        match codec::receive(&self.config.host, table, src, outer, d) {
+                            Err(reason) => {
+                                refused[reason.index()] += 1;
+                                continue;
+                            }
+                            Ok(accepted) => accepted,
+                        };
                     // The inner packet starts right after the format's header.
-                    if co.push(&mut d[hl..], &info).is_err() {
+                    if co.push(&mut d[header..], &info).is_err() {
                         oversize += 1;
                     }
                     if co.is_full() {
@@ -523,9 +516,8 @@ impl Worker {
                     }
                 }
             }
-            Stats::add(&self.stats.drop_not_peer, not_peer);
-            Stats::add(&self.stats.drop_spoofed, spoofed);
-            Stats::add(&self.stats.drop_malformed, malformed + oversize);
+            self.stats.add_refused(&refused);
+            Stats::add(&self.stats.coalesce_errors, oversize);
             self.write_tun(dev, &mut co, &mut iov).await?;
         }
     }

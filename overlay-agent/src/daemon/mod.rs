@@ -11,33 +11,36 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    sync::mpsc as std_mpsc,
     time::{Duration, Instant},
 };
 
 use etcd_client::Client;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     cli::{Cli, DecapKind},
     control::{
         config::{Backend, ConfigError, NetworkConfig},
-        datapath::{Datapath, DatapathError, LocalLease},
         etcd::{EtcdError, EtcdSettings, error_chain, req},
         healthz::{self, Health},
-        iface::{self, IfaceError, Underlay},
         lease::{self, Claim, HeldLease, LeaseAttrs, LeaseError, LeaseParams},
         notify,
-        peers::{LeaseChange, LeaseWatch, PeerEvent, PeerSet, WatchBatch},
+        peers::{LeaseChange, LeaseWatch, PeerSet, WatchBatch},
         subnet_env::{self, SubnetEnv, SubnetEnvError},
     },
     dataplane::{
-        self,
-        ebpf::{DecapHook, XdpMode},
-        ebpf_datapath::EbpfOptions,
+        self, SelectError,
+        contract::{DatapathError, LocalLease, Overlay, OverlaySpec},
+        ebpf::{DecapHook, XdpMode, datapath::EbpfOptions},
     },
-    host::iptables,
+    host::{
+        iface::{self, IfaceError, Underlay},
+        iptables,
+    },
 };
+
+mod datapath_thread;
+
+use datapath_thread::DatapathThread;
 
 /// How often the missing-config wait logs what it waits for.
 const CONFIG_WAIT_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -96,12 +99,19 @@ pub enum DaemonError {
         #[source]
         source: IfaceError,
     },
+    /// No datapath can run here.
+    #[error("{source}")]
+    Select {
+        /// The error.
+        #[source]
+        source: SelectError,
+    },
     /// The datapath failed to start.
     #[error("{source}")]
     Datapath {
-        /// The error.
+        /// The error (boxed: device and netlink errors are large).
         #[source]
-        source: DatapathError,
+        source: Box<DatapathError>,
     },
     /// The datapath's thread died.
     #[error("the datapath thread stopped unexpectedly")]
@@ -214,7 +224,7 @@ struct Agent {
     params: LeaseParams,
     held: HeldLease,
     peers: PeerSet,
-    datapath: DatapathHandle,
+    datapath: DatapathThread,
     health: Health,
 }
 
@@ -272,9 +282,9 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
         b => underlay_mtu.saturating_sub(b.encap_overhead()),
     };
 
-    let datapath = build_datapath(&cli, &config.backend, public_ip, underlay.as_ref())
-        .map_err(|source| DaemonError::Datapath { source })?;
-    let backend_data = datapath.as_ref().and_then(|d| d.backend_data());
+    let overlay = build_overlay(&cli, &config.backend, public_ip, underlay.as_ref())?;
+    // The same BackendData whichever datapath runs: the contract derives it.
+    let backend_data = overlay.as_ref().and_then(|o| o.spec().backend_data());
     let params = LeaseParams {
         prefix: prefix.clone(),
         attrs: LeaseAttrs {
@@ -303,16 +313,19 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     log_held(&held, &params, "acquired");
     health.lease_held(held.expires_at);
 
-    let datapath = DatapathHandle::spawn(datapath, health.clone());
-    let local = LocalLease {
-        network: config.network,
-        subnet: held.subnet,
-        public_ip,
-        underlay,
-        backend: config.backend.clone(),
-        mtu,
-    };
-    datapath.start(local).await?;
+    let datapath = DatapathThread::spawn(overlay, health.clone());
+    if let Some(underlay) = underlay {
+        datapath
+            .start(LocalLease {
+                network: config.network,
+                subnet: held.subnet,
+                underlay,
+                mtu,
+            })
+            .await?;
+    } else {
+        health.datapath(Ok(()));
+    }
     install_netfilter_rules(&cli, &config, held.subnet)?;
 
     let mut agent = Agent {
@@ -574,17 +587,18 @@ impl Agent {
     }
 }
 
-/// Builds the datapath for the backend, before the lease is acquired (its
-/// [`Datapath::backend_data`] goes into the lease). This is where the dataplane plugs in: the eBPF
-/// and TUN datapaths replace the stub here, chosen by `kind` (`--datapath`); an error (e.g.
-/// `--datapath=ebpf` on a kernel that refuses the programs) stops the agent with status 1.
-/// `underlay` is `Some` for udp and vxlan. Returns `None` for alloc, which forwards nothing.
-pub fn build_datapath(
+/// Builds the overlay for the backend before the lease is acquired, so a kernel or privilege
+/// problem (e.g. `--datapath=ebpf` on a kernel that refuses the programs) stops the agent before
+/// it takes a subnet. `None` for alloc, which forwards nothing.
+fn build_overlay(
     cli: &Cli,
     backend: &Backend,
     public_ip: Ipv4Addr,
     underlay: Option<&Underlay>,
-) -> Result<Option<Box<dyn Datapath>>, DatapathError> {
+) -> Result<Option<Overlay>, DaemonError> {
+    let Some(spec) = OverlaySpec::new(backend, public_ip) else {
+        return Ok(None);
+    };
     let options = EbpfOptions {
         bpffs: Some(cli.bpffs.clone()),
         decap: match cli.decap {
@@ -594,134 +608,12 @@ pub fn build_datapath(
         },
         deliver_via_stack: cli.deliver_via_stack,
     };
-    let datapath = dataplane::select(cli.datapath, backend, public_ip, options).map_err(|e| {
-        DatapathError::Failed {
-            context: format!(
-                "--datapath={}",
-                format!("{:?}", cli.datapath).to_lowercase()
-            ),
-            source: Box::new(e),
-        }
-    })?;
-    if let Some(d) = &datapath {
-        tracing::info!(
-            "datapath: {}{}",
-            d.describe(),
-            underlay.map_or(String::new(), |u| format!(" on {}", u.name))
-        );
-    }
-    Ok(datapath)
-}
-
-/// Work for the datapath thread.
-enum DatapathCmd {
-    Start(LocalLease, oneshot::Sender<Result<(), DatapathError>>),
-    Event(PeerEvent),
-    /// The initial peer list has been sent; replies once the datapath has applied it.
-    Synced(oneshot::Sender<()>),
-}
-
-/// The datapath, run on a thread of its own so its (possibly blocking) calls never stall etcd
-/// traffic, fed in order through a channel. Peer events are logged here, whatever the datapath.
-struct DatapathHandle {
-    tx: Option<mpsc::UnboundedSender<DatapathCmd>>,
-    /// Disconnects when the thread has dropped the datapath.
-    done: std_mpsc::Receiver<()>,
-}
-
-/// How long stopping waits for the datapath's own teardown (the TUN workers and their counters).
-const DATAPATH_STOP_WAIT: Duration = Duration::from_secs(2);
-
-impl DatapathHandle {
-    fn spawn(datapath: Option<Box<dyn Datapath>>, health: Health) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<DatapathCmd>();
-        let (alive_tx, done) = std_mpsc::channel::<()>();
-        std::thread::Builder::new()
-            .name("datapath".into())
-            .spawn(move || {
-                let _alive = alive_tx;
-                let mut datapath = datapath;
-                while let Some(cmd) = rx.blocking_recv() {
-                    match cmd {
-                        DatapathCmd::Start(local, reply) => {
-                            let r = match datapath.as_mut() {
-                                Some(d) => d.start(&local),
-                                None => Ok(()),
-                            };
-                            health.datapath(r.as_ref().err().map(|e| e.to_string()));
-                            let _ = reply.send(r);
-                        }
-                        DatapathCmd::Event(ev) => {
-                            match &ev {
-                                PeerEvent::Added(p) => tracing::info!(
-                                    "peer added: {} at {} ({})",
-                                    p.subnet,
-                                    p.public_ip,
-                                    p.backend_type
-                                ),
-                                PeerEvent::Removed(s) => tracing::info!("peer removed: {s}"),
-                            }
-                            if let Some(d) = datapath.as_mut() {
-                                if let Err(e) = d.apply(&ev) {
-                                    tracing::error!("datapath: {}", error_chain(&e));
-                                }
-                                health.datapath(d.check().err());
-                            }
-                        }
-                        DatapathCmd::Synced(reply) => {
-                            if let Some(d) = datapath.as_mut()
-                                && let Err(e) = d.synced()
-                            {
-                                tracing::error!("datapath: {}", error_chain(&e));
-                            }
-                            let _ = reply.send(());
-                        }
-                    }
-                }
-            })
-            .expect("spawning the datapath thread");
-        Self { tx: Some(tx), done }
-    }
-
-    async fn start(&self, local: LocalLease) -> Result<(), DaemonError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .as_ref()
-            .and_then(|tx| tx.send(DatapathCmd::Start(local, reply)).ok())
-            .ok_or(DaemonError::DatapathGone)?;
-        rx.await
-            .map_err(|_| DaemonError::DatapathGone)?
-            .map_err(|source| DaemonError::Datapath { source })
-    }
-
-    fn send(&self, ev: PeerEvent) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(DatapathCmd::Event(ev));
-        }
-    }
-
-    /// Tells the datapath the initial peer list is complete (it may then drop what a previous
-    /// run left), and waits until everything sent before has been applied.
-    async fn synced(&self) -> Result<(), DaemonError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .as_ref()
-            .and_then(|tx| tx.send(DatapathCmd::Synced(reply)).ok())
-            .ok_or(DaemonError::DatapathGone)?;
-        rx.await.map_err(|_| DaemonError::DatapathGone)
-    }
-}
-
-impl Drop for DatapathHandle {
-    /// Closes the queue and waits, briefly, for the thread to drop the datapath: the process
-    /// exits right after, and would otherwise cut its teardown short.
-    fn drop(&mut self) {
-        self.tx = None;
-        if let Err(std_mpsc::RecvTimeoutError::Timeout) = self.done.recv_timeout(DATAPATH_STOP_WAIT)
-        {
-            tracing::warn!(
-                "the datapath did not stop within {DATAPATH_STOP_WAIT:?}; exiting without it"
-            );
-        }
-    }
+    let overlay = dataplane::select(cli.datapath, spec, options)
+        .map_err(|source| DaemonError::Select { source })?;
+    tracing::info!(
+        "datapath: {}{}",
+        overlay.describe(),
+        underlay.map_or(String::new(), |u| format!(" on {}", u.name))
+    );
+    Ok(Some(overlay))
 }

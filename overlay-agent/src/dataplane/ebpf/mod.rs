@@ -24,15 +24,19 @@ use aya::{
 
 pub use aya::programs::XdpMode;
 
-use super::pins::Pins;
+pub mod datapath;
+pub mod endpoints;
+pub mod pins;
+
+use crate::control::subnet::Subnet;
 use overlay_common::{
     COUNTERS_MAP, Counter, CounterSlot,
     maps::{
-        CONFIG_MAP, Config, ENDPOINTS_MAP, Encap, Endpoint, FLAG_DELIVER_VIA_STACK, PEER_ADDRS_MAP,
-        PEERS_MAP, Peer, PeerAddr,
+        CONFIG_MAP, Config, ENDPOINTS_MAP, Endpoint, PEER_ADDRS_MAP, PEERS_MAP, Peer, PeerAddr,
     },
     programs,
 };
+use pins::Pins;
 
 /// Every map of the object, pinned together.
 const ALL_MAPS: [&str; 5] = [
@@ -88,7 +92,7 @@ pub enum EbpfError {
     },
     /// The pin directory could not be prepared.
     #[error(transparent)]
-    Pins(#[from] super::pins::PinsError),
+    Pins(#[from] pins::PinsError),
     /// Pinning a link failed.
     #[error("pinning the link of {program} at {path}: {source}")]
     Pin {
@@ -113,29 +117,6 @@ pub enum EbpfError {
     },
 }
 
-/// How this host encapsulates and delivers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EbpfConfig {
-    /// Wire format.
-    pub encap: Encap,
-    /// This host's address on the underlay interface: the outer source, and the only outer
-    /// destination decapsulated (the lease's PublicIP differs from it behind NAT).
-    pub local_ip: Ipv4Addr,
-    /// This host's leased subnet: decapsulated packets must be addressed inside it.
-    pub subnet: (Ipv4Addr, u8),
-    /// Interface index of the underlay interface.
-    pub underlay_ifindex: u32,
-    /// Overlay UDP port.
-    pub port: u16,
-    /// VXLAN network identifier (vxlan only).
-    pub vni: u32,
-    /// This host's VTEP MAC (vxlan only).
-    pub vtep_mac: [u8; 6],
-    /// Deliver decapsulated packets through the host stack (netfilter FORWARD, docker's rules)
-    /// instead of straight into containers.
-    pub deliver_via_stack: bool,
-}
-
 /// Where decapsulation runs on the underlay interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DecapHook {
@@ -147,18 +128,7 @@ pub enum DecapHook {
     Xdp(XdpMode),
 }
 
-/// A peer subnet and where it lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PeerRoute {
-    /// The peer's subnet address.
-    pub subnet: Ipv4Addr,
-    /// The subnet's prefix length.
-    pub prefix_len: u8,
-    /// The peer host's public IP.
-    pub public_ip: Ipv4Addr,
-    /// The peer's VTEP MAC (vxlan; zero for udp).
-    pub vtep_mac: [u8; 6],
-}
+pub use super::contract::PeerRoute;
 
 /// The local containers the decapsulation program delivers to directly.
 pub struct EndpointsMap {
@@ -199,12 +169,12 @@ impl EndpointsMap {
 pub struct EbpfDataplane {
     ebpf: Ebpf,
     /// Peers as programmed, keyed by subnet, so removals and address refcounts need no map reads.
-    peers: HashMap<(Ipv4Addr, u8), PeerRoute>,
+    peers: HashMap<Subnet, PeerRoute>,
     /// Where links and maps are pinned; None for a dataplane that lives and dies with the process.
     pins: Option<Pins>,
     /// Peer subnets found in maps reused from an earlier run and not confirmed since: kept (so
     /// traffic flows through the restart) until [`EbpfDataplane::remove_stale_peers`].
-    stale_peers: HashSet<(Ipv4Addr, u8)>,
+    stale_peers: HashSet<Subnet>,
 }
 
 impl EbpfDataplane {
@@ -248,8 +218,9 @@ impl EbpfDataplane {
         let trie: LpmTrie<&mut MapData, [u8; 4], Peer> = dataplane.map_mut(PEERS_MAP)?;
         let stale = trie
             .keys()
-            .map(|k| k.map(|k| (Ipv4Addr::from(k.data()), k.prefix_len() as u8)))
-            .collect::<Result<HashSet<_>, _>>()
+            .map(|k| k.map(|k| Subnet::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8)))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|keys| keys.into_iter().flatten().collect::<HashSet<_>>())
             .map_err(map_err(PEERS_MAP, "listing reused peers"))?;
         if !stale.is_empty() {
             tracing::info!(
@@ -264,10 +235,10 @@ impl EbpfDataplane {
     /// Removes the peers of the previous run that the control plane did not confirm (flannel
     /// leaves such routes behind forever), and peer addresses nothing refers to any more.
     pub fn remove_stale_peers(&mut self) -> Result<usize, EbpfError> {
-        let stale: Vec<(Ipv4Addr, u8)> = self.stale_peers.drain().collect();
+        let stale: Vec<Subnet> = self.stale_peers.drain().collect();
         let mut trie: LpmTrie<&mut MapData, [u8; 4], Peer> = self.map_mut(PEERS_MAP)?;
-        for (subnet, len) in &stale {
-            match trie.remove(&Key::new(u32::from(*len), subnet.octets())) {
+        for subnet in &stale {
+            match trie.remove(&trie_key(*subnet)) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(source) => {
                     return Err(EbpfError::Map {
@@ -302,25 +273,10 @@ impl EbpfDataplane {
     }
 
     /// Writes this host's settings; the programs pass everything until this is called.
-    pub fn configure(&mut self, cfg: &EbpfConfig) -> Result<(), EbpfError> {
-        let value = Config {
-            local_ip: cfg.local_ip.octets(),
-            subnet: cfg.subnet.0.octets(),
-            subnet_prefix_len: cfg.subnet.1,
-            underlay_ifindex: cfg.underlay_ifindex,
-            vni: cfg.vni,
-            port: cfg.port,
-            encap: cfg.encap as u8,
-            flags: if cfg.deliver_via_stack {
-                FLAG_DELIVER_VIA_STACK
-            } else {
-                0
-            },
-            vtep_mac: cfg.vtep_mac,
-            _pad: [0; 1],
-        };
+    /// (`OverlaySpec::program_config` builds it, the same value the TUN datapath judges by.)
+    pub fn configure(&mut self, cfg: &Config) -> Result<(), EbpfError> {
         let mut map: Array<&mut MapData, Config> = self.map_mut(CONFIG_MAP)?;
-        map.set(0, value, 0)
+        map.set(0, *cfg, 0)
             .map_err(map_err(CONFIG_MAP, "writing the config"))
     }
 
@@ -412,7 +368,7 @@ impl EbpfDataplane {
 
     /// Programs a peer subnet (replacing what the subnet had).
     pub fn upsert_peer(&mut self, peer: PeerRoute) -> Result<(), EbpfError> {
-        let key = (peer.subnet, peer.prefix_len);
+        let key = peer.subnet;
         self.stale_peers.remove(&key);
         if self.peers.get(&key) == Some(&peer) {
             return Ok(());
@@ -427,15 +383,11 @@ impl EbpfDataplane {
         let mut trie: LpmTrie<&mut MapData, [u8; 4], Peer> = self.map_mut(PEERS_MAP)?;
         let value = Peer {
             public_ip: peer.public_ip.octets(),
-            vtep_mac: peer.vtep_mac,
+            vtep_mac: peer.vtep_mac.0,
             _pad: [0; 2],
         };
-        trie.insert(
-            &Key::new(u32::from(peer.prefix_len), peer.subnet.octets()),
-            value,
-            0,
-        )
-        .map_err(map_err(PEERS_MAP, "inserting a peer"))?;
+        trie.insert(&trie_key(peer.subnet), value, 0)
+            .map_err(map_err(PEERS_MAP, "inserting a peer"))?;
         if let Some(old) = self.peers.insert(key, peer)
             && old.public_ip != peer.public_ip
         {
@@ -446,13 +398,13 @@ impl EbpfDataplane {
     }
 
     /// Removes a peer subnet; unknown subnets are ignored.
-    pub fn remove_peer(&mut self, subnet: Ipv4Addr, prefix_len: u8) -> Result<(), EbpfError> {
-        let Some(old) = self.peers.get(&(subnet, prefix_len)).copied() else {
+    pub fn remove_peer(&mut self, subnet: Subnet) -> Result<(), EbpfError> {
+        let Some(old) = self.peers.get(&subnet).copied() else {
             return Ok(());
         };
         // Trie first: nothing is sent to the peer before its packets stop being accepted.
         let mut trie: LpmTrie<&mut MapData, [u8; 4], Peer> = self.map_mut(PEERS_MAP)?;
-        match trie.remove(&Key::new(u32::from(prefix_len), subnet.octets())) {
+        match trie.remove(&trie_key(subnet)) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(source) => {
                 return Err(EbpfError::Map {
@@ -462,7 +414,7 @@ impl EbpfDataplane {
                 });
             }
         }
-        self.peers.remove(&(subnet, prefix_len));
+        self.peers.remove(&subnet);
         self.sync_peer_addr(old.public_ip)
     }
 
@@ -741,9 +693,7 @@ fn raise_memlock_limit() {
     }
 }
 
-/// This host's VTEP MAC: derived from its public IP so it survives restarts without being stored,
-/// locally administered (0x02 bit) and unicast, and distinct for distinct public IPs.
-pub fn vtep_mac_for(public_ip: Ipv4Addr) -> [u8; 6] {
-    let [a, b, c, d] = public_ip.octets();
-    [0x0e, 0xfa, a, b, c, d]
+/// The LPM trie key of `subnet`.
+fn trie_key(subnet: Subnet) -> Key<[u8; 4]> {
+    Key::new(u32::from(subnet.prefix()), subnet.addr().octets())
 }

@@ -13,29 +13,22 @@
 
 use std::net::Ipv4Addr;
 
-/// The VXLAN header's length.
-pub const VXLAN_HDR_LEN: usize = 8;
-/// An Ethernet header's length.
-pub const ETH_HDR_LEN: usize = 14;
-/// What the vxlan format puts in front of the inner packet.
-pub const VXLAN_ENCAP_LEN: usize = VXLAN_HDR_LEN + ETH_HDR_LEN;
-/// The largest encapsulation header of either format: the headroom the forwarder keeps.
-pub const MAX_ENCAP_LEN: usize = VXLAN_ENCAP_LEN;
-/// Ethertype of IPv4.
-pub const ETH_P_IP: u16 = 0x0800;
-/// VXLAN flags byte: "VNI present" (RFC 7348 section 5).
-pub const VXLAN_FLAG_VNI: u8 = 0x08;
-/// The shortest IPv4 header.
-pub const IPV4_MIN_HDR: usize = 20;
-/// ICMP's protocol number.
-pub const IPPROTO_ICMP: u8 = 1;
+use overlay_common::{
+    maps::{Config, Encap},
+    policy::{self, Outer, Peers, Refusal},
+};
+
+pub use overlay_common::wire::{
+    ETH_LEN, ETH_P_IP, IPPROTO_ICMP, IPV4_MIN_LEN, MAX_FORMAT_HEADER, VXLAN_FLAG_VNI,
+    VXLAN_FORMAT_HEADER, VXLAN_LEN, vxlan,
+};
 /// ICMP "destination unreachable".
 pub const ICMP_DEST_UNREACH: u8 = 3;
 /// Code "network unreachable", which flannel's proxy answers for Network addresses no peer owns.
 pub const ICMP_NET_UNREACH: u8 = 0;
 /// The longest "destination unreachable" message [`icmp_unreachable`] builds: outer IPv4 + ICMP
 /// + the offending packet's header (at most 60 bytes) + 8 bytes of its payload.
-pub const ICMP_UNREACH_MAX_LEN: usize = IPV4_MIN_HDR + 8 + 60 + 8;
+pub const ICMP_UNREACH_MAX_LEN: usize = IPV4_MIN_LEN + 8 + 60 + 8;
 
 /// Which of flannel's formats, with what this host puts in every packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,11 +45,22 @@ pub enum Format {
 }
 
 impl Format {
+    /// The format a host's program config describes (`OverlaySpec::program_config`).
+    pub fn of(cfg: &Config) -> Format {
+        match Encap::from_u8(cfg.encap) {
+            Encap::Vxlan => Format::Vxlan {
+                vni: cfg.vni,
+                local_mac: cfg.vtep_mac,
+            },
+            _ => Format::Udp,
+        }
+    }
+
     /// How many bytes the format puts in front of the inner packet.
     pub fn header_len(&self) -> usize {
         match self {
             Format::Udp => 0,
-            Format::Vxlan { .. } => VXLAN_ENCAP_LEN,
+            Format::Vxlan { .. } => VXLAN_FORMAT_HEADER,
         }
     }
 }
@@ -71,32 +75,6 @@ pub enum CodecError {
         len: usize,
         /// Bytes needed.
         need: usize,
-    },
-    /// VXLAN flags without the "VNI present" bit.
-    #[error("VXLAN flags {flags:#04x} lack the VNI bit")]
-    VxlanFlags {
-        /// The flags byte.
-        flags: u8,
-    },
-    /// Another VXLAN network's packet.
-    #[error("VNI {got}, this host uses {expected}")]
-    WrongVni {
-        /// The packet's VNI.
-        got: u32,
-        /// Ours.
-        expected: u32,
-    },
-    /// The inner Ethernet destination is not our VtepMAC.
-    #[error("inner Ethernet destination {mac:02x?} is not our VtepMAC")]
-    WrongMac {
-        /// The destination found.
-        mac: [u8; 6],
-    },
-    /// The inner Ethernet frame does not carry IPv4.
-    #[error("inner ethertype {ethertype:#06x} is not IPv4")]
-    NotIpv4Ethertype {
-        /// The ethertype found.
-        ethertype: u16,
     },
     /// The inner packet is not IPv4.
     #[error("inner packet has IP version {version}, not 4")]
@@ -150,10 +128,10 @@ pub struct Ipv4Summary {
 /// Validates an IPv4 packet's header and returns what the forwarder needs.
 pub fn parse_ipv4(packet: &[u8]) -> Result<Ipv4Summary, CodecError> {
     let len = packet.len();
-    if len < IPV4_MIN_HDR {
+    if len < IPV4_MIN_LEN {
         return Err(CodecError::Truncated {
             len,
-            need: IPV4_MIN_HDR,
+            need: IPV4_MIN_LEN,
         });
     }
     let version = packet[0] >> 4;
@@ -161,7 +139,7 @@ pub fn parse_ipv4(packet: &[u8]) -> Result<Ipv4Summary, CodecError> {
         return Err(CodecError::NotIpv4 { version });
     }
     let header_len = usize::from(packet[0] & 0x0f) * 4;
-    if header_len < IPV4_MIN_HDR || header_len > len {
+    if header_len < IPV4_MIN_LEN || header_len > len {
         return Err(CodecError::BadHeaderLength { header_len, len });
     }
     let total_len = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
@@ -196,11 +174,12 @@ pub fn write_header(
         });
     };
     if let Format::Vxlan { vni, local_mac } = format {
-        let vni = vni.to_be_bytes();
-        h[..VXLAN_HDR_LEN].copy_from_slice(&[VXLAN_FLAG_VNI, 0, 0, 0, vni[1], vni[2], vni[3], 0]);
-        h[8..14].copy_from_slice(&peer_mac);
-        h[14..20].copy_from_slice(local_mac);
-        h[20..22].copy_from_slice(&ETH_P_IP.to_be_bytes());
+        h[..VXLAN_LEN].fill(0);
+        h[vxlan::FLAGS] = VXLAN_FLAG_VNI;
+        h[vxlan::VNI].copy_from_slice(&vni.to_be_bytes()[1..4]);
+        h[vxlan::INNER_DST_MAC].copy_from_slice(&peer_mac);
+        h[vxlan::INNER_SRC_MAC].copy_from_slice(local_mac);
+        h[vxlan::INNER_ETHERTYPE].copy_from_slice(&ETH_P_IP.to_be_bytes());
     }
     Ok(need)
 }
@@ -227,52 +206,64 @@ pub fn encapsulate(
     Ok(need)
 }
 
-/// Decapsulates a received UDP payload: checks the format's header (VXLAN flags, our VNI, our
-/// VtepMAC, IPv4 ethertype) and the inner IPv4 header, and returns the inner packet (trimmed to
-/// its total length) with its summary.
+/// The TUN datapath's receive decision: the shared receive policy
+/// ([`overlay_common::policy::judge`], the same the eBPF decap runs) on a datagram from `sender`,
+/// then where the inner packet starts in the payload and its summary (its `total_len` is where it
+/// ends; what follows is padding).
+pub fn receive<P: Peers>(
+    cfg: &Config,
+    peers: &P,
+    sender: Ipv4Addr,
+    outer: Outer,
+    payload: &[u8],
+) -> Result<(usize, Ipv4Summary), Refusal> {
+    let accepted = policy::judge(cfg, peers, sender.octets(), outer, payload)?;
+    let inner = &payload[accepted.inner..accepted.inner + accepted.inner_len];
+    // The policy checked what parse_ipv4 does; a disagreement would be a bug, refused as malformed.
+    let info = parse_ipv4(inner).map_err(|_| Refusal::Malformed)?;
+    Ok((accepted.inner, info))
+}
+
+/// Decapsulates a datagram by the format alone, trusting any sender and any addresses: for
+/// round trips of the wire format and fuzzing, where no peer table exists.
 pub fn decapsulate<'a>(
     format: &Format,
     payload: &'a [u8],
-) -> Result<(&'a [u8], Ipv4Summary), CodecError> {
-    let inner = match format {
-        Format::Udp => payload,
-        Format::Vxlan { vni, local_mac } => {
-            if payload.len() < VXLAN_ENCAP_LEN + IPV4_MIN_HDR {
-                return Err(CodecError::Truncated {
-                    len: payload.len(),
-                    need: VXLAN_ENCAP_LEN + IPV4_MIN_HDR,
-                });
-            }
-            let flags = payload[0];
-            if flags & VXLAN_FLAG_VNI == 0 {
-                return Err(CodecError::VxlanFlags { flags });
-            }
-            let got = u32::from_be_bytes([0, payload[4], payload[5], payload[6]]);
-            if got != *vni {
-                return Err(CodecError::WrongVni {
-                    got,
-                    expected: *vni,
-                });
-            }
-            let mut mac = [0u8; 6];
-            mac.copy_from_slice(&payload[8..14]);
-            if mac != *local_mac {
-                return Err(CodecError::WrongMac { mac });
-            }
-            let ethertype = u16::from_be_bytes([payload[20], payload[21]]);
-            if ethertype != ETH_P_IP {
-                return Err(CodecError::NotIpv4Ethertype { ethertype });
-            }
-            &payload[VXLAN_ENCAP_LEN..]
+) -> Result<(&'a [u8], Ipv4Summary), Refusal> {
+    struct Anyone;
+    impl Peers for Anyone {
+        fn is_peer(&self, _: [u8; 4]) -> bool {
+            true
         }
+        fn owner(&self, _: [u8; 4]) -> Option<[u8; 4]> {
+            Some([0; 4])
+        }
+    }
+    let (encap, vni, vtep_mac) = match *format {
+        Format::Udp => (Encap::Udp, 0, [0; 6]),
+        Format::Vxlan { vni, local_mac } => (Encap::Vxlan, vni, local_mac),
     };
-    let info = parse_ipv4(inner)?;
-    Ok((&inner[..info.total_len], info))
+    let cfg = Config {
+        encap: encap as u8,
+        vni,
+        vtep_mac,
+        // /0: every destination is local.
+        subnet_prefix_len: 0,
+        ..Config::default()
+    };
+    let (start, info) = receive(
+        &cfg,
+        &Anyone,
+        Ipv4Addr::UNSPECIFIED,
+        Outer::default(),
+        payload,
+    )?;
+    Ok((&payload[start..start + info.total_len], info))
 }
 
 /// The destination of an IPv4 packet, if it has one: the forwarder's fast peek before lookup.
 pub fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
-    let b = packet.get(..IPV4_MIN_HDR)?;
+    let b = packet.get(..IPV4_MIN_LEN)?;
     (b[0] >> 4 == 4).then(|| Ipv4Addr::new(b[16], b[17], b[18], b[19]))
 }
 
@@ -671,7 +662,7 @@ pub fn icmp_unreachable(
         }
     }
     let quoted = (info.header_len + 8).min(info.total_len);
-    let len = IPV4_MIN_HDR + 8 + quoted;
+    let len = IPV4_MIN_LEN + 8 + quoted;
     if out.len() < len {
         return Err(CodecError::BufferTooSmall {
             len: out.len(),
@@ -688,9 +679,9 @@ pub fn icmp_unreachable(
     out[9] = IPPROTO_ICMP;
     out[12..16].copy_from_slice(&from.octets());
     out[16..20].copy_from_slice(&info.src.octets());
-    let csum = internet_checksum(&out[..IPV4_MIN_HDR]);
+    let csum = internet_checksum(&out[..IPV4_MIN_LEN]);
     out[10..12].copy_from_slice(&csum.to_be_bytes());
-    let icmp = &mut out[IPV4_MIN_HDR..];
+    let icmp = &mut out[IPV4_MIN_LEN..];
     icmp[0] = ICMP_DEST_UNREACH;
     icmp[1] = code;
     icmp[8..].copy_from_slice(&offending[..quoted]);
@@ -757,14 +748,11 @@ mod tests {
         // We do not: it is not for our MAC.
         assert_eq!(
             decapsulate(&vxlan(0x01_02_03, MAC_A), &out[..n]),
-            Err(CodecError::WrongMac { mac: MAC_B })
+            Err(Refusal::BadVxlan)
         );
         assert_eq!(
             decapsulate(&vxlan(7, MAC_B), &out[..n]),
-            Err(CodecError::WrongVni {
-                got: 0x01_02_03,
-                expected: 7
-            })
+            Err(Refusal::BadVxlan)
         );
     }
 
@@ -777,51 +765,39 @@ mod tests {
         good.truncate(n);
         assert!(decapsulate(&f, &good).is_ok());
         // Empty and truncated.
-        assert!(matches!(
-            decapsulate(&f, &[]),
-            Err(CodecError::Truncated { .. })
-        ));
+        assert!(matches!(decapsulate(&f, &[]), Err(Refusal::Malformed)));
         assert!(matches!(
             decapsulate(&Format::Udp, &inner[..19]),
-            Err(CodecError::Truncated { .. })
+            Err(Refusal::Malformed)
         ));
         // Inner total length beyond what arrived (cut in transit).
         assert!(matches!(
             decapsulate(&f, &good[..n - 1]),
-            Err(CodecError::BadTotalLength { .. })
+            Err(Refusal::Malformed)
         ));
         // Flags without the VNI bit.
         let mut bad = good.clone();
         bad[0] = 0;
-        assert_eq!(
-            decapsulate(&f, &bad),
-            Err(CodecError::VxlanFlags { flags: 0 })
-        );
+        assert_eq!(decapsulate(&f, &bad), Err(Refusal::BadVxlan));
         // ARP inside.
         let mut bad = good.clone();
         bad[20..22].copy_from_slice(&0x0806u16.to_be_bytes());
-        assert_eq!(
-            decapsulate(&f, &bad),
-            Err(CodecError::NotIpv4Ethertype { ethertype: 0x0806 })
-        );
+        assert_eq!(decapsulate(&f, &bad), Err(Refusal::BadVxlan));
         // IPv6 inside the udp format.
         let mut v6 = inner.clone();
         v6[0] = 0x60;
-        assert_eq!(
-            decapsulate(&Format::Udp, &v6),
-            Err(CodecError::NotIpv4 { version: 6 })
-        );
+        assert_eq!(decapsulate(&Format::Udp, &v6), Err(Refusal::Malformed));
         // IHL below 5 and beyond the packet.
         let mut bad = inner.clone();
         bad[0] = 0x44;
         assert!(matches!(
             decapsulate(&Format::Udp, &bad),
-            Err(CodecError::BadHeaderLength { .. })
+            Err(Refusal::Malformed)
         ));
         bad[0] = 0x4f;
         assert!(matches!(
             decapsulate(&Format::Udp, &bad),
-            Err(CodecError::BadHeaderLength { .. })
+            Err(Refusal::Malformed)
         ));
         // Padding after the packet is trimmed, not forwarded.
         let mut padded = inner.clone();
@@ -1025,7 +1001,7 @@ mod tests {
                 (Format::Udp, Format::Udp)
             };
             let inner = ipv4(src, dst, protocol, &payload);
-            let mut out = vec![0u8; inner.len() + MAX_ENCAP_LEN];
+            let mut out = vec![0u8; inner.len() + MAX_FORMAT_HEADER];
             let n = encapsulate(&tx, receiver_mac, &inner, &mut out).unwrap();
             prop_assert_eq!(n, inner.len() + tx.header_len());
             let (back, info) = decapsulate(&rx, &out[..n]).unwrap();
@@ -1041,7 +1017,7 @@ mod tests {
         ) {
             if let Ok((inner, info)) = decapsulate(&format, &bytes) {
                 prop_assert_eq!(inner.len(), info.total_len);
-                prop_assert!(info.header_len >= IPV4_MIN_HDR && info.header_len <= inner.len());
+                prop_assert!(info.header_len >= IPV4_MIN_LEN && info.header_len <= inner.len());
                 prop_assert_eq!(inner[0] >> 4, 4);
             }
         }
@@ -1054,7 +1030,7 @@ mod tests {
         ) {
             let mac = match format { Format::Vxlan { local_mac, .. } => local_mac, Format::Udp => [0; 6] };
             let inner = ipv4([10, 0, 0, 1], [10, 0, 1, 1], 17, &payload);
-            let mut out = vec![0u8; inner.len() + MAX_ENCAP_LEN];
+            let mut out = vec![0u8; inner.len() + MAX_FORMAT_HEADER];
             let n = encapsulate(&format, mac, &inner, &mut out).unwrap();
             let cut = cut.index(n);
             prop_assert!(decapsulate(&format, &out[..cut]).is_err());

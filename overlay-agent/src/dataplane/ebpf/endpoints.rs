@@ -14,7 +14,7 @@ use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
 use futures::StreamExt as _;
 use overlay_common::maps::Endpoint;
 
-use super::ebpf::EndpointsMap;
+use super::EndpointsMap;
 use crate::host::{Netlink, NetlinkError};
 
 /// Resync period without events.

@@ -1,0 +1,129 @@
+//! The datapath's own thread: the overlay's calls (netlink, map updates) may block, so they run
+//! here, never on the task that talks to etcd; commands arrive in order through a channel.
+
+use std::{sync::mpsc as std_mpsc, time::Duration};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::DaemonError;
+use crate::{
+    control::{etcd::error_chain, healthz::Health, peers::PeerEvent},
+    dataplane::contract::{DatapathError, LocalLease, Overlay},
+};
+
+/// Work for the datapath thread.
+enum DatapathCmd {
+    Start(LocalLease, oneshot::Sender<Result<(), DatapathError>>),
+    Event(PeerEvent),
+    /// The initial peer list has been sent; replies once the datapath has applied it.
+    Synced(oneshot::Sender<()>),
+}
+
+/// The datapath, run on a thread of its own so its (possibly blocking) calls never stall etcd
+/// traffic, fed in order through a channel. Peer events are logged here, whatever the datapath.
+pub(super) struct DatapathThread {
+    tx: Option<mpsc::UnboundedSender<DatapathCmd>>,
+    /// Disconnects when the thread has dropped the datapath.
+    done: std_mpsc::Receiver<()>,
+}
+
+/// How long stopping waits for the datapath's own teardown (the TUN workers and their counters).
+const DATAPATH_STOP_WAIT: Duration = Duration::from_secs(2);
+
+impl DatapathThread {
+    pub(super) fn spawn(overlay: Option<Overlay>, health: Health) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<DatapathCmd>();
+        let (alive_tx, done) = std_mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("datapath".into())
+            .spawn(move || {
+                let _alive = alive_tx;
+                let mut overlay = overlay;
+                while let Some(cmd) = rx.blocking_recv() {
+                    match cmd {
+                        DatapathCmd::Start(local, reply) => {
+                            let r = match overlay.as_mut() {
+                                Some(o) => o.start(local),
+                                None => Ok(()),
+                            };
+                            if let Some(o) = &overlay {
+                                health.datapath(o.check());
+                            }
+                            let _ = reply.send(r);
+                        }
+                        DatapathCmd::Event(ev) => {
+                            match &ev {
+                                PeerEvent::Added(p) => tracing::info!(
+                                    "peer added: {} at {} ({})",
+                                    p.subnet,
+                                    p.public_ip,
+                                    p.backend.type_name()
+                                ),
+                                PeerEvent::Removed(s) => tracing::info!("peer removed: {s}"),
+                            }
+                            if let Some(o) = overlay.as_mut() {
+                                if let Err(e) = o.apply(&ev) {
+                                    tracing::error!("datapath: {}", error_chain(&e));
+                                }
+                                health.datapath(o.check());
+                            }
+                        }
+                        DatapathCmd::Synced(reply) => {
+                            if let Some(o) = overlay.as_mut()
+                                && let Err(e) = o.synced()
+                            {
+                                tracing::error!("datapath: {}", error_chain(&e));
+                            }
+                            let _ = reply.send(());
+                        }
+                    }
+                }
+            })
+            .expect("spawning the datapath thread");
+        Self { tx: Some(tx), done }
+    }
+
+    pub(super) async fn start(&self, local: LocalLease) -> Result<(), DaemonError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(DatapathCmd::Start(local, reply)).ok())
+            .ok_or(DaemonError::DatapathGone)?;
+        rx.await
+            .map_err(|_| DaemonError::DatapathGone)?
+            .map_err(|source| DaemonError::Datapath {
+                source: Box::new(source),
+            })
+    }
+
+    pub(super) fn send(&self, ev: PeerEvent) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(DatapathCmd::Event(ev));
+        }
+    }
+
+    /// Tells the datapath the initial peer list is complete (it may then drop what a previous
+    /// run left), and waits until everything sent before has been applied.
+    pub(super) async fn synced(&self) -> Result<(), DaemonError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(DatapathCmd::Synced(reply)).ok())
+            .ok_or(DaemonError::DatapathGone)?;
+        rx.await.map_err(|_| DaemonError::DatapathGone)
+    }
+}
+
+impl Drop for DatapathThread {
+    /// Closes the queue and waits, briefly, for the thread to drop the datapath: the process
+    /// exits right after, and would otherwise cut its teardown short.
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Err(std_mpsc::RecvTimeoutError::Timeout) = self.done.recv_timeout(DATAPATH_STOP_WAIT)
+        {
+            tracing::warn!(
+                "the datapath did not stop within {DATAPATH_STOP_WAIT:?}; exiting without it"
+            );
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The TUN datapath's mechanics behind [`Datapath`], for hosts where the eBPF programs cannot load.
+//! It lays out the overlay device as the contract describes it (the same name, addresses, route
+//! and VtepMAC as the eBPF datapath) and forwards in user space ([`super::Forwarder`]) in the same
+//! wire formats, judging received datagrams by the same receive policy, so eBPF and TUN hosts mix
+//! freely in one cluster.
+//!
+//! The forwarder runs while the agent runs: on restart, packets to other hosts are dropped from
+//! the moment the old process exits until the new one has its lease and calls `start` (the
+//! device, its addresses and routes persist meanwhile).
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use super::{
+    Forwarder, ForwarderConfig, ForwarderError, PeerRoute, PeerTable, Profile, SharedPeers,
+};
+use crate::{
+    control::subnet::Subnet,
+    dataplane::contract::{Datapath, DatapathError, LocalLease, OverlaySpec, Unhealthy},
+    host::{Netlink, tun as host_tun},
+};
+
+/// ICMP "destination unreachable" answers per second and worker.
+const ICMP_PER_SECOND: u32 = 100;
+
+/// Errors building the TUN datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum TunDatapathError {
+    /// The TUN driver is not usable here.
+    #[error(
+        "/dev/net/tun is not usable: {source} (load the tun module; the agent needs CAP_NET_ADMIN)"
+    )]
+    NoTun {
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `OVERLAY_TUN_PROFILE` is invalid.
+    #[error(transparent)]
+    Profile(#[from] ForwarderError),
+}
+
+/// flannel's udp and vxlan formats, forwarded in user space through the overlay TUN device.
+pub struct TunDatapath {
+    type_name: &'static str,
+    profile: Profile,
+    peers: Arc<SharedPeers>,
+    routes: BTreeMap<Subnet, PeerRoute>,
+    forwarder: Option<Forwarder>,
+    /// Netlink is async; the datapath's calls are not, and run on a thread of their own.
+    runtime: tokio::runtime::Runtime,
+}
+
+impl TunDatapath {
+    /// Checks that the TUN driver can be opened (so a missing module shows before any lease is
+    /// taken).
+    pub fn new(spec: &OverlaySpec) -> Result<Self, TunDatapathError> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(|source| TunDatapathError::NoTun { source })?;
+        let profile = Profile::from_env()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread tokio runtime builds");
+        Ok(Self {
+            type_name: spec.type_name(),
+            profile,
+            peers: Arc::new(SharedPeers::default()),
+            routes: BTreeMap::new(),
+            forwarder: None,
+            runtime,
+        })
+    }
+
+    /// The forwarder's counters, once started.
+    pub fn stats(&self) -> Option<super::StatsSnapshot> {
+        self.forwarder.as_ref().map(Forwarder::stats)
+    }
+
+    fn publish(&self) {
+        self.peers.publish(PeerTable::new(&self.routes));
+    }
+}
+
+impl Datapath for TunDatapath {
+    fn kind(&self) -> &'static str {
+        "TUN"
+    }
+
+    fn describe(&self) -> String {
+        format!("TUN ({}, userspace)", self.type_name)
+    }
+
+    fn start(&mut self, spec: &OverlaySpec, lease: &LocalLease) -> Result<(), DatapathError> {
+        let device = spec.device(lease);
+        let name = device.name.clone();
+        if host_tun::is_multi_queue(&name) == Some(false) {
+            // The kernel cannot attach a second queue to a single-queue TUN; recreating it loses
+            // its addresses and routes (re-added just below) and any program attached to it.
+            tracing::warn!(
+                "{name} is a single-queue TUN device (made by an older version); recreating it \
+                 as multi-queue"
+            );
+            host_tun::delete_persistent_tun(&name).map_err(|source| DatapathError::TunDevice {
+                device: name.clone(),
+                source,
+            })?;
+        }
+        self.runtime.block_on(async {
+            let netlink = Netlink::connect().map_err(|e| DatapathError::Device {
+                device: name.clone(),
+                source: e.into(),
+            })?;
+            device
+                .ensure(&netlink)
+                .await
+                .map(|_| ())
+                .map_err(|source| DatapathError::Device {
+                    device: name.clone(),
+                    source,
+                })
+        })?;
+        if let Err(e) = host_tun::set_tx_queue_len(&name, host_tun::DATAPATH_TX_QUEUE_LEN) {
+            // Forwarding works without it, only drops more under load.
+            tracing::warn!("{e}; {name} keeps its transmit queue length");
+        }
+        let forwarder = Forwarder::start(
+            ForwarderConfig {
+                device: name.clone(),
+                // No underlay ifindex: the kernel's UDP socket picks the route.
+                host: spec.program_config(lease, 0, false),
+                network: lease.network,
+                // Not flannel0's own address: the kernel drops packets arriving with a local
+                // source as martians. The Network's first address is no host's (leases start
+                // at SubnetMin) and routes back through the device, so rp_filter passes it.
+                icmp_source: lease.network.addr(),
+                icmp_per_second: ICMP_PER_SECOND,
+                mtu: lease.mtu,
+                profile: self.profile,
+            },
+            self.peers.clone(),
+        )
+        .map_err(|source| DatapathError::Forwarder {
+            device: name.clone(),
+            source,
+        })?;
+        tracing::info!(
+            device = %name,
+            "TUN datapath up: forwarding {name} <-> UDP port {} in user space, {}",
+            spec.port(),
+            forwarder.describe()
+        );
+        self.forwarder = Some(forwarder);
+        Ok(())
+    }
+
+    fn install(&mut self, route: &PeerRoute) -> Result<(), DatapathError> {
+        if self.routes.insert(route.subnet, *route) != Some(*route) {
+            self.publish();
+        }
+        Ok(())
+    }
+
+    fn withdraw(&mut self, subnet: Subnet) -> Result<(), DatapathError> {
+        if self.routes.remove(&subnet).is_some() {
+            self.publish();
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), Unhealthy> {
+        match &self.forwarder {
+            None => Err(Unhealthy::NotStarted("TUN")),
+            Some(f) => f.check(),
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! flannel's two wire formats, as one set of lengths and offsets: the eBPF programs build and
+//! parse them, the TUN datapath's codec does the same in user space, the agent derives the MTU
+//! from them, and the tests craft packets with them.
+//!
+//! - `udp`: outer IPv4 + UDP (port 8285); the inner IPv4 packet is the whole UDP payload.
+//! - `vxlan` (RFC 7348): outer IPv4 + UDP (port 8472) + an 8-byte VXLAN header (flags 0x08, VNI
+//!   in bytes 4..7) + an inner Ethernet header (destination: the receiver's VtepMAC) in front of
+//!   the inner IPv4 packet.
+
+/// An Ethernet header.
+pub const ETH_LEN: usize = 14;
+/// Ethertype of IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
+/// The shortest IPv4 header (no options).
+pub const IPV4_MIN_LEN: usize = 20;
+/// The longest IPv4 header (IHL 15).
+pub const IPV4_MAX_LEN: usize = 60;
+/// A UDP header.
+pub const UDP_LEN: usize = 8;
+/// A VXLAN header.
+pub const VXLAN_LEN: usize = 8;
+/// IP protocol number of ICMP.
+pub const IPPROTO_ICMP: u8 = 1;
+/// IP protocol number of TCP.
+pub const IPPROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const IPPROTO_UDP: u8 = 17;
+/// VXLAN flags byte: "VNI present" (RFC 7348 section 5).
+pub const VXLAN_FLAG_VNI: u8 = 0x08;
+
+/// Offsets inside the vxlan format's UDP payload (VXLAN header, then inner Ethernet).
+pub mod vxlan {
+    /// The flags byte.
+    pub const FLAGS: usize = 0;
+    /// The 24-bit VNI, big-endian.
+    pub const VNI: core::ops::Range<usize> = 4..7;
+    /// The inner Ethernet destination: the receiver's VtepMAC.
+    pub const INNER_DST_MAC: core::ops::Range<usize> = 8..14;
+    /// The inner Ethernet source: the sender's VtepMAC.
+    pub const INNER_SRC_MAC: core::ops::Range<usize> = 14..20;
+    /// The inner ethertype.
+    pub const INNER_ETHERTYPE: core::ops::Range<usize> = 20..22;
+}
+
+/// Bytes a format puts in front of the inner packet inside the UDP payload: nothing for udp,
+/// the VXLAN header and the inner Ethernet header for vxlan.
+pub const UDP_FORMAT_HEADER: usize = 0;
+/// See [`UDP_FORMAT_HEADER`].
+pub const VXLAN_FORMAT_HEADER: usize = VXLAN_LEN + ETH_LEN;
+/// The longest format header: the headroom a forwarder keeps in front of an inner packet.
+pub const MAX_FORMAT_HEADER: usize = VXLAN_FORMAT_HEADER;
+
+/// Outer headers of the `udp` format after the Ethernet header: IPv4 + UDP.
+pub const UDP_ENCAP_LEN: usize = IPV4_MIN_LEN + UDP_LEN + UDP_FORMAT_HEADER;
+/// Outer headers of the `vxlan` format after the Ethernet header: IPv4 + UDP + VXLAN + inner
+/// Ethernet. Also the MTU overhead flannel uses for vxlan (50).
+pub const VXLAN_ENCAP_LEN: usize = IPV4_MIN_LEN + UDP_LEN + VXLAN_FORMAT_HEADER;
