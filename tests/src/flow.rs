@@ -2,6 +2,8 @@
 //! flow by waiting for replies instead of sleeping, and can then prove from the replies' sequence
 //! numbers that one and the same flow was running before the event and still ran after it.
 
+use crate::netns::NetNs;
+
 use std::{
     io::{BufRead as _, BufReader},
     net::Ipv4Addr,
@@ -52,8 +54,15 @@ pub struct PingFlow {
 }
 
 impl PingFlow {
-    /// Starts pinging `to` every `interval` seconds (ping's `-i`, e.g. `"0.01"`) from namespace `ns`.
-    pub fn start(ns: &str, to: Ipv4Addr, interval: &str) -> std::io::Result<Self> {
+    /// Starts pinging `to` every `interval` seconds (ping's `-i`, e.g. `"0.01"`) from namespace
+    /// `ns`, and waits for its first `first` replies (so the flow is known to run).
+    pub fn start(ns: &NetNs, to: Ipv4Addr, interval: &str, first: usize) -> Result<Self, String> {
+        let mut flow = Self::spawn(ns.name(), to, interval).map_err(|e| format!("ping: {e}"))?;
+        flow.wait_replies(0, first, Duration::from_secs(10))?;
+        Ok(flow)
+    }
+
+    fn spawn(ns: &str, to: Ipv4Addr, interval: &str) -> std::io::Result<Self> {
         let mut child = Command::new("ip")
             .args([
                 "netns", "exec", ns, "ping", "-n", "-D", "-i", interval, "-W", "1",
@@ -142,6 +151,32 @@ impl PingFlow {
         }
     }
 
+    /// Panics unless ping still runs: the flow did not end before `event`.
+    pub fn assert_running(&mut self, event: &str) {
+        assert!(
+            self.is_running(),
+            "the flow ended before {event}:\n{}",
+            self.output()
+        );
+    }
+
+    /// Ends a flow placed across an event: waits for `n` more replies from now (`after`, e.g.
+    /// "the restart", names the moment in the failure), checks that ping still runs, stops it, and
+    /// checks [`ran_across`] with `at_event` (the reply count when the event began). Returns the
+    /// replies and ping's output.
+    pub fn resumes(mut self, at_event: usize, n: usize, after: &str) -> (Vec<Reply>, String) {
+        let resumed = self.count();
+        if let Err(e) = self.wait_replies(resumed, n, Duration::from_secs(10)) {
+            panic!("no replies after {after}: {e}");
+        }
+        self.assert_running(&format!("{after} was over"));
+        let (replies, output) = self.stop();
+        if let Err(e) = ran_across(&replies, at_event, resumed, n) {
+            panic!("the flow did not run across {after}: {e}\n{output}");
+        }
+        (replies, output)
+    }
+
     /// Stops ping (SIGINT, so it prints its summary) and returns every reply and its output.
     pub fn stop(mut self) -> (Vec<Reply>, String) {
         // SAFETY: signalling our own child, not yet reaped. `ip netns exec` execs ping, so the
@@ -171,6 +206,28 @@ pub fn lost(replies: &[Reply]) -> Vec<u32> {
         got[r.seq as usize] = true;
     }
     (1..=max).filter(|&s| !got[s as usize]).collect()
+}
+
+/// Checks that one flow ran across an event: `at_event` replies had arrived before it, and the
+/// replies from number `resumed` on (arrival order) include at least `min` to requests numbered
+/// above every reply before the event.
+pub fn ran_across(
+    replies: &[Reply],
+    at_event: usize,
+    resumed: usize,
+    min: usize,
+) -> Result<(), String> {
+    let Some(before) = replies[..at_event].iter().map(|r| r.seq).max() else {
+        return Err("no reply before the event".into());
+    };
+    let later = replies[resumed..].iter().filter(|r| r.seq > before).count();
+    if later < min {
+        return Err(format!(
+            "{later} replies after the event to requests sent after it (last before: \
+             icmp_seq {before}), wanted {min}"
+        ));
+    }
+    Ok(())
 }
 
 /// The longest time between two consecutive replies, in seconds.
@@ -204,5 +261,13 @@ mod tests {
         assert_eq!(lost(&replies), [3]);
         assert!((longest_gap(&replies) - 0.49).abs() < 1e-9);
         assert!(lost(&[]).is_empty());
+        assert!(ran_across(&replies, 2, 2, 2).is_ok());
+        assert!(ran_across(&replies, 2, 2, 3).is_err());
+        assert!(
+            ran_across(&replies, 0, 0, 1).is_err(),
+            "nothing before the event"
+        );
+        // Replies after the event to requests from before it do not count.
+        assert!(ran_across(&[r(1, 0.0), r(2, 0.1), r(1, 0.2)], 2, 2, 1).is_err());
     }
 }

@@ -179,46 +179,22 @@ fn agent_killed_and_restarted_loses_no_ping() {
     assert!(!links_before.is_empty(), "h1 pinned no link");
 
     // 100 pings a second from h1's container to h2's, one ping process across everything below.
-    let c1 = c.lab.hosts[0]
-        .container
-        .as_ref()
-        .unwrap()
-        .ns
-        .name()
-        .to_owned();
-    let mut flow = PingFlow::start(&c1, target, "0.01").unwrap();
-    flow.wait_replies(0, 20, Duration::from_secs(10)).unwrap();
+    let c1 = &c.lab.hosts[0].container.as_ref().unwrap().ns;
+    let mut flow = PingFlow::start(c1, target, "0.01", 20).unwrap();
     // SIGKILL both agents (no cleanup of any kind, as in a crash or an OOM kill), and wait until
     // both processes are gone.
     let at_kill = flow.count();
     c.kill_agents(&[0, 1]);
-    assert!(
-        flow.is_running(),
-        "the flow ended before the agents were killed"
-    );
+    flow.assert_running("the agents were killed");
     // With no agent running anywhere, the pinned programs keep forwarding: replies go on.
     let at_exit = flow.count();
     flow.wait_replies(at_exit, 20, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("no replies while the agents were down: {e}"));
     // Restarted agents, each ready (healthz 200: lease held, datapath up).
     c.restart_agents(&[0, 1], Duration::from_secs(30)).unwrap();
-    let at_ready = flow.count();
-    flow.wait_replies(at_ready, 20, Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("no replies after the agents were back: {e}"));
-    assert!(
-        flow.is_running(),
-        "the flow ended before the restart was over"
-    );
-    let (replies, output) = flow.stop();
-
     // One flow across the kill and the restart: replies before the kill, and replies to later
     // requests after both agents were ready again.
-    assert!(at_kill >= 20, "{output}");
-    let before = replies[..at_kill].iter().map(|r| r.seq).max().unwrap();
-    assert!(
-        replies[at_ready..].iter().any(|r| r.seq > before),
-        "no reply after the restart to a request sent after the kill:\n{output}"
-    );
+    let (replies, output) = flow.resumes(at_kill, 20, "the agents' restart");
     // And none lost: every request up to the last one answered got its reply.
     let lost = overlay_tests::flow::lost(&replies);
     assert!(
