@@ -394,6 +394,71 @@ impl Cluster {
         }
     }
 
+    /// SIGKILLs the agent of each host in `hosts` (a crash: no cleanup of any kind) and waits for
+    /// each process to have exited. The agents' arguments stay, for [`Cluster::restart_agents`].
+    pub fn kill_agents(&mut self, hosts: &[usize]) {
+        for &i in hosts {
+            if let Some(mut p) = self.agents[i].process.take() {
+                // SAFETY: signalling our own child, not yet reaped.
+                unsafe { libc::kill(p.pid() as libc::pid_t, libc::SIGKILL) };
+                // Reaps it: once this returns, the process is gone.
+                p.stop(Duration::from_secs(5));
+            }
+        }
+    }
+
+    /// Starts the agent of each host in `hosts` again with the arguments it had, and waits until
+    /// each answers `/healthz` with 200 (lease held, datapath up): their arguments must carry
+    /// [`healthz_flags`].
+    pub fn restart_agents(
+        &mut self,
+        hosts: &[usize],
+        within: Duration,
+    ) -> Result<(), ClusterError> {
+        for &i in hosts {
+            let args = self.agents[i].args.clone();
+            self.start_agent(i, args)?;
+        }
+        for &i in hosts {
+            self.wait_healthy(i, within)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until host `index`'s agent answers `GET /healthz` with 200, asked inside the host's
+    /// namespace on the port of its `--healthz-port` (see [`healthz_flags`]).
+    pub fn wait_healthy(&mut self, index: usize, within: Duration) -> Result<(), ClusterError> {
+        let port: u16 = self.agents[index]
+            .args
+            .iter()
+            .find_map(|a| a.strip_prefix("--healthz-port="))
+            .and_then(|p| p.parse().ok())
+            .expect("the agent runs with --healthz-port (healthz_flags)");
+        let deadline = Instant::now() + within;
+        loop {
+            let last = match self.lab.hosts[index]
+                .ns
+                .run(|| healthz((Ipv4Addr::LOCALHOST, port).into()))?
+            {
+                Ok((200, _)) => return Ok(()),
+                Ok((code, body)) => format!("{code} {}", body.trim()),
+                Err(e) => e.to_string(),
+            };
+            let agent = &mut self.agents[index];
+            let exited = agent.process.as_mut().and_then(NsProcess::try_wait);
+            if exited.is_some() || Instant::now() > deadline {
+                return Err(ClusterError::Timeout {
+                    what: format!(
+                        "h{}'s /healthz to answer 200 (last: {last}; exited: {exited:?}); log:\n{}",
+                        index + 1,
+                        agent.log_text()
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The container address of every host that has one.
     pub fn container_ips(&self) -> Vec<Ipv4Addr> {
         self.lab
@@ -440,6 +505,37 @@ impl Cluster {
         }
         failures
     }
+}
+
+/// The agent's health endpoint in a lab host: on the host's own loopback, port [`HEALTHZ_PORT`].
+pub const HEALTHZ_PORT: u16 = 9471;
+
+/// The flags that give an agent the health endpoint [`Cluster::wait_healthy`] asks.
+pub fn healthz_flags() -> [String; 2] {
+    [
+        "--healthz-ip=127.0.0.1".into(),
+        format!("--healthz-port={HEALTHZ_PORT}"),
+    ]
+}
+
+/// `GET /healthz` on `addr` (from the calling thread's namespace): (status code, body).
+pub fn healthz(addr: std::net::SocketAddr) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {resp:?}")))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
 }
 
 /// One ping run's result: what `ping -c N` printed in its summary.

@@ -11,7 +11,6 @@ use overlay_tests::{
     cluster::Cluster,
     etcd::{TempDir, agent_binary},
     lab::LabConfig,
-    require_root,
 };
 
 fn deploy(file: &str) -> String {
@@ -70,7 +69,6 @@ fn expand(exec: &str, env: &[(String, String)]) -> Vec<String> {
     out
 }
 
-#[test]
 fn systemd_analyze_verify_accepts_the_units() {
     let tmp = TempDir::new("deploy-verify").unwrap();
     let dir = tmp.path();
@@ -132,7 +130,6 @@ fn systemd_analyze_verify_accepts_the_units() {
     );
 }
 
-#[test]
 fn the_unit_runs_the_articles_command_line() {
     let unit = deploy("overlay-agent.service");
     assert_eq!(directive(&unit, "Type"), ["notify"]);
@@ -196,7 +193,6 @@ fn the_unit_runs_the_articles_command_line() {
     assert!(cli.ip_masq);
 }
 
-#[test]
 fn the_docker_drop_in_passes_bip_and_mtu_from_subnet_env() {
     let dropin = deploy("docker-overlay.conf");
     assert!(directive(&dropin, "After").contains(&"overlay-agent.service".to_owned()));
@@ -290,12 +286,15 @@ fn agents_with_the_units_capabilities(backend: &str, datapath: &str, extra: &[&s
     );
 }
 
-#[test]
 fn agents_forward_with_only_the_units_capabilities() {
-    if !require_root("agents_forward_with_only_the_units_capabilities") {
-        return;
-    }
     agents_with_the_units_capabilities("udp", "ebpf", &[]);
     agents_with_the_units_capabilities("vxlan", "ebpf", &["--ip-masq"]);
     agents_with_the_units_capabilities("udp", "tun", &[]);
 }
+
+overlay_tests::test_main!(
+    plain systemd_analyze_verify_accepts_the_units,
+    plain the_unit_runs_the_articles_command_line,
+    plain the_docker_drop_in_passes_bip_and_mtu_from_subnet_env,
+    root agents_forward_with_only_the_units_capabilities,
+);

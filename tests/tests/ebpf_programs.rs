@@ -11,7 +11,6 @@ use overlay_common::{
     net::{Mac, Subnet},
     programs,
 };
-use overlay_tests::require_root;
 
 const TC_ACT_OK: i32 = 0;
 /// Ethernet + IPv6 header: shorter IP frames are refused by BPF_PROG_TEST_RUN, not by our code.
@@ -131,11 +130,7 @@ fn decap_case(
     out
 }
 
-#[test]
 fn decap_udp_format_checks_sender_and_strips_headers() {
-    if !require_root("decap_udp_format_checks_sender_and_strips_headers") {
-        return;
-    }
     let mut dp = dataplane(Encap::Udp);
     let inner = inner_ping(PEER_CONTAINER, MY_CONTAINER);
 
@@ -217,11 +212,7 @@ fn decap_udp_format_checks_sender_and_strips_headers() {
     decap_case(&mut dp, &arp, TC_ACT_OK, None);
 }
 
-#[test]
 fn decap_vxlan_format_checks_vni_and_mac() {
-    if !require_root("decap_vxlan_format_checks_vni_and_mac") {
-        return;
-    }
     let mut dp = dataplane(Encap::Vxlan);
     let inner = inner_ping(PEER_CONTAINER, MY_CONTAINER);
     let out = decap_case(
@@ -266,11 +257,7 @@ fn decap_vxlan_format_checks_vni_and_mac() {
     );
 }
 
-#[test]
 fn random_packets_never_fail_a_program() {
-    if !require_root("random_packets_never_fail_a_program") {
-        return;
-    }
     // xorshift64*: deterministic, so a failure reproduces.
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
@@ -342,11 +329,7 @@ fn random_packets_never_fail_a_program() {
     }
 }
 
-#[test]
 fn xdp_decap_applies_the_same_checks() {
-    if !require_root("xdp_decap_applies_the_same_checks") {
-        return;
-    }
     const XDP_DROP: i32 = 1;
     const XDP_PASS: i32 = 2;
     let mut dp = dataplane(Encap::Udp);
@@ -376,11 +359,7 @@ fn verdict_of(dp: &mut EbpfDataplane, packet: &[u8]) -> i32 {
     dp.test_run(programs::TC_DECAP, packet).unwrap().0
 }
 
-#[test]
 fn peer_updates_keep_the_sender_set_exact() {
-    if !require_root("peer_updates_keep_the_sender_set_exact") {
-        return;
-    }
     let mut dp = dataplane(Encap::Udp);
     let to_me = |src| udp_format(PEER, &inner_ping(src, MY_CONTAINER));
     let second = net("172.16.3.0/24");
@@ -432,11 +411,7 @@ fn peer_updates_keep_the_sender_set_exact() {
     assert_eq!(verdict_of(&mut dp, &from_new_home), TC_ACT_OK);
 }
 
-#[test]
 fn decap_refuses_to_relay_and_checks_strangers_first() {
-    if !require_root("decap_refuses_to_relay_and_checks_strangers_first") {
-        return;
-    }
     let mut dp = dataplane(Encap::Udp);
     // A peer (or someone spoofing one) aiming past this host's containers.
     let elsewhere = inner_ping(PEER_CONTAINER, Ipv4Addr::new(192, 0, 2, 1));
@@ -466,3 +441,12 @@ fn decap_refuses_to_relay_and_checks_strangers_first() {
         Some(CounterSlot::DropNotPeer),
     );
 }
+
+overlay_tests::test_main!(
+    root decap_udp_format_checks_sender_and_strips_headers,
+    root decap_vxlan_format_checks_vni_and_mac,
+    root random_packets_never_fail_a_program,
+    root xdp_decap_applies_the_same_checks,
+    root peer_updates_keep_the_sender_set_exact,
+    root decap_refuses_to_relay_and_checks_strangers_first,
+);

@@ -15,10 +15,7 @@ use overlay_common::{
     net::{Mac, Subnet},
     programs,
 };
-use overlay_tests::{
-    receive_cases::{Expect, PEER, PEER_SUBNET, PEER_VTEP, cases, host_config},
-    require_root,
-};
+use overlay_tests::receive_cases::{Expect, PEER, PEER_SUBNET, PEER_VTEP, cases, host_config};
 
 const ENCAPS: [Encap; 2] = [Encap::Udp, Encap::Vxlan];
 
@@ -30,7 +27,6 @@ fn peer_route() -> PeerRoute {
     }
 }
 
-#[test]
 fn the_tun_decision_function_follows_the_table() {
     let route = peer_route();
     let table = PeerTable::new(&BTreeMap::from([(route.subnet, route)]));
@@ -64,11 +60,7 @@ fn moved(
         .collect()
 }
 
-#[test]
 fn the_ebpf_programs_follow_the_table() {
-    if !require_root("the_ebpf_programs_follow_the_table") {
-        return;
-    }
     const TC_ACT_OK: i32 = 0;
     const TC_ACT_SHOT: i32 = 2;
     const XDP_DROP: i32 = 1;
@@ -94,3 +86,8 @@ fn the_ebpf_programs_follow_the_table() {
     }
     assert!(checked >= 60, "only {checked} runs");
 }
+
+overlay_tests::test_main!(
+    plain the_tun_decision_function_follows_the_table,
+    root the_ebpf_programs_follow_the_table,
+);

@@ -5,11 +5,11 @@
 use std::process::Output;
 
 use overlay_tests::{
+    bpffs::pinned_links,
     cluster::Cluster,
     etcd::{TempDir, agent_binary},
     lab::LabConfig,
     netns::NetNs,
-    require_root,
 };
 
 fn teardown(ns: &NetNs, bpffs: &std::path::Path) -> Output {
@@ -29,27 +29,6 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// The ids of the links pinned under `pins` (bpftool 7.1 cannot show tcx links per device).
-fn pinned_link_ids(pins: &std::path::Path) -> Vec<String> {
-    let mut ids = Vec::new();
-    for entry in pins.join("links").read_dir().unwrap() {
-        let path = entry.unwrap().path();
-        let out = overlay_tests::netns::run(
-            "bpftool",
-            &["link", "show", "pinned", &path.to_string_lossy()],
-        )
-        .unwrap();
-        let id = String::from_utf8_lossy(&out.stdout)
-            .split(':')
-            .next()
-            .unwrap()
-            .trim()
-            .to_owned();
-        ids.push(id);
-    }
-    ids
 }
 
 fn link_exists(id: &str) -> bool {
@@ -96,7 +75,10 @@ fn teardown_removes_what_the_agent_left(backend: &str, device: &str) {
         .unwrap()
         .stop(std::time::Duration::from_secs(5));
     assert!(h1.ip(&["link", "show", device]).is_ok());
-    let links = pinned_link_ids(&pins);
+    let links: Vec<String> = pinned_links(&pins)
+        .iter()
+        .map(|l| l.link_id.to_string())
+        .collect();
     assert!(!links.is_empty(), "no pinned links");
     assert!(links.iter().all(|id| link_exists(id)));
 
@@ -140,16 +122,15 @@ fn teardown_removes_what_the_agent_left(backend: &str, device: &str) {
     );
 }
 
-#[test]
 fn teardown_udp() {
-    if require_root("teardown_udp") {
-        teardown_removes_what_the_agent_left("udp", "flannel0");
-    }
+    teardown_removes_what_the_agent_left("udp", "flannel0");
 }
 
-#[test]
 fn teardown_vxlan() {
-    if require_root("teardown_vxlan") {
-        teardown_removes_what_the_agent_left("vxlan", "flannel.1");
-    }
+    teardown_removes_what_the_agent_left("vxlan", "flannel.1");
 }
+
+overlay_tests::test_main!(
+    root teardown_udp,
+    root teardown_vxlan,
+);

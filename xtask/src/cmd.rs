@@ -60,10 +60,7 @@ pub fn cargo() -> Command {
 }
 
 /// Whether this process runs as root (namespaces, eBPF and apt need it).
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+pub use overlay_tests::is_root;
 
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> std::path::PathBuf {
@@ -74,11 +71,62 @@ pub fn workspace_root() -> std::path::PathBuf {
 }
 
 /// Totals of libtest's `test result:` lines.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct TestTotals {
     pub passed: u64,
     pub failed: u64,
     pub ignored: u64,
+}
+
+impl TestTotals {
+    /// Adds one line of `cargo test` output when it is a `test result:` line
+    /// (`test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; ...`).
+    pub fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part
+                .split_whitespace()
+                .filter(|w| *w != "ok." && *w != "FAILED.");
+            if let (Some(n), Some(what)) = (words.next(), words.next())
+                && let Ok(n) = n.parse::<u64>()
+            {
+                match what {
+                    "passed" => self.passed += n,
+                    "failed" => self.failed += n,
+                    "ignored" => self.ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The closing line CI reads.
+    pub fn line(&self) -> String {
+        format!(
+            "xtask: {} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.ignored
+        )
+    }
+
+    /// Fails unless tests ran and none failed or was skipped: an ignored test (a root test run
+    /// without root, or an `#[ignore]`) did not show anything, so it cannot count as green.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.failed > 0 {
+            bail!("{} test(s) failed", self.failed);
+        }
+        if self.ignored > 0 {
+            bail!(
+                "{} test(s) were skipped (ignored): every test must run; see the `ignored` lines above",
+                self.ignored
+            );
+        }
+        if self.passed == 0 {
+            bail!("no test ran");
+        }
+        Ok(())
+    }
 }
 
 /// Runs a `cargo test` command, echoing its stdout as it comes, and adds its `test result:` lines
@@ -94,23 +142,7 @@ pub fn run_tests(cmd: &mut Command, totals: &mut TestTotals) -> anyhow::Result<(
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(';') {
-                let mut words = part
-                    .split_whitespace()
-                    .filter(|w| *w != "ok." && *w != "FAILED.");
-                if let (Some(n), Some(what)) = (words.next(), words.next())
-                    && let Ok(n) = n.parse::<u64>()
-                {
-                    match what {
-                        "passed" => totals.passed += n,
-                        "failed" => totals.failed += n,
-                        "ignored" => totals.ignored += n,
-                        _ => {}
-                    }
-                }
-            }
-        }
+        totals.add_line(&line);
     }
     let status = child.wait()?;
     if !status.success() {
@@ -138,4 +170,41 @@ pub fn check_interrupted() -> anyhow::Result<()> {
         bail!("interrupted");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TestTotals;
+
+    #[test]
+    fn an_ignored_test_fails_the_totals() {
+        let mut totals = TestTotals::default();
+        for line in [
+            "running 3 tests",
+            "test a ... ok",
+            "test b ... ignored, needs root (network namespaces, eBPF)",
+            "test result: ok. 2 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s",
+            "test result: ok. 5 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s",
+        ] {
+            totals.add_line(line);
+        }
+        assert_eq!(
+            totals,
+            TestTotals {
+                passed: 7,
+                failed: 0,
+                ignored: 1
+            }
+        );
+        assert_eq!(totals.line(), "xtask: 7 passed, 0 failed, 1 skipped");
+        let err = totals.check().unwrap_err().to_string();
+        assert!(err.contains("1 test(s) were skipped"), "{err}");
+
+        totals.ignored = 0;
+        assert!(totals.check().is_ok());
+        totals.add_line("test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.10s");
+        assert_eq!((totals.passed, totals.failed), (8, 2));
+        assert!(totals.check().is_err());
+        assert!(TestTotals::default().check().is_err(), "no test ran");
+    }
 }
