@@ -95,7 +95,8 @@ pub fn port(encap: Encap) -> u16 {
     if encap == Encap::Vxlan { 8472 } else { 8285 }
 }
 
-fn checksum(bytes: &[u8]) -> u16 {
+/// RFC 1071 checksum.
+pub fn checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))

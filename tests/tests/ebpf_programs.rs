@@ -11,6 +11,7 @@ use overlay_common::{
     net::{Mac, Subnet},
     programs,
 };
+use overlay_tests::receive_cases::{inner_ping, ipv4};
 
 const TC_ACT_OK: i32 = 0;
 /// Ethernet + IPv6 header: shorter IP frames are refused by BPF_PROG_TEST_RUN, not by our code.
@@ -51,28 +52,6 @@ fn net(s: &str) -> Subnet {
     s.parse().unwrap()
 }
 
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
-    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
-    ip[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&src.octets());
-    ip.extend_from_slice(&dst.octets());
-    let c = checksum(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    ip.extend_from_slice(payload);
-    ip
-}
-
 fn udp(dport: u16, payload: &[u8]) -> Vec<u8> {
     let mut u = vec![0x80, 0x00];
     u.extend_from_slice(&dport.to_be_bytes());
@@ -86,10 +65,6 @@ fn ether(payload: &[u8]) -> Vec<u8> {
     let mut e = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
     e.extend_from_slice(payload);
     e
-}
-
-fn inner_ping(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
-    ipv4(src, dst, 1, &[8, 0, 0xf7, 0xff, 0, 0, 0, 0])
 }
 
 fn udp_format(outer_src: Ipv4Addr, inner: &[u8]) -> Vec<u8> {

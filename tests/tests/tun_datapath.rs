@@ -24,6 +24,7 @@ use overlay_tests::{
     etcd::{TempDir, agent_binary},
     flow::PingFlow,
     lab::{Lab, LabConfig},
+    receive_cases::checksum,
 };
 
 fn cluster(prefix: &str, hosts: usize, backend: &str, tmp: &TempDir) -> Cluster {
@@ -191,17 +192,6 @@ fn a_hand_written_flannel_udp_host_interoperates() {
 fn bring_up_one(c: &mut Cluster, i: usize) {
     let env = c.wait_subnet_env(i, Duration::from_secs(30)).unwrap();
     c.lab.hosts[i].start_docker(&env).unwrap();
-}
-
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// Drives the forwarder in-process on host 1 of a bare lab: valid, spoofed, truncated, garbage
@@ -415,6 +405,78 @@ fn auto_falls_back_to_tun_when_bpf_is_refused() {
     all_pairs_ping_and_transfer(&c);
 }
 
+/// Packets host `index`'s agent has written to its TUN device (the device's receive counter).
+fn tun_written(c: &Cluster, index: usize) -> u64 {
+    let out = c.lab.hosts[index]
+        .ns
+        .exec("cat", &["/sys/class/net/flannel0/statistics/rx_packets"])
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// The relay the issue reproduced, live: three TUN hosts; host 1, a known peer, sends host 2
+/// udp-format datagrams whose inner packets go from host 1's container to host 3's. Host 2 must
+/// not write them to its device (from where the kernel would route them on to host 3). A valid
+/// datagram sent after them, on the same flow, is the event that shows they were judged: host
+/// 2's device count moves by exactly that one, and host 3's not at all.
+fn a_tun_host_is_no_relay() {
+    let tmp = TempDir::new("tunrelay").unwrap();
+    let mut c = cluster("tunrelay", 3, "udp", &tmp);
+    for i in 0..3 {
+        start(&mut c, i, "tun");
+    }
+    bring_up(&mut c);
+    let failures = c.ping_matrix();
+    assert!(failures.is_empty(), "{failures:?}\n{}", logs(&c));
+    let ips = c.container_ips();
+    let inner = |src: Ipv4Addr, dst: Ipv4Addr| {
+        let mut p = vec![0u8; 28];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&28u16.to_be_bytes());
+        p[8] = 64;
+        p[9] = 1;
+        p[12..16].copy_from_slice(&src.octets());
+        p[16..20].copy_from_slice(&dst.octets());
+        let sum = checksum(&p[..20]);
+        p[10..12].copy_from_slice(&sum.to_be_bytes());
+        p[20] = 8; // echo request
+        let sum = checksum(&p[20..]);
+        p[22..24].copy_from_slice(&sum.to_be_bytes());
+        p
+    };
+    let (h1, h2) = (c.lab.hosts[0].underlay_ip, c.lab.hosts[1].underlay_ip);
+    let sock = c.lab.hosts[0]
+        .ns
+        .run(|| UdpSocket::bind(SocketAddrV4::new(h1, 0)).unwrap())
+        .unwrap();
+    let to = SocketAddrV4::new(h2, 8285);
+    let (before2, before3) = (tun_written(&c, 1), tun_written(&c, 2));
+    for _ in 0..5 {
+        sock.send_to(&inner(ips[0], ips[2]), to).unwrap();
+    }
+    sock.send_to(&inner(ips[0], ips[1]), to).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tun_written(&c, 1) == before2 {
+        assert!(
+            Instant::now() < deadline,
+            "the valid datagram never arrived\n{}",
+            logs(&c)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        tun_written(&c, 1) - before2,
+        1,
+        "host 2 wrote the relayed packets to its device\n{}",
+        logs(&c)
+    );
+    assert_eq!(
+        tun_written(&c, 2),
+        before3,
+        "something reached host 3's device"
+    );
+}
+
 overlay_tests::test_main!(
     root three_tun_hosts_forward_both_formats,
     root tun_and_ebpf_hosts_mix_in_both_formats,
@@ -422,4 +484,5 @@ overlay_tests::test_main!(
     root hostile_datagrams_are_dropped_and_counted,
     root forwarding_resumes_after_a_restart,
     root auto_falls_back_to_tun_when_bpf_is_refused,
+    root a_tun_host_is_no_relay,
 );

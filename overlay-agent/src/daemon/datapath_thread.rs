@@ -46,9 +46,8 @@ impl DatapathThread {
                                 Some(o) => o.start(local),
                                 None => Ok(()),
                             };
-                            if let Some(o) = &overlay {
-                                health.datapath(o.check());
-                            }
+                            // alloc forwards nothing: nothing to be unhealthy about.
+                            health.datapath(overlay.as_ref().map_or(Ok(()), Overlay::check));
                             let _ = reply.send(r);
                         }
                         DatapathCmd::Event(ev) => {

@@ -437,9 +437,6 @@ pub trait Datapath: Send {
     /// `eBPF` or `TUN`, for logs and health.
     fn kind(&self) -> &'static str;
 
-    /// A short description for logs, e.g. "eBPF (udp)".
-    fn describe(&self) -> String;
-
     /// Brings the datapath up for our lease: the device as `spec` describes it, then forwarding.
     /// Returns once forwarding works.
     fn start(&mut self, spec: &OverlaySpec, lease: &LocalLease) -> Result<(), DatapathError>;
@@ -487,9 +484,9 @@ impl Overlay {
         &self.spec
     }
 
-    /// A short description for logs.
+    /// A short description for logs, e.g. "eBPF (udp)".
     pub fn describe(&self) -> String {
-        self.datapath.describe()
+        format!("{} ({})", self.datapath.kind(), self.spec.type_name())
     }
 
     /// Brings the datapath up for `lease`.
@@ -569,6 +566,17 @@ mod tests {
         }
     }
 
+    fn vxlan_spec(vni: u32) -> OverlaySpec {
+        let backend = Backend::Vxlan {
+            vni,
+            port: 8472,
+            direct_routing: false,
+            gbp: false,
+            mtu: None,
+        };
+        OverlaySpec::new(&backend, Ipv4Addr::new(198, 18, 0, 1)).unwrap()
+    }
+
     fn peer(subnet: &str, backend: PeerBackend) -> Peer {
         Peer {
             subnet: net(subnet),
@@ -603,17 +611,7 @@ mod tests {
     fn one_rule_from_peer_to_route() {
         let udp =
             OverlaySpec::new(&Backend::Udp { port: 8285 }, Ipv4Addr::new(198, 18, 0, 1)).unwrap();
-        let vxlan = OverlaySpec::new(
-            &Backend::Vxlan {
-                vni: 1,
-                port: 8472,
-                direct_routing: false,
-                gbp: false,
-                mtu: None,
-            },
-            Ipv4Addr::new(198, 18, 0, 1),
-        )
-        .unwrap();
+        let vxlan = vxlan_spec(1);
         let l = lease();
         assert!(
             udp.route_for(&l, &peer("10.5.2.0/24", PeerBackend::Udp))
@@ -670,17 +668,7 @@ mod tests {
             ("flannel0", 16, 1472)
         );
         assert_eq!(udp.backend_data(), None);
-        let vxlan = OverlaySpec::new(
-            &Backend::Vxlan {
-                vni: 7,
-                port: 8472,
-                direct_routing: false,
-                gbp: false,
-                mtu: None,
-            },
-            Ipv4Addr::new(198, 18, 0, 1),
-        )
-        .unwrap();
+        let vxlan = vxlan_spec(7);
         assert_eq!(vxlan.device(&l).name, "flannel.7");
         assert_eq!(vxlan.device(&l).addr_prefix_len, 32);
         assert_eq!(

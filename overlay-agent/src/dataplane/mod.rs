@@ -49,11 +49,11 @@ pub fn select(
     options: ebpf::datapath::EbpfOptions,
 ) -> Result<Overlay, SelectError> {
     let ebpf = || {
-        ebpf::datapath::EbpfDatapath::new(&spec, options.clone())
+        ebpf::datapath::EbpfDatapath::new(options.clone())
             .map(|d| Box::new(d) as Box<dyn Datapath>)
             .map_err(Box::new)
     };
-    let tun = || tun::datapath::TunDatapath::new(&spec).map(|d| Box::new(d) as Box<dyn Datapath>);
+    let tun = || tun::datapath::TunDatapath::new().map(|d| Box::new(d) as Box<dyn Datapath>);
     let datapath = match kind {
         DatapathKind::Ebpf => ebpf().map_err(|source| SelectError::Ebpf { source })?,
         DatapathKind::Tun => tun().map_err(|source| SelectError::Tun { source })?,

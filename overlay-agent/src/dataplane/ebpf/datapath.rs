@@ -26,7 +26,6 @@ pub struct EbpfOptions {
 /// flannel's udp and vxlan formats, encapsulated and decapsulated in the kernel.
 pub struct EbpfDatapath {
     options: EbpfOptions,
-    type_name: &'static str,
     dataplane: EbpfDataplane,
     /// Netlink is async; the datapath's calls are not, and run on a thread of their own.
     runtime: tokio::runtime::Runtime,
@@ -36,7 +35,7 @@ pub struct EbpfDatapath {
 impl EbpfDatapath {
     /// Loads the programs (so a kernel or privilege problem shows before any lease is taken),
     /// pinning under `bpffs` when given.
-    pub fn new(spec: &OverlaySpec, options: EbpfOptions) -> Result<Self, EbpfError> {
+    pub fn new(options: EbpfOptions) -> Result<Self, EbpfError> {
         let pins = options.bpffs.as_deref().map(Pins::open).transpose()?;
         let dataplane = EbpfDataplane::load(pins)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -45,7 +44,6 @@ impl EbpfDatapath {
             .expect("a current-thread tokio runtime builds");
         Ok(Self {
             options,
-            type_name: spec.type_name(),
             dataplane,
             runtime,
             started: false,
@@ -85,10 +83,6 @@ fn relax_rp_filter(interface: &str) {
 impl Datapath for EbpfDatapath {
     fn kind(&self) -> &'static str {
         "eBPF"
-    }
-
-    fn describe(&self) -> String {
-        format!("eBPF ({})", self.type_name)
     }
 
     fn start(&mut self, spec: &OverlaySpec, lease: &LocalLease) -> Result<(), DatapathError> {

@@ -41,7 +41,6 @@ pub enum TunDatapathError {
 
 /// flannel's udp and vxlan formats, forwarded in user space through the overlay TUN device.
 pub struct TunDatapath {
-    type_name: &'static str,
     profile: Profile,
     peers: Arc<SharedPeers>,
     routes: BTreeMap<Subnet, PeerRoute>,
@@ -53,7 +52,7 @@ pub struct TunDatapath {
 impl TunDatapath {
     /// Checks that the TUN driver can be opened (so a missing module shows before any lease is
     /// taken).
-    pub fn new(spec: &OverlaySpec) -> Result<Self, TunDatapathError> {
+    pub fn new() -> Result<Self, TunDatapathError> {
         std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -65,7 +64,6 @@ impl TunDatapath {
             .build()
             .expect("a current-thread tokio runtime builds");
         Ok(Self {
-            type_name: spec.type_name(),
             profile,
             peers: Arc::new(SharedPeers::default()),
             routes: BTreeMap::new(),
@@ -87,10 +85,6 @@ impl TunDatapath {
 impl Datapath for TunDatapath {
     fn kind(&self) -> &'static str {
         "TUN"
-    }
-
-    fn describe(&self) -> String {
-        format!("TUN ({}, userspace)", self.type_name)
     }
 
     fn start(&mut self, spec: &OverlaySpec, lease: &LocalLease) -> Result<(), DatapathError> {
