@@ -66,8 +66,8 @@ pub enum LeaseError {
         subnet: Subnet,
         /// The key.
         key: String,
-        /// The holder's PublicIP, or a description when the value is not a lease.
-        holder: String,
+        /// Who holds it.
+        holder: Holder,
     },
 }
 
@@ -178,13 +178,31 @@ impl LeaseParams {
     }
 }
 
+/// Who holds a subnet we wanted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// A host, by its lease's PublicIP.
+    Host(Ipv4Addr),
+    /// A value that is not a lease (written by hand?), as found.
+    Unreadable(String),
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Holder::Host(ip) => write!(f, "{ip}"),
+            Holder::Unreadable(value) => write!(f, "an unreadable value {value:?}"),
+        }
+    }
+}
+
 /// The outcome of trying to hold one particular subnet.
 #[derive(Debug)]
 pub enum Claim {
     /// We hold it now.
     Held(HeldLease),
-    /// Another host holds it (PublicIP or description of the value).
-    TakenBy(String),
+    /// Another holds it.
+    TakenBy(Holder),
 }
 
 /// Makes `subnet` ours if it is free or already ours, in one transaction conditioned on what was
@@ -214,11 +232,10 @@ pub async fn claim(
             Some(kv) => {
                 match LeaseAttrs::from_json(kv.value()) {
                     Some(a) if a.public_ip == params.attrs.public_ip => {}
-                    Some(a) => return Ok(Claim::TakenBy(a.public_ip.to_string())),
+                    Some(a) => return Ok(Claim::TakenBy(Holder::Host(a.public_ip))),
                     None => {
-                        return Ok(Claim::TakenBy(format!(
-                            "an unreadable value {:?}",
-                            String::from_utf8_lossy(kv.value())
+                        return Ok(Claim::TakenBy(Holder::Unreadable(
+                            String::from_utf8_lossy(kv.value()).into_owned(),
                         )));
                     }
                 }

@@ -228,10 +228,119 @@ struct Agent {
     health: Health,
 }
 
+/// The agent's steps, in order; each is a function below.
 async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     let prefix = cli.etcd_prefix.trim_end_matches('/').to_owned();
     let config_key = format!("{prefix}/config");
-    let settings = EtcdSettings::new(
+    let settings = etcd_settings(&cli)?;
+    let mut client = connect(&settings, &config_key).await?;
+    let config = wait_for_config(&settings, &mut client, &config_key).await?;
+    let (underlay, public_ip) = choose_underlay(&cli, &config)?;
+    let mtu = overlay_mtu(&config, underlay.as_ref());
+    let overlay = build_overlay(&cli, &config.backend, public_ip, underlay.as_ref())?;
+    let params = lease_params(&cli, prefix, &config, public_ip, overlay.as_ref());
+
+    health.lease_lost("acquiring a subnet lease");
+    let previous = subnet_env::previous_subnet(&cli.subnet_file);
+    let held = retrying(
+        &settings,
+        &config_key,
+        &mut client,
+        "acquiring a lease",
+        async |c| lease::acquire(c, &params, previous).await,
+    )
+    .await?;
+    log_held(&held, &params, "acquired");
+    health.lease_held(held.expires_at);
+
+    let datapath = DatapathThread::spawn(overlay, health.clone());
+    if let Some(underlay) = underlay {
+        let lease = LocalLease {
+            network: config.network,
+            subnet: held.subnet,
+            underlay,
+            mtu,
+        };
+        datapath.start(lease).await?;
+    }
+    install_netfilter_rules(&cli, &config, held.subnet)?;
+
+    let mut agent = Agent {
+        settings,
+        config_key,
+        params,
+        held,
+        peers: PeerSet::default(),
+        datapath,
+        health,
+    };
+    agent.peers.set_own(agent.held.subnet);
+    // The peers known now reach the datapath before READY, so a container started right after
+    // can reach every host.
+    let (settings, key) = (agent.settings.clone(), agent.config_key.clone());
+    let watch = retrying(&settings, &key, &mut client, "listing peers", async |c| {
+        agent.sync_peers(c).await
+    })
+    .await?;
+    agent.datapath.synced().await?;
+
+    write_subnet_env(&cli, &config, agent.held.subnet, mtu)?;
+    notify_ready();
+    agent.run(client, watch).await
+}
+
+/// An error that another attempt, on a new connection, may cure.
+trait Retryable: Into<DaemonError> {
+    /// The etcd error behind it, when it is transient.
+    fn transient(&self) -> Option<&EtcdError>;
+}
+
+impl Retryable for EtcdError {
+    fn transient(&self) -> Option<&EtcdError> {
+        self.is_transient().then_some(self)
+    }
+}
+
+impl Retryable for LeaseError {
+    fn transient(&self) -> Option<&EtcdError> {
+        match self {
+            LeaseError::Etcd { source } if source.is_transient() => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl From<EtcdError> for DaemonError {
+    fn from(source: EtcdError) -> Self {
+        DaemonError::Etcd { source }
+    }
+}
+
+/// The one retry policy of the start-up steps: a transient etcd error reconnects (`connect`
+/// backs off and logs each attempt) and runs `op` again; anything else is final.
+async fn retrying<T, E: Retryable>(
+    settings: &EtcdSettings,
+    probe_key: &str,
+    client: &mut Client,
+    what: &str,
+    mut op: impl AsyncFnMut(&mut Client) -> Result<T, E>,
+) -> Result<T, DaemonError> {
+    loop {
+        match op(client).await {
+            Ok(v) => return Ok(v),
+            Err(e) => match e.transient() {
+                Some(source) => {
+                    tracing::warn!("{what}: {}; reconnecting", error_chain(source));
+                    *client = connect(settings, probe_key).await?;
+                }
+                None => return Err(e.into()),
+            },
+        }
+    }
+}
+
+fn etcd_settings(cli: &Cli) -> Result<EtcdSettings, DaemonError> {
+    EtcdSettings::new(
         cli.etcd_endpoints.clone(),
         cli.etcd_cafile.clone(),
         cli.etcd_certfile.clone(),
@@ -239,20 +348,15 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
         cli.etcd_username.clone(),
         cli.etcd_password.clone(),
     )
-    .map_err(|source| DaemonError::Etcd { source })?;
+    .map_err(|source| DaemonError::Etcd { source })
+}
 
-    let mut client = connect(&settings, &config_key).await?;
-    let config = wait_for_config(&settings, &mut client, &config_key).await?;
-    tracing::info!(
-        "network config at {config_key}: Network {} SubnetLen {} range {}..{} backend {}",
-        config.network,
-        config.subnet_len,
-        config.subnet_min.addr(),
-        config.subnet_max.addr(),
-        config.backend.type_name()
-    );
-
-    // The underlay: required to forward; for alloc only its MTU matters, so --public-ip suffices.
+/// The underlay interface and the address peers send to. Required to forward; for alloc only
+/// its MTU matters, so `--public-ip` suffices.
+fn choose_underlay(
+    cli: &Cli,
+    config: &NetworkConfig,
+) -> Result<(Option<Underlay>, Ipv4Addr), DaemonError> {
     let (underlay, public_ip) = match (iface::choose(&cli.iface, &cli.iface_regex), &config.backend)
     {
         (Ok(u), _) => {
@@ -276,85 +380,50 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
             u.mtu
         );
     }
-    let underlay_mtu = underlay.as_ref().map_or(FALLBACK_MTU, |u| u.mtu);
-    let mtu = match &config.backend {
+    Ok((underlay, public_ip))
+}
+
+/// The MTU written to subnet.env: the config's (vxlan `MTU`), else the underlay's minus the
+/// format's overhead.
+fn overlay_mtu(config: &NetworkConfig, underlay: Option<&Underlay>) -> u32 {
+    let underlay_mtu = underlay.map_or(FALLBACK_MTU, |u| u.mtu);
+    match &config.backend {
         Backend::Vxlan { mtu: Some(m), .. } => *m,
         b => underlay_mtu.saturating_sub(b.encap_overhead()),
-    };
+    }
+}
 
-    let overlay = build_overlay(&cli, &config.backend, public_ip, underlay.as_ref())?;
-    // The same BackendData whichever datapath runs: the contract derives it.
-    let backend_data = overlay.as_ref().and_then(|o| o.spec().backend_data());
-    let params = LeaseParams {
-        prefix: prefix.clone(),
+/// What our lease says: the same BackendData whichever datapath runs (the contract derives it).
+fn lease_params(
+    cli: &Cli,
+    prefix: String,
+    config: &NetworkConfig,
+    public_ip: Ipv4Addr,
+    overlay: Option<&Overlay>,
+) -> LeaseParams {
+    LeaseParams {
+        prefix,
         attrs: LeaseAttrs {
             public_ip,
             public_ipv6: None,
             backend_type: config.backend.type_name().to_owned(),
-            backend_data,
+            backend_data: overlay.and_then(|o| o.spec().backend_data()),
         },
         config: config.clone(),
         ttl: cli.subnet_lease_ttl,
         renew_margin: Duration::from_secs(u64::from(cli.subnet_lease_renew_margin) * 60),
-    };
-
-    health.lease_lost("acquiring a subnet lease");
-    let previous = subnet_env::previous_subnet(&cli.subnet_file);
-    let held = loop {
-        match lease::acquire(&mut client, &params, previous).await {
-            Ok(held) => break held,
-            Err(LeaseError::Etcd { source }) if source.is_transient() => {
-                tracing::warn!("acquiring a lease: {}; reconnecting", error_chain(&source));
-                client = connect(&settings, &config_key).await?;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
-    log_held(&held, &params, "acquired");
-    health.lease_held(held.expires_at);
-
-    let datapath = DatapathThread::spawn(overlay, health.clone());
-    if let Some(underlay) = underlay {
-        datapath
-            .start(LocalLease {
-                network: config.network,
-                subnet: held.subnet,
-                underlay,
-                mtu,
-            })
-            .await?;
-    } else {
-        health.datapath(Ok(()));
     }
-    install_netfilter_rules(&cli, &config, held.subnet)?;
+}
 
-    let mut agent = Agent {
-        settings,
-        config_key,
-        params,
-        held,
-        peers: PeerSet::default(),
-        datapath,
-        health,
-    };
-    agent.peers.set_own(agent.held.subnet);
-    // The peers known now reach the datapath before READY, so a container started right after
-    // can reach every host.
-    let watch = loop {
-        match agent.sync_peers(&mut client).await {
-            Ok(w) => break w,
-            Err(e) if e.is_transient() => {
-                tracing::warn!("listing peers: {}; reconnecting", error_chain(&e));
-                client = connect(&agent.settings, &agent.config_key).await?;
-            }
-            Err(e) => return Err(DaemonError::Etcd { source: e }),
-        }
-    };
-    agent.datapath.synced().await?;
-
+fn write_subnet_env(
+    cli: &Cli,
+    config: &NetworkConfig,
+    subnet: crate::control::subnet::Subnet,
+    mtu: u32,
+) -> Result<(), DaemonError> {
     let env = SubnetEnv {
         network: config.network,
-        subnet: agent.held.subnet,
+        subnet,
         mtu,
         ip_masq: cli.ip_masq,
     };
@@ -363,16 +432,18 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     tracing::info!(
         "wrote {}: FLANNEL_SUBNET={}/{} FLANNEL_MTU={mtu}",
         cli.subnet_file.display(),
-        agent.held.subnet.first_host(),
-        agent.held.subnet.prefix()
+        subnet.first_host(),
+        subnet.prefix()
     );
+    Ok(())
+}
+
+fn notify_ready() {
     match notify::notify("READY=1") {
         Ok(true) => tracing::info!("notified systemd: READY=1"),
         Ok(false) => {}
         Err(e) => tracing::warn!("notifying systemd (NOTIFY_SOCKET): {e}"),
     }
-
-    agent.run(client, watch).await
 }
 
 fn log_held(held: &HeldLease, params: &LeaseParams, what: &str) {
@@ -414,12 +485,20 @@ async fn wait_for_config(
         {
             Ok(resp) => match resp.kvs().first() {
                 Some(kv) => {
-                    return NetworkConfig::parse(kv.value()).map_err(|source| {
-                        DaemonError::Config {
+                    let config =
+                        NetworkConfig::parse(kv.value()).map_err(|source| DaemonError::Config {
                             key: key.to_owned(),
                             source,
-                        }
-                    });
+                        })?;
+                    tracing::info!(
+                        "network config at {key}: Network {} SubnetLen {} range {}..{} backend {}",
+                        config.network,
+                        config.subnet_len,
+                        config.subnet_min.addr(),
+                        config.subnet_max.addr(),
+                        config.backend.type_name()
+                    );
+                    return Ok(config);
                 }
                 None => {
                     if last_log.is_none_or(|t| t.elapsed() >= CONFIG_WAIT_LOG_EVERY) {
