@@ -19,7 +19,7 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
         );
     }
     if !opts.no_setup {
-        setup::setup(&setup::Options {})?;
+        setup::setup(&setup::Options::default())?;
     }
     let root = workspace_root();
 
