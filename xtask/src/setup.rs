@@ -295,15 +295,17 @@ pub fn setup(opts: &Options) -> anyhow::Result<()> {
     let debian = debian_packages(&missing);
     if !debian.is_empty() && !is_root() {
         bail!(
-            "setup: {} requirements missing; installing Debian packages needs root (run as root, \
-             or: apt-get install --no-install-recommends {}):\n{list}",
+            "setup: {} of {} requirements missing; installing Debian packages needs root (run as \
+             root, or: apt-get install --no-install-recommends {}):\n{list}",
             missing.len(),
+            proofs.len(),
             debian.join(" ")
         );
     }
     step(format!(
-        "setup: {} requirements missing:\n{list}",
-        missing.len()
+        "setup: {} of {} requirements missing:\n{list}",
+        missing.len(),
+        proofs.len()
     ));
     install(&missing, &debian)?;
     let still: Vec<Proved> = prove_all()?
