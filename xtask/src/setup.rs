@@ -50,6 +50,23 @@ pub struct Requirement {
     pub proof: Proof,
 }
 
+impl Requirement {
+    /// A program (`programs[0]`) from Debian `packages`, proved by running it with `args`.
+    const fn debian_tool(
+        what: &'static str,
+        programs: &'static [&'static str],
+        packages: &'static [&'static str],
+        args: &'static [&'static str],
+    ) -> Self {
+        Self {
+            what,
+            programs,
+            source: Source::Debian(packages),
+            proof: Proof::Runs(programs[0], args),
+        }
+    }
+}
+
 /// Where a requirement comes from.
 pub enum Source {
     /// Debian packages, installed with `apt-get install --no-install-recommends`.
@@ -165,36 +182,36 @@ pub const REQUIREMENTS: &[Requirement] = &[
             runs("bridge", &["-V"]).map(|_| ())
         }),
     },
-    Requirement {
-        what: "sh (the lab starts each agent through a shell that bind-mounts its /run)",
-        programs: &["sh"],
-        source: Source::Debian(&["dash"]),
-        proof: Proof::Runs("sh", &["-c", "exit 0"]),
-    },
-    Requirement {
-        what: "ping (reachability in tests and run)",
-        programs: &["ping"],
-        source: Source::Debian(&["iputils-ping"]),
-        proof: Proof::Runs("ping", &["-V"]),
-    },
-    Requirement {
-        what: "bpftool (tests inspect programs, links and stats)",
-        programs: &["bpftool"],
-        source: Source::Debian(&["bpftool"]),
-        proof: Proof::Runs("bpftool", &["version"]),
-    },
-    Requirement {
-        what: "iptables (the agent's forward and --ip-masq rules, as flanneld's)",
-        programs: &["iptables"],
-        source: Source::Debian(&["iptables"]),
-        proof: Proof::Runs("iptables", &["--version"]),
-    },
-    Requirement {
-        what: "setpriv (agents under the unit's capability set)",
-        programs: &["setpriv"],
-        source: Source::Debian(&["util-linux"]),
-        proof: Proof::Runs("setpriv", &["--version"]),
-    },
+    Requirement::debian_tool(
+        "sh (the lab starts each agent through a shell that bind-mounts its /run)",
+        &["sh"],
+        &["dash"],
+        &["-c", "exit 0"],
+    ),
+    Requirement::debian_tool(
+        "ping (reachability in tests and run)",
+        &["ping"],
+        &["iputils-ping"],
+        &["-V"],
+    ),
+    Requirement::debian_tool(
+        "bpftool (tests inspect programs, links and stats)",
+        &["bpftool"],
+        &["bpftool"],
+        &["version"],
+    ),
+    Requirement::debian_tool(
+        "iptables (the agent's forward and --ip-masq rules, as flanneld's)",
+        &["iptables"],
+        &["iptables"],
+        &["--version"],
+    ),
+    Requirement::debian_tool(
+        "setpriv (agents under the unit's capability set)",
+        &["setpriv"],
+        &["util-linux"],
+        &["--version"],
+    ),
     Requirement {
         what: "mount and umount (the lab's bpffs and bind mounts)",
         programs: &["mount", "umount"],
@@ -204,12 +221,12 @@ pub const REQUIREMENTS: &[Requirement] = &[
             runs("umount", &["--version"]).map(|_| ())
         }),
     },
-    Requirement {
-        what: "sysctl (forwarding and BPF stats in the rigs)",
-        programs: &["sysctl"],
-        source: Source::Debian(&["procps"]),
-        proof: Proof::Runs("sysctl", &["--version"]),
-    },
+    Requirement::debian_tool(
+        "sysctl (forwarding and BPF stats in the rigs)",
+        &["sysctl"],
+        &["procps"],
+        &["--version"],
+    ),
     Requirement {
         what: "timeout and date (bench clients under a time limit; the report's date)",
         programs: &["timeout", "date"],
@@ -219,42 +236,42 @@ pub const REQUIREMENTS: &[Requirement] = &[
             runs("date", &["--version"]).map(|_| ())
         }),
     },
-    Requirement {
-        what: "openssl (certificates for the etcd TLS tests)",
-        programs: &["openssl"],
-        source: Source::Debian(&["openssl"]),
-        proof: Proof::Runs("openssl", &["version"]),
-    },
-    Requirement {
-        what: "systemd-analyze (verifies deploy/'s units)",
-        programs: &["systemd-analyze"],
-        source: Source::Debian(&["systemd"]),
-        proof: Proof::Runs("systemd-analyze", &["--version"]),
-    },
-    Requirement {
-        what: "curl (bench reads etcd's /metrics)",
-        programs: &["curl"],
-        source: Source::Debian(&["curl"]),
-        proof: Proof::Runs("curl", &["--version"]),
-    },
-    Requirement {
-        what: "iperf3 (bench: TCP throughput)",
-        programs: &["iperf3"],
-        source: Source::Debian(&["iperf3"]),
-        proof: Proof::Runs("iperf3", &["--version"]),
-    },
-    Requirement {
-        what: "sockperf (bench: latency)",
-        programs: &["sockperf"],
-        source: Source::Debian(&["sockperf"]),
-        proof: Proof::Runs("sockperf", &["--version"]),
-    },
-    Requirement {
-        what: "tcpdump (run prints it to explore the lab)",
-        programs: &["tcpdump"],
-        source: Source::Debian(&["tcpdump"]),
-        proof: Proof::Runs("tcpdump", &["--version"]),
-    },
+    Requirement::debian_tool(
+        "openssl (certificates for the etcd TLS tests)",
+        &["openssl"],
+        &["openssl"],
+        &["version"],
+    ),
+    Requirement::debian_tool(
+        "systemd-analyze (verifies deploy/'s units)",
+        &["systemd-analyze"],
+        &["systemd"],
+        &["--version"],
+    ),
+    Requirement::debian_tool(
+        "curl (bench reads etcd's /metrics)",
+        &["curl"],
+        &["curl"],
+        &["--version"],
+    ),
+    Requirement::debian_tool(
+        "iperf3 (bench: TCP throughput)",
+        &["iperf3"],
+        &["iperf3"],
+        &["--version"],
+    ),
+    Requirement::debian_tool(
+        "sockperf (bench: latency)",
+        &["sockperf"],
+        &["sockperf"],
+        &["--version"],
+    ),
+    Requirement::debian_tool(
+        "tcpdump (run prints it to explore the lab)",
+        &["tcpdump"],
+        &["tcpdump"],
+        &["--version"],
+    ),
 ];
 
 #[derive(Debug, Default, clap::Args)]
@@ -508,7 +525,7 @@ fn cargo_install(krate: &str, version: &str, nightly_llvm: bool) -> anyhow::Resu
     run(&mut cmd)
 }
 
-/// Runs `program args` quietly; its stdout, or why it did not start or failed (with the last
+/// Runs `program args` quietly; its stdout, or why it did not start or failed (with the first
 /// lines of its stderr).
 fn runs(program: &str, args: &[&str]) -> Result<String, String> {
     output_of(Command::new(program).args(args))
@@ -526,9 +543,14 @@ fn output_of(cmd: &mut Command) -> Result<String, String> {
         .map_err(|e| format!("{line}: {e}"))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = stderr.trim().lines().rev().take(3).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        return Err(format!("{line}: {}: {}", out.status, tail.join(" / ")));
+        // The first lines say what went wrong (protoc's missing import, cargo's unknown command).
+        let head: Vec<&str> = stderr
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .take(3)
+            .collect();
+        return Err(format!("{line}: {}: {}", out.status, head.join(" / ")));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

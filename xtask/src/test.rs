@@ -109,6 +109,7 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
         "bench",
         "--quick",
         "--debug-agent",
+        "--no-setup",
     ]))?;
 
     if totals.passed == 0 {

@@ -286,15 +286,19 @@ fn single_str(arg: &[(Tok, usize)]) -> Option<&str> {
     }
 }
 
+/// Each `<keyword> NAME` (`fn f`, `const C`): the keyword's index and the name.
+fn items<'a>(toks: &'a [(Tok, usize)], keyword: &'a str) -> impl Iterator<Item = (usize, &'a str)> {
+    (0..toks.len()).filter_map(move |i| {
+        (ident(toks, i) == Some(keyword))
+            .then(|| ident(toks, i + 1))
+            .flatten()
+            .map(|name| (i, name))
+    })
+}
+
 /// `const NAME: &str = "value";` (and `&'static str`) anywhere in the sources.
 fn consts(toks: &[(Tok, usize)], into: &mut HashMap<String, String>) {
-    for i in 0..toks.len() {
-        if ident(toks, i) != Some("const") {
-            continue;
-        }
-        let Some(name) = ident(toks, i + 1) else {
-            continue;
-        };
+    for (i, name) in items(toks, "const") {
         let mut j = i + 2;
         while j < toks.len() && !punct(toks, j, '=') && !punct(toks, j, ';') {
             j += 1;
@@ -312,13 +316,7 @@ fn consts(toks: &[(Tok, usize)], into: &mut HashMap<String, String>) {
 
 /// Functions with a parameter named `program`.
 fn helpers(toks: &[(Tok, usize)], into: &mut Vec<Helper>) {
-    for i in 0..toks.len() {
-        if ident(toks, i) != Some("fn") {
-            continue;
-        }
-        let Some(name) = ident(toks, i + 1) else {
-            continue;
-        };
+    for (i, name) in items(toks, "fn") {
         let mut open = i + 2;
         if punct(toks, open, '<') {
             // Generics: skip to the matching '>' ('->' inside is no bracket).
