@@ -362,8 +362,11 @@ impl Etcd {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if self.try_etcdctl(&["endpoint", "health"]).is_ok() {
-                return Ok(());
+            match self.try_etcdctl(&["endpoint", "health"]) {
+                Ok(_) => return Ok(()),
+                // No etcdctl to ask: waiting would only end in the timeout, hiding why.
+                Err(err @ EtcdTestError::Spawn { .. }) => return Err(err),
+                Err(_) => {}
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 let text = std::fs::read_to_string(&log).unwrap_or_default();

@@ -66,6 +66,9 @@ pub struct Options {
     /// Measure the control plane with N peer leases in etcd instead of the datapaths.
     #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "1000")]
     pub control_plane: Option<usize>,
+    /// Skip `setup` (iperf3, sockperf, etcd, ... are proved there before the build).
+    #[arg(long)]
+    pub no_setup: bool,
 }
 
 pub use crate::cmd::{check_interrupted, interrupted};
@@ -102,6 +105,9 @@ fn install_signal_handlers() {
 pub fn bench(opts: &Options) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the bench builds network namespaces: run as root");
+    }
+    if !opts.no_setup {
+        crate::setup::setup(&crate::setup::Options::default())?;
     }
     install_signal_handlers();
     let stale = overlay_tests::netns::remove_stale(rig::PREFIX);

@@ -87,7 +87,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         cleanup::remove_leftovers();
     }
     if !opts.no_setup {
-        setup::setup(&setup::Options {})?;
+        setup::setup(&setup::Options::default())?;
     }
     let binary = build::build(&build::Options {
         debug: opts.debug_agent,

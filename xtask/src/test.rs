@@ -19,7 +19,7 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
         );
     }
     if !opts.no_setup {
-        setup::setup(&setup::Options {})?;
+        setup::setup(&setup::Options::default())?;
     }
     let root = workspace_root();
 
@@ -113,6 +113,7 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
         "bench",
         "--quick",
         "--debug-agent",
+        "--no-setup",
     ]))?;
 
     // The plain closing line CI reads, summing every test binary above; a skipped (ignored) test
