@@ -409,9 +409,15 @@ fn auto_falls_back_to_tun_when_bpf_is_refused() {
 fn tun_written(c: &Cluster, index: usize) -> u64 {
     let out = c.lab.hosts[index]
         .ns
-        .exec("cat", &["/sys/class/net/flannel0/statistics/rx_packets"])
+        .ip(&["-s", "-j", "link", "show", "dev", "flannel0"])
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    let json = String::from_utf8_lossy(&out.stdout);
+    // `"stats64":{"rx":{"bytes":B,"packets":P,...`: the device's receive side.
+    let rx = &json[json.find("\"rx\":").expect("ip -s -j shows rx stats")..];
+    let packets = &rx[rx.find("\"packets\":").unwrap() + "\"packets\":".len()..];
+    packets[..packets.find(|c: char| !c.is_ascii_digit()).unwrap()]
+        .parse()
+        .unwrap()
 }
 
 /// The relay the issue reproduced, live: three TUN hosts; host 1, a known peer, sends host 2
