@@ -23,6 +23,54 @@ use crate::{dataplane::ebpf::pins::Pins, host::iptables};
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TeardownArgs {}
 
+/// What could not be removed, or why a teardown is unsafe.
+#[derive(Debug, thiserror::Error)]
+pub enum TeardownError {
+    /// An agent still runs here: it keeps its programs attached and may bring its device back.
+    #[error(
+        "overlay-agent (pid {pid}) is still running in this network namespace: stop it first \
+         (systemctl stop overlay-agent); its programs stay attached and its device may come \
+         back while it runs"
+    )]
+    AgentRunning {
+        /// Its process id.
+        pid: u32,
+    },
+    /// A netlink request failed.
+    #[error("{op}: {source} (devices not removed)")]
+    Netlink {
+        /// What was asked.
+        op: &'static str,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Deleting an overlay device failed.
+    #[error("deleting device {name}: {source}")]
+    DeleteDevice {
+        /// The device.
+        name: String,
+        /// Why it failed.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// The pin directory could not be looked at.
+    #[error("looking at {path}: {source}")]
+    Bpffs {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A pinned link or map could not be removed.
+    #[error(transparent)]
+    Pins(#[from] crate::dataplane::ebpf::pins::PinsError),
+    /// A netfilter chain or rule could not be removed.
+    #[error(transparent)]
+    Netfilter(#[from] iptables::IptablesError),
+}
+
 /// What a teardown did.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -30,8 +78,8 @@ pub struct Report {
     pub removed: Vec<String>,
     /// What was left alone on purpose, one line each.
     pub notes: Vec<String>,
-    /// What could not be removed, one line each.
-    pub errors: Vec<String>,
+    /// What could not be removed.
+    pub errors: Vec<TeardownError>,
 }
 
 /// Whether `name` is an overlay device name the agent uses: `flannel0` or `flannel.<VNI>`.
@@ -78,11 +126,7 @@ fn running_agents() -> Vec<u32> {
 pub async fn teardown(bpffs: &Path) -> Report {
     let mut report = Report::default();
     for pid in running_agents() {
-        report.errors.push(format!(
-            "overlay-agent (pid {pid}) is still running in this network namespace: stop it first \
-             (systemctl stop overlay-agent); its programs stay attached and its device may come \
-             back while it runs"
-        ));
+        report.errors.push(TeardownError::AgentRunning { pid });
     }
     devices(&mut report).await;
     pins(bpffs, &mut report);
@@ -124,7 +168,7 @@ fn netfilter(report: &mut Report) {
     }
     report
         .errors
-        .extend(errors.into_iter().map(|e| e.to_string()));
+        .extend(errors.into_iter().map(TeardownError::from));
 }
 
 fn pins(bpffs: &Path, report: &mut Report) {
@@ -139,22 +183,24 @@ fn pins(bpffs: &Path, report: &mut Report) {
             }
             report
                 .errors
-                .extend(errors.into_iter().map(|e| e.to_string()));
+                .extend(errors.into_iter().map(TeardownError::from));
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => report
-            .errors
-            .push(format!("looking at {}: {e}", bpffs.display())),
+        Err(source) => report.errors.push(TeardownError::Bpffs {
+            path: bpffs.to_owned(),
+            source,
+        }),
     }
 }
 
 async fn devices(report: &mut Report) {
     let (connection, handle, _) = match rtnetlink::new_connection() {
         Ok(c) => c,
-        Err(e) => {
-            report.errors.push(format!(
-                "opening a netlink socket: {e} (devices not removed)"
-            ));
+        Err(source) => {
+            report.errors.push(TeardownError::Netlink {
+                op: "opening a netlink socket",
+                source,
+            });
             return;
         }
     };
@@ -171,9 +217,10 @@ async fn devices(report: &mut Report) {
                 })
                 .collect(),
             Err(e) => {
-                report
-                    .errors
-                    .push(format!("listing interfaces: {e} (devices not removed)"));
+                report.errors.push(TeardownError::Netlink {
+                    op: "listing interfaces",
+                    source: std::io::Error::other(e),
+                });
                 return;
             }
         };
@@ -206,7 +253,9 @@ async fn devices(report: &mut Report) {
             Ok(()) => report.removed.push(format!(
                 "device {name} with its addresses and {n_routes} route(s)"
             )),
-            Err(e) => report.errors.push(format!("deleting device {name}: {e}")),
+            Err(source) => report
+                .errors
+                .push(TeardownError::DeleteDevice { name, source }),
         }
     }
 }

@@ -130,14 +130,22 @@ fn tun_and_ebpf_hosts_mix_in_both_formats() {
 }
 
 /// A host speaking flannel's udp format by other means: a UDP socket on 8285 that answers ICMP
-/// echo requests found in the datagrams, with packets built by hand here (not by our codec).
+/// echo requests found in the datagrams, with packets built by hand here (not by our codec), and
+/// a lease written byte for byte as flanneld's udp backend writes it: no BackendType at all.
 fn a_hand_written_flannel_udp_host_interoperates() {
-    let tmp = TempDir::new("tunflu").unwrap();
-    let mut c = cluster("tunflu", 2, "udp", &tmp);
-    start(&mut c, 0, "tun");
+    for datapath in ["tun", "ebpf"] {
+        hand_written_flannel_udp_host(datapath);
+    }
+}
+
+fn hand_written_flannel_udp_host(datapath: &str) {
+    let prefix = format!("flu{datapath}");
+    let tmp = TempDir::new(&prefix).unwrap();
+    let mut c = cluster(&prefix, 2, "udp", &tmp);
+    start(&mut c, 0, datapath);
     bring_up_one(&mut c, 0);
-    // Host 2 plays a flannel udp host for 172.31.250.0/24 at 198.18.0.2.
-    let lease = r#"{"PublicIP":"198.18.0.2","BackendType":"udp"}"#;
+    // Host 2 plays a flanneld udp host for 172.31.250.0/24 at 198.18.0.2.
+    let lease = r#"{"PublicIP":"198.18.0.2","PublicIPv6":null}"#;
     c.etcd
         .etcdctl(&["put", "/flannel/subnets/172.31.250.0-24", lease])
         .unwrap();
@@ -171,8 +179,10 @@ fn a_hand_written_flannel_udp_host_interoperates() {
                 p[10..12].copy_from_slice(&[0, 0]);
                 let csum = checksum(&p[..20]);
                 p[10..12].copy_from_slice(&csum.to_be_bytes());
-                // flannel's proxy sends from its own port, 8285, to the peer's 8285.
-                sock.send_to(p, from).unwrap();
+                // flannel's proxy sends from its own port, 8285, to the peer's PublicIP at 8285,
+                // whatever source port the datagram came from (the eBPF encap's is a flow hash).
+                let to = std::net::SocketAddr::new(from.ip(), 8285);
+                sock.send_to(p, to).unwrap();
                 answered += 1;
             }
             answered
@@ -182,7 +192,7 @@ fn a_hand_written_flannel_udp_host_interoperates() {
         let answered = echoer.join().unwrap();
         assert!(
             ok,
-            "no echo reply through the hand-written host\n{}",
+            "{datapath}: no echo reply through the hand-written host\n{}",
             logs(&c)
         );
         assert!(answered > 0);
