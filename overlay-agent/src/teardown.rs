@@ -11,12 +11,6 @@
 
 use std::path::{Path, PathBuf};
 
-use futures::TryStreamExt as _;
-use rtnetlink::{
-    RouteMessageBuilder,
-    packet_route::{link::LinkAttribute, route::RouteAttribute},
-};
-
 use crate::{dataplane::ebpf::pins::Pins, host::iptables};
 
 /// `overlay-agent teardown` flags (the pin directory is the global `--bpffs`).
@@ -36,24 +30,9 @@ pub enum TeardownError {
         /// Its process id.
         pid: u32,
     },
-    /// A netlink request failed.
-    #[error("{op}: {source} (devices not removed)")]
-    Netlink {
-        /// What was asked.
-        op: &'static str,
-        /// Why it failed.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Deleting an overlay device failed.
-    #[error("deleting device {name}: {source}")]
-    DeleteDevice {
-        /// The device.
-        name: String,
-        /// Why it failed.
-        #[source]
-        source: rtnetlink::Error,
-    },
+    /// An overlay device could not be removed.
+    #[error(transparent)]
+    Device(#[from] crate::host::overlay::RemoveDevicesError),
     /// The pin directory could not be looked at.
     #[error("looking at {path}: {source}")]
     Bpffs {
@@ -80,21 +59,6 @@ pub struct Report {
     pub notes: Vec<String>,
     /// What could not be removed.
     pub errors: Vec<TeardownError>,
-}
-
-/// Whether `name` is an overlay device name the agent uses: `flannel0` or `flannel.<VNI>`.
-pub fn is_overlay_name(name: &str) -> bool {
-    name == "flannel0"
-        || name
-            .strip_prefix("flannel.")
-            .is_some_and(|vni| !vni.is_empty() && vni.bytes().all(|b| b.is_ascii_digit()))
-}
-
-fn is_tun(name: &str) -> bool {
-    Path::new("/sys/class/net")
-        .join(name)
-        .join("tun_flags")
-        .exists()
 }
 
 /// Agents still running in this network namespace (other than this process), as `pid`s.
@@ -194,70 +158,12 @@ fn pins(bpffs: &Path, report: &mut Report) {
 }
 
 async fn devices(report: &mut Report) {
-    let (connection, handle, _) = match rtnetlink::new_connection() {
-        Ok(c) => c,
-        Err(source) => {
-            report.errors.push(TeardownError::Netlink {
-                op: "opening a netlink socket",
-                source,
-            });
-            return;
-        }
-    };
-    tokio::spawn(connection);
-    let links: Vec<(u32, String)> =
-        match handle.link().get().execute().try_collect::<Vec<_>>().await {
-            Ok(msgs) => msgs
-                .iter()
-                .filter_map(|m| {
-                    m.attributes.iter().find_map(|a| match a {
-                        LinkAttribute::IfName(n) => Some((m.header.index, n.clone())),
-                        _ => None,
-                    })
-                })
-                .collect(),
-            Err(e) => {
-                report.errors.push(TeardownError::Netlink {
-                    op: "listing interfaces",
-                    source: std::io::Error::other(e),
-                });
-                return;
-            }
-        };
-    let routes: Vec<u32> = handle
-        .route()
-        .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
-        .execute()
-        .try_collect::<Vec<_>>()
-        .await
-        .map(|msgs| {
-            msgs.iter()
-                .filter_map(|m| {
-                    m.attributes.iter().find_map(|a| match a {
-                        RouteAttribute::Oif(i) => Some(*i),
-                        _ => None,
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    for (index, name) in links.into_iter().filter(|(_, n)| is_overlay_name(n)) {
-        if !is_tun(&name) {
-            report.notes.push(format!(
-                "left {name} alone: not a TUN device, so not created by overlay-agent"
-            ));
-            continue;
-        }
-        let n_routes = routes.iter().filter(|&&oif| oif == index).count();
-        match handle.link().del(index).execute().await {
-            Ok(()) => report.removed.push(format!(
-                "device {name} with its addresses and {n_routes} route(s)"
-            )),
-            Err(source) => report
-                .errors
-                .push(TeardownError::DeleteDevice { name, source }),
-        }
-    }
+    let done = crate::host::overlay::remove_all().await;
+    report.removed.extend(done.removed);
+    report.notes.extend(done.left);
+    report
+        .errors
+        .extend(done.errors.into_iter().map(TeardownError::from));
 }
 
 /// `overlay-agent teardown`: prints what it removed and what failed; non-zero on any failure.
@@ -298,23 +204,6 @@ pub fn main(bpffs: &Path) -> std::process::ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn overlay_names() {
-        for ok in ["flannel0", "flannel.1", "flannel.4096"] {
-            assert!(is_overlay_name(ok), "{ok}");
-        }
-        for no in [
-            "flannel",
-            "flannel.",
-            "flannel.x",
-            "flannel1",
-            "eth0",
-            "flannel0x",
-        ] {
-            assert!(!is_overlay_name(no), "{no}");
-        }
-    }
 
     #[test]
     fn pins_removed_then_nothing_to_do() {

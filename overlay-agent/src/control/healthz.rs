@@ -13,6 +13,34 @@ use tokio::{
     net::TcpListener,
 };
 
+impl Default for Health {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Why no lease is held.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoLease {
+    /// Before the network config is read.
+    #[error("waiting for etcd and the network config")]
+    WaitingForEtcd,
+    /// Acquiring one.
+    #[error("acquiring a subnet lease")]
+    Acquiring,
+    /// Ours was deleted (or expired) and is being re-acquired.
+    #[error("lease deleted; re-acquiring")]
+    Deleted,
+    /// Another holds our subnet now.
+    #[error("subnet {subnet} is held by {holder}")]
+    TakenBy {
+        /// Our subnet.
+        subnet: crate::control::subnet::Subnet,
+        /// Who holds it.
+        holder: crate::control::lease::Holder,
+    },
+}
+
 /// The agent's health as `/healthz` reports it.
 #[derive(Debug, Clone)]
 pub struct Health(Arc<Mutex<State>>);
@@ -22,17 +50,17 @@ struct State {
     /// Until when the lease is known to be held; `None` while none is held.
     lease_until: Option<Instant>,
     /// Why no lease is held (when `lease_until` is `None`).
-    lease_reason: String,
+    lease_reason: NoLease,
     /// Why the datapath is not up; `None` when it is.
     datapath: Option<Unhealthy>,
 }
 
 impl Health {
-    /// Starts with no lease (for `reason`) and the datapath not started.
-    pub fn new(reason: &str) -> Self {
+    /// Starts with no lease, waiting for etcd, and the datapath not started.
+    pub fn new() -> Self {
         Self(Arc::new(Mutex::new(State {
             lease_until: None,
-            lease_reason: reason.to_owned(),
+            lease_reason: NoLease::WaitingForEtcd,
             datapath: Some(Unhealthy::Starting),
         })))
     }
@@ -47,10 +75,10 @@ impl Health {
     }
 
     /// Records that no lease is held, and why.
-    pub fn lease_lost(&self, reason: impl Into<String>) {
+    pub fn lease_lost(&self, reason: NoLease) {
         let mut s = self.state();
         s.lease_until = None;
-        s.lease_reason = reason.into();
+        s.lease_reason = reason;
     }
 
     /// Records the datapath's state.
@@ -62,7 +90,7 @@ impl Health {
     pub fn reason(&self) -> Option<String> {
         let s = self.state();
         match s.lease_until {
-            None => return Some(s.lease_reason.clone()),
+            None => return Some(s.lease_reason.to_string()),
             // Renewal failed for the whole TTL (etcd unreachable): etcd has dropped the lease.
             Some(t) if t <= Instant::now() => {
                 return Some(

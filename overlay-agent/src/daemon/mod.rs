@@ -21,7 +21,7 @@ use crate::{
     control::{
         config::{Backend, ConfigError, NetworkConfig},
         etcd::{EtcdError, EtcdSettings, error_chain, req},
-        healthz::{self, Health},
+        healthz::{self, Health, NoLease},
         lease::{self, Claim, HeldLease, LeaseAttrs, LeaseError, LeaseParams},
         notify,
         peers::{LeaseChange, LeaseWatch, PeerSet, WatchBatch},
@@ -181,7 +181,7 @@ impl From<LeaseError> for DaemonError {
 
 /// Runs the agent until SIGTERM or SIGINT (then `Ok`), or until an error it cannot recover from.
 pub async fn run(cli: Cli) -> Result<(), DaemonError> {
-    let health = Health::new("waiting for etcd and the network config");
+    let health = Health::new();
     if cli.healthz_port != 0 {
         let addr = SocketAddr::new(cli.healthz_ip, cli.healthz_port);
         let listener = healthz::bind(addr)
@@ -240,7 +240,7 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     let overlay = build_overlay(&cli, &config.backend, public_ip, underlay.as_ref())?;
     let params = lease_params(&cli, prefix, &config, public_ip, overlay.as_ref());
 
-    health.lease_lost("acquiring a subnet lease");
+    health.lease_lost(NoLease::Acquiring);
     let previous = subnet_env::previous_subnet(&cli.subnet_file);
     let held = retrying(
         &settings,
@@ -540,8 +540,10 @@ impl Agent {
                 Ok(())
             }
             Claim::TakenBy(holder) => {
-                self.health
-                    .lease_lost(format!("subnet {subnet} is held by {holder}"));
+                self.health.lease_lost(NoLease::TakenBy {
+                    subnet,
+                    holder: holder.clone(),
+                });
                 Err(LeaseError::Taken {
                     subnet,
                     key: self.held.key.clone(),
@@ -643,7 +645,7 @@ impl Agent {
                         "our lease {} was deleted or expired; re-acquiring subnet {own}",
                         self.held.key
                     );
-                    self.health.lease_lost("lease deleted; re-acquiring");
+                    self.health.lease_lost(NoLease::Deleted);
                     self.reclaim(client, "re-acquire").await?;
                     log_held(&self.held, &self.params, "re-acquired");
                 }
