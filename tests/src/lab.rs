@@ -223,11 +223,8 @@ impl SubnetEnv {
 
     /// The host's subnet (FLANNEL_SUBNET with the host bits cleared).
     pub fn subnet(&self) -> (Ipv4Addr, u8) {
-        let mask = u32::MAX
-            .checked_shl(32 - u32::from(self.prefix_len))
-            .unwrap_or(0);
         (
-            Ipv4Addr::from(u32::from(self.gateway) & mask),
+            Ipv4Addr::from(u32::from(self.gateway) & overlay_common::net::mask(self.prefix_len)),
             self.prefix_len,
         )
     }
