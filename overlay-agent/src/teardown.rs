@@ -2,7 +2,8 @@
 //! that forwarding survives restarts and upgrades: the persistent overlay TUN devices
 //! (`flannel0` for udp, `flannel.<VNI>` for vxlan) with their addresses and routes, and the pinned
 //! programs' links and maps under `--bpffs` (removing the last link pin detaches the programs),
-//! and the netfilter chains it installed (forward rules, `--ip-masq`).
+//! the netfilter chains it installed (forward rules, `--ip-masq`; flanneld's chain names, which
+//! the agent adopts, and `OVERLAY-*` of older versions), and the `--ip-blackhole-route` route.
 //!
 //! Every step runs whatever failed before it; every failure is collected and reported, and the
 //! exit status is non-zero if there was any. Running it again when nothing is left is a no-op.
@@ -17,7 +18,10 @@ use rtnetlink::{
     packet_route::{link::LinkAttribute, route::RouteAttribute},
 };
 
-use crate::{dataplane::ebpf::pins::Pins, host::iptables};
+use crate::{
+    dataplane::ebpf::pins::Pins,
+    host::{Netlink, iptables, netlink::BLACKHOLE_METRIC},
+};
 
 /// `overlay-agent teardown` flags (the pin directory is the global `--bpffs`).
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -85,29 +89,25 @@ pub async fn teardown(bpffs: &Path) -> Report {
         ));
     }
     devices(&mut report).await;
+    match Netlink::connect() {
+        Ok(netlink) => blackhole_routes(&netlink, &mut report).await,
+        Err(e) => report
+            .errors
+            .push(format!("{e} (blackhole routes not removed)")),
+    }
     pins(bpffs, &mut report);
     netfilter(&mut report);
     report
 }
 
-/// The agent's iptables chains present, as `table/chain`.
+/// The agent's iptables chains present (flanneld's names, and `OVERLAY-*` of older versions),
+/// as `table/chain`.
 fn overlay_chains() -> Vec<String> {
-    let mut chains = Vec::new();
-    for table in ["filter", "nat"] {
-        let Ok(out) = std::process::Command::new("iptables")
-            .args(["-w", "-t", table, "-S"])
-            .output()
-        else {
-            continue;
-        };
-        chains.extend(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| l.strip_prefix("-N OVERLAY-"))
-                .map(|c| format!("{table}/OVERLAY-{c}")),
-        );
-    }
-    chains
+    iptables::all_chains()
+        .into_iter()
+        .filter(|(table, _, chain)| iptables::chain_exists(table, chain))
+        .map(|(table, _, chain)| format!("{table}/{chain}"))
+        .collect()
 }
 
 fn netfilter(report: &mut Report) {
@@ -125,6 +125,27 @@ fn netfilter(report: &mut Report) {
     report
         .errors
         .extend(errors.into_iter().map(|e| e.to_string()));
+}
+
+/// The `--ip-blackhole-route` routes (recognised by their metric).
+async fn blackhole_routes(netlink: &Netlink, report: &mut Report) {
+    let routes = match netlink.blackhole_routes(BLACKHOLE_METRIC).await {
+        Ok(r) => r,
+        Err(e) => {
+            report
+                .errors
+                .push(format!("{e} (blackhole routes not removed)"));
+            return;
+        }
+    };
+    for (dst, len) in routes {
+        match netlink.delete_blackhole(dst, len, BLACKHOLE_METRIC).await {
+            Ok(()) => report.removed.push(format!(
+                "blackhole route {dst}/{len} (--ip-blackhole-route)"
+            )),
+            Err(e) => report.errors.push(e.to_string()),
+        }
+    }
 }
 
 fn pins(bpffs: &Path, report: &mut Report) {
