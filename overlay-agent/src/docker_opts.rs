@@ -256,8 +256,16 @@ mod tests {
     /// FLANNEL_SUBNET=172.16.21.1/24, FLANNEL_MTU=1472 and FLANNEL_IPMASQ as given (None: no
     /// such line), with the flags given, and $DOCKER_OPTS and $EXTRA set to the third column (or
     /// unset); Err: it wrote nothing, printed that and exited 1.
+    /// FLANNEL_IPMASQ, the flags, $DOCKER_OPTS/$EXTRA, the -d file's content or the error.
+    type Case = (
+        Option<&'static str>,
+        &'static str,
+        Option<&'static str>,
+        Result<&'static str, &'static str>,
+    );
+
     #[rustfmt::skip]
-    const MK_DOCKER_OPTS: &[(Option<&str>, &str, Option<&str>, Result<&str, &str>)] = &[
+    const MK_DOCKER_OPTS: &[Case] = &[
         (Some("true"), "", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\" --bip=172.16.21.1/24 --ip-masq=false --mtu=1472\"\n")),
         (Some("true"), "", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --ip-masq=false --mtu=1472\"\n")),
         (Some("true"), "-i", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\n")),

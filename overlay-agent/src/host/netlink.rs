@@ -417,7 +417,7 @@ impl Netlink {
             })
         });
         oif.map(|oif| RouteLookup { oif, source })
-            .ok_or_else(|| NetlinkError::NoRoute { dst })
+            .ok_or(NetlinkError::NoRoute { dst })
     }
 
     /// The blackhole routes of the main table with metric `metric`, as (network, length).
