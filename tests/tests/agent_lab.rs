@@ -259,6 +259,11 @@ fn forward_drop_policy_and_ip_masq_work_like_flannel() {
     }
 }
 
+/// The lines of `text` that `keep` keeps.
+fn lines_where(text: &str, keep: impl Fn(&str) -> bool) -> Vec<&str> {
+    text.lines().filter(|l| keep(l)).collect()
+}
+
 /// `iptables -t <table> -S` in `ns`.
 fn rules(ns: &overlay_tests::netns::NetNs, table: &str) -> String {
     let out = ns.exec("iptables", &["-w", "-t", table, "-S"]).unwrap();
@@ -319,15 +324,9 @@ fn flanneld_chains_are_adopted_restored_and_turned_off_like_flanneld() {
 
     // h1 holds flanneld's chains, exactly once, with flanneld's rules for this Network only.
     let filter = rules(h1, "filter");
-    let jumps: Vec<&str> = filter
-        .lines()
-        .filter(|l| l.ends_with("-j FLANNEL-FWD"))
-        .collect();
+    let jumps = lines_where(&filter, |l| l.ends_with("-j FLANNEL-FWD"));
     assert_eq!(jumps, [fwd_jump], "{filter}");
-    let chain: Vec<&str> = filter
-        .lines()
-        .filter(|l| l.starts_with("-A FLANNEL-FWD"))
-        .collect();
+    let chain = lines_where(&filter, |l| l.starts_with("-A FLANNEL-FWD"));
     assert_eq!(
         chain,
         [
@@ -338,15 +337,9 @@ fn flanneld_chains_are_adopted_restored_and_turned_off_like_flanneld() {
     );
     assert!(!filter.contains("OVERLAY-"), "{filter}");
     let nat = rules(h1, "nat");
-    let jumps: Vec<&str> = nat
-        .lines()
-        .filter(|l| l.ends_with("-j FLANNEL-POSTRTG"))
-        .collect();
+    let jumps = lines_where(&nat, |l| l.ends_with("-j FLANNEL-POSTRTG"));
     assert_eq!(jumps, [masq_jump], "{nat}");
-    let chain: Vec<&str> = nat
-        .lines()
-        .filter(|l| l.starts_with("-A FLANNEL-POSTRTG"))
-        .collect();
+    let chain = lines_where(&nat, |l| l.starts_with("-A FLANNEL-POSTRTG"));
     assert_eq!(chain.len(), 5, "{nat}");
     assert!(!nat.contains("10.99.0.0/16"), "{nat}");
     assert_eq!(
@@ -371,36 +364,11 @@ fn flanneld_chains_are_adopted_restored_and_turned_off_like_flanneld() {
 
     // Removed behind the agent's back: restored within a resync period or so.
     h1.exec(
-        "iptables",
+        "sh",
         &[
-            "-w",
-            "-D",
-            "FLANNEL-FWD",
-            "-d",
-            "172.16.0.0/12",
-            "-m",
-            "comment",
-            "--comment",
-            "flanneld forward",
-            "-j",
-            "ACCEPT",
-        ],
-    )
-    .unwrap();
-    h1.exec(
-        "iptables",
-        &[
-            "-w",
-            "-t",
-            "nat",
-            "-D",
-            "POSTROUTING",
-            "-m",
-            "comment",
-            "--comment",
-            "flanneld masq",
-            "-j",
-            "FLANNEL-POSTRTG",
+            "-ec",
+            r#"iptables -w -D FLANNEL-FWD -d 172.16.0.0/12 -m comment --comment "flanneld forward" -j ACCEPT
+               iptables -w -t nat -D POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG"#,
         ],
     )
     .unwrap();

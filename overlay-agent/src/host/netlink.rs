@@ -357,6 +357,18 @@ impl Netlink {
             .destination_prefix(dst, prefix_len)
             .output_interface(index)
             .build();
+        self.add_or_replace(route, || {
+            format!("routing {dst}/{prefix_len} to interface {index}")
+        })
+        .await
+    }
+
+    /// Adds `route`, replacing the one with the same key (destination, metric, table).
+    async fn add_or_replace(
+        &self,
+        route: RouteMessage,
+        operation: impl FnOnce() -> String,
+    ) -> Result<(), NetlinkError> {
         self.handle
             .route()
             .add(route)
@@ -364,7 +376,7 @@ impl Netlink {
             .execute()
             .await
             .map_err(|source| NetlinkError::Request {
-                operation: format!("routing {dst}/{prefix_len} to interface {index}"),
+                operation: operation(),
                 source,
             })
     }
@@ -469,17 +481,10 @@ impl Netlink {
         {
             return Ok(false);
         }
-        let route = blackhole(dst, prefix_len, metric);
-        self.handle
-            .route()
-            .add(route)
-            .replace()
-            .execute()
-            .await
-            .map_err(|source| NetlinkError::Request {
-                operation: format!("adding the blackhole route {dst}/{prefix_len}"),
-                source,
-            })?;
+        self.add_or_replace(blackhole(dst, prefix_len, metric), || {
+            format!("adding the blackhole route {dst}/{prefix_len}")
+        })
+        .await?;
         Ok(true)
     }
 
