@@ -8,7 +8,7 @@
 
 use std::{
     ffi::OsString,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     time::Duration,
 };
@@ -100,6 +100,16 @@ pub struct Cli {
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
 
+    /// IPv6 address other hosts reach this one at; accepted, not used yet (the agent is IPv4
+    /// only, and a network config with EnableIPv6 is refused).
+    #[arg(long, env = "FLANNELD_PUBLIC_IPV6")]
+    pub public_ipv6: Option<Ipv6Addr>,
+
+    /// Use the interface of the route to this address (as `ip route get <addr>` shows it), when
+    /// no --iface or --iface-regex matches.
+    #[arg(long, env = "FLANNELD_IFACE_CAN_REACH")]
+    pub iface_can_reach: Option<Ipv4Addr>,
+
     /// Where to write the subnet file that docker's unit reads.
     #[arg(
         long,
@@ -139,29 +149,150 @@ pub struct Cli {
     )]
     pub ip_masq: bool,
 
-    /// Address the health endpoint listens on.
-    #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
-    pub healthz_ip: IpAddr,
-
-    /// Port of the health endpoint (`GET /healthz`); 0 turns it off.
-    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
-    pub healthz_port: u16,
-
-    /// Log verbosity, as glog's -v: 0 info, 1-2 debug, 3 and more trace. RUST_LOG overrides it.
-    #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]
-    pub verbosity: u8,
-
-    /// Accepted for compatibility with glog; logs always go to stderr.
+    /// With --ip-masq, masquerade without --random-fully (flanneld's flag of the same name).
     #[arg(
         long,
-        env = "FLANNELD_LOGTOSTDERR",
+        env = "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = parse_go_bool
+    )]
+    pub ip_masq_fully_random_disable: bool,
+
+    /// Install flanneld's FORWARD accept rules for the Network (chain FLANNEL-FWD); false
+    /// installs none and removes those a previous run left.
+    #[arg(
+        long,
+        env = "FLANNELD_IPTABLES_FORWARD_RULES",
         num_args = 0..=1,
         require_equals = true,
         default_value = "true",
         default_missing_value = "true",
         value_parser = parse_go_bool
     )]
-    pub logtostderr: bool,
+    pub iptables_forward_rules: bool,
+
+    /// Every this many seconds, check the iptables rules (and the --ip-blackhole-route) and
+    /// restore what is missing.
+    #[arg(
+        long,
+        env = "FLANNELD_IPTABLES_RESYNC",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub iptables_resync: u32,
+
+    /// Add a blackhole route for this host's subnet, so traffic to its addresses that no local
+    /// container holds is dropped instead of following a less specific route (flanneld's flag).
+    /// Its metric is the highest, so docker's bridge route for the subnet always wins.
+    #[arg(
+        long,
+        env = "FLANNELD_IP_BLACKHOLE_ROUTE",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = parse_go_bool
+    )]
+    pub ip_blackhole_route: bool,
+
+    /// Address the health endpoint listens on.
+    #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
+    pub healthz_ip: IpAddr,
+
+    /// Port of the health endpoint (`GET /healthz`); 0 turns it off. It answers as flanneld
+    /// does: 200 `flanneld is running` while the agent runs (see --healthz-strict).
+    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
+    pub healthz_port: u16,
+
+    /// Make `/healthz` report the agent's real state instead of flanneld's constant answer:
+    /// 200 `ok` while the lease is held and the datapath is up, else 503 with the reason.
+    #[arg(
+        long,
+        env = "FLANNELD_HEALTHZ_STRICT",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = parse_go_bool
+    )]
+    pub healthz_strict: bool,
+
+    /// Log verbosity, as glog's -v: 0 info, 1-2 debug, 3 and more trace. RUST_LOG overrides it.
+    #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]
+    pub verbosity: u8,
+
+    /// glog's; accepted and ignored: logs always go to stderr.
+    #[arg(
+        long,
+        env = "FLANNELD_LOGTOSTDERR",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = parse_go_bool
+    )]
+    pub logtostderr: Option<bool>,
+
+    /// glog's; accepted and ignored: logs always go to stderr.
+    #[arg(
+        long,
+        env = "FLANNELD_ALSOLOGTOSTDERR",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = parse_go_bool
+    )]
+    pub alsologtostderr: Option<bool>,
+
+    /// glog's; accepted and ignored: no log files are written.
+    #[arg(long = "log_dir", env = "FLANNELD_LOG_DIR")]
+    pub log_dir: Option<String>,
+
+    /// glog's per-file verbosity; accepted and ignored (RUST_LOG gives per-module levels).
+    #[arg(long, env = "FLANNELD_VMODULE")]
+    pub vmodule: Option<String>,
+
+    /// flanneld's; refused: this agent has no Kubernetes subnet manager.
+    #[arg(
+        long,
+        hide = true,
+        env = "FLANNELD_KUBE_SUBNET_MGR",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = parse_go_bool
+    )]
+    pub kube_subnet_mgr: Option<bool>,
+
+    /// flanneld's; refused (Kubernetes only).
+    #[arg(long, hide = true, env = "FLANNELD_KUBE_API_URL")]
+    pub kube_api_url: Option<String>,
+
+    /// flanneld's; refused (Kubernetes only).
+    #[arg(long, hide = true, env = "FLANNELD_KUBE_ANNOTATION_PREFIX")]
+    pub kube_annotation_prefix: Option<String>,
+
+    /// flanneld's; refused (Kubernetes only).
+    #[arg(long, hide = true, env = "FLANNELD_KUBECONFIG_FILE")]
+    pub kubeconfig_file: Option<String>,
+
+    /// flanneld's; refused (Kubernetes only: its net-conf.json replaces etcd's config).
+    #[arg(long, hide = true, env = "FLANNELD_NET_CONFIG_PATH")]
+    pub net_config_path: Option<String>,
+
+    /// flanneld's; refused (Kubernetes only).
+    #[arg(
+        long,
+        hide = true,
+        env = "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = parse_go_bool
+    )]
+    pub set_node_network_unavailable: Option<bool>,
 
     /// Datapath for the udp and vxlan backends (the alloc backend needs none).
     #[arg(long, env = "FLANNELD_DATAPATH", value_enum, default_value_t = DatapathKind::Auto)]
@@ -212,14 +343,15 @@ pub enum Command {
     /// --bpffs. Stop the agent first. Idempotent; lists every failure and exits non-zero on any.
     Teardown(crate::teardown::TeardownArgs),
     /// Write docker's daemon options from subnet.env, as flannel's mk-docker-opts.sh does:
-    /// DOCKER_OPTS="--bip=... --mtu=..." (and --ip-masq=false when FLANNEL_IPMASQ=true).
+    /// DOCKER_OPTS=" --bip=... --ip-masq=... --mtu=...", byte for byte as the script writes it.
     DockerOpts(crate::docker_opts::DockerOptsArgs),
 }
 
 impl Cli {
-    /// Parses the process's arguments, accepting Go-style single-dash long flags.
+    /// Parses the process's arguments, accepting Go-style single-dash long flags; exits with
+    /// status 2 on a bad command line, a refused flanneld flag included.
     pub fn parse_args() -> Self {
-        Self::parse_from(normalize_go_flags(std::env::args_os()))
+        Self::try_parse_args_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
     }
 
     /// Parses `args` (the program name first) as [`Cli::parse_args`] parses the process's, for
@@ -227,7 +359,57 @@ impl Cli {
     pub fn try_parse_args_from(
         args: impl IntoIterator<Item = impl Into<OsString>>,
     ) -> Result<Self, clap::Error> {
-        Self::try_parse_from(normalize_go_flags(args.into_iter().map(Into::into)))
+        let cli = Self::try_parse_from(normalize_go_flags(args.into_iter().map(Into::into)))?;
+        match cli.unsupported() {
+            None => Ok(cli),
+            Some(flag) => Err(clap::Error::raw(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!(
+                    "{flag} is a flanneld flag overlay-agent cannot honour: it has no Kubernetes \
+                     subnet manager and leases subnets from etcd only (--etcd-endpoints, \
+                     --etcd-prefix); remove {flag} (or its FLANNELD_* variable)\n"
+                ),
+            )),
+        }
+    }
+
+    /// The first flanneld flag given that only the Kubernetes subnet manager uses, as it is
+    /// spelled on the command line. `--kube-subnet-mgr=false` asks for etcd, which is what runs.
+    pub fn unsupported(&self) -> Option<&'static str> {
+        [
+            ("--kube-subnet-mgr", self.kube_subnet_mgr == Some(true)),
+            ("--kube-api-url", self.kube_api_url.is_some()),
+            (
+                "--kube-annotation-prefix",
+                self.kube_annotation_prefix.is_some(),
+            ),
+            ("--kubeconfig-file", self.kubeconfig_file.is_some()),
+            ("--net-config-path", self.net_config_path.is_some()),
+            (
+                "--set-node-network-unavailable",
+                self.set_node_network_unavailable.is_some(),
+            ),
+        ]
+        .into_iter()
+        .find_map(|(flag, given)| given.then_some(flag))
+    }
+
+    /// The glog flags given, which the agent ignores, as `--flag=value`.
+    pub fn ignored_glog_flags(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(v) = self.logtostderr {
+            out.push(format!("--logtostderr={v}"));
+        }
+        if let Some(v) = self.alsologtostderr {
+            out.push(format!("--alsologtostderr={v}"));
+        }
+        if let Some(v) = &self.log_dir {
+            out.push(format!("--log_dir={v}"));
+        }
+        if let Some(v) = &self.vmodule {
+            out.push(format!("--vmodule={v}"));
+        }
+        out
     }
 
     /// The tracing filter directive that `-v` asks for.
@@ -277,9 +459,25 @@ const LONG_FLAGS: &[&str] = &[
     "healthz-ip",
     "healthz-port",
     "logtostderr",
+    "alsologtostderr",
+    "log_dir",
+    "vmodule",
     "version",
     "datapath",
     "subnet-lease-ttl",
+    "public-ipv6",
+    "iface-can-reach",
+    "ip-masq-fully-random-disable",
+    "iptables-forward-rules",
+    "iptables-resync",
+    "ip-blackhole-route",
+    "healthz-strict",
+    "kube-subnet-mgr",
+    "kube-api-url",
+    "kube-annotation-prefix",
+    "kubeconfig-file",
+    "net-config-path",
+    "set-node-network-unavailable",
 ];
 
 /// Rewrites `-etcd-endpoints=x` to `--etcd-endpoints=x` for the known long flags, since Go's
@@ -418,6 +616,98 @@ mod tests {
         assert_eq!(o.flannel_env, Some(PathBuf::from("/f.env")));
         assert_eq!(o.docker_env, PathBuf::from("/run/docker_opts.env"));
         assert!(parse(&["frobnicate"]).is_err());
+    }
+
+    #[test]
+    fn every_flanneld_flag_is_accepted() {
+        let c = parse(&[
+            "--iface-can-reach=10.0.0.1",
+            "--public-ipv6=fd00::1",
+            "--iptables-resync=7",
+            "--iptables-forward-rules=false",
+            "--ip-masq-fully-random-disable",
+            "--ip-blackhole-route",
+            "-alsologtostderr",
+            "--log_dir=/var/log/flannel",
+            "-vmodule=main=2",
+            "--logtostderr",
+            "--healthz-strict",
+        ])
+        .unwrap();
+        assert_eq!(c.iface_can_reach, Some(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(c.public_ipv6, Some("fd00::1".parse().unwrap()));
+        assert_eq!(c.iptables_resync, 7);
+        assert!(!c.iptables_forward_rules);
+        assert!(c.ip_masq_fully_random_disable && c.ip_blackhole_route && c.healthz_strict);
+        assert_eq!(
+            c.ignored_glog_flags(),
+            [
+                "--logtostderr=true",
+                "--alsologtostderr=true",
+                "--log_dir=/var/log/flannel",
+                "--vmodule=main=2"
+            ]
+        );
+        let d = parse(&[]).unwrap();
+        assert_eq!(d.iptables_resync, 5);
+        assert!(d.iptables_forward_rules && !d.ip_blackhole_route && !d.healthz_strict);
+        assert!(d.ignored_glog_flags().is_empty());
+        assert!(parse(&["--iptables-resync=0"]).is_err());
+    }
+
+    #[test]
+    fn every_flag_has_its_flanneld_variable() {
+        use clap::CommandFactory as _;
+        let cmd = Cli::command();
+        let mut checked = 0;
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            let want = format!("FLANNELD_{}", long.to_uppercase().replace('-', "_"));
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some(want.as_str()),
+                "--{long}"
+            );
+            checked += 1;
+        }
+        assert!(checked > 30, "{checked}");
+    }
+
+    #[test]
+    fn kubernetes_flags_are_refused_by_name() {
+        fn argv(a: &str) -> [&str; 2] {
+            ["overlay-agent", a]
+        }
+        for (arg, flag) in [
+            ("--kube-subnet-mgr", "--kube-subnet-mgr"),
+            ("-kube-subnet-mgr=true", "--kube-subnet-mgr"),
+            ("--kube-api-url=https://k:6443", "--kube-api-url"),
+            ("--kube-annotation-prefix=x", "--kube-annotation-prefix"),
+            ("--kubeconfig-file=/k", "--kubeconfig-file"),
+            (
+                "--net-config-path=/etc/kube-flannel/net-conf.json",
+                "--net-config-path",
+            ),
+            (
+                "--set-node-network-unavailable=false",
+                "--set-node-network-unavailable",
+            ),
+        ] {
+            let e = Cli::try_parse_args_from(argv(arg)).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{arg}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!(
+                    "{flag} is a flanneld flag overlay-agent cannot honour"
+                )),
+                "{arg}: {msg}"
+            );
+        }
+        // Asking for etcd explicitly is what the agent does.
+        assert!(Cli::try_parse_args_from(argv("--kube-subnet-mgr=false")).is_ok());
     }
 
     #[test]

@@ -2,19 +2,23 @@
 //! dockerd its options through an environment file (`/etc/default/docker`, `$DOCKER_OPTS`)
 //! rather than the drop-in in `deploy/`.
 //!
-//! It behaves as flannel's `mk-docker-opts.sh` does, flags and output alike:
+//! Its output is byte for byte that of flannel's `mk-docker-opts.sh` (v0.20 and later, run by
+//! `/bin/sh`, as its first line says), flags alike:
 //! - `-f FILE` subnet.env to read (default: `--subnet-file`, i.e. `/run/flannel/subnet.env`),
 //!   `-d FILE` file to write (default `/run/docker_opts.env`), `-i` one variable per option
 //!   (`DOCKER_OPT_BIP="--bip=..."`), `-c` the combined variable, `-k KEY` its name (default
 //!   `DOCKER_OPTS`), `-m` never emit `--ip-masq`. Without `-i` and `-c`, both are written.
-//! - Options are emitted in the order of their variable names (BIP, IPMASQ, MTU), as the script's
-//!   `compgen -v` lists them; the combined value is the current value of `$KEY` in the
-//!   environment, a space, then each option followed by a space.
-//! - `--ip-masq=false` is emitted only when `FLANNEL_IPMASQ=true`: then the agent masquerades,
-//!   so docker must not as well. Otherwise no `--ip-masq` is given and docker keeps its default.
+//! - Options come in the order of their variable names (BIP, IPMASQ, MTU), as the script's
+//!   sorted `set` lists them; the combined value is the current value of `$KEY` in the
+//!   environment followed by a space when it is not empty, then a space before each option.
+//! - `FLANNEL_IPMASQ=true` gives docker `--ip-masq=false` (the agent masquerades, so docker
+//!   must not as well), `false` gives `--ip-masq=true`, empty or absent none, and any other
+//!   value is an error that writes nothing (`-m` skips all of it, the check included).
 //!
 //! Unlike the script, a missing or unreadable subnet.env (or one without FLANNEL_SUBNET) is an
-//! error instead of an options file without `--bip`, and the file is replaced atomically.
+//! error instead of an options file without `--bip`, and the file is replaced atomically. The
+//! script's last step, refusing (after writing the file) when a route `via` a gateway already
+//! covers the subnet, is not done.
 
 use std::{
     io::Write as _,
@@ -71,6 +75,9 @@ pub enum DockerOptsError {
         /// The file.
         path: PathBuf,
     },
+    /// FLANNEL_IPMASQ is neither `true` nor `false` (the script's words).
+    #[error("Invalid value of FLANNEL_IPMASQ: {0}")]
+    InvalidIpMasq(String),
     /// -k is not a shell variable name.
     #[error("-k {0:?} is not a valid variable name")]
     BadKey(String),
@@ -124,10 +131,15 @@ pub fn render(
     let subnet = env_value(text, "FLANNEL_SUBNET").ok_or_else(|| DockerOptsError::NoSubnet {
         path: source.to_owned(),
     })?;
-    // In the order of the variable names, as `compgen -v DOCKER_OPT_` lists them.
+    // In the order of the variable names, as the script's sorted `set` lists them.
     let mut opts = vec![("DOCKER_OPT_BIP", format!("--bip={subnet}"))];
-    if env_value(text, "FLANNEL_IPMASQ") == Some("true") && !args.no_ip_masq {
-        opts.push(("DOCKER_OPT_IPMASQ", "--ip-masq=false".to_owned()));
+    if !args.no_ip_masq {
+        match env_value(text, "FLANNEL_IPMASQ") {
+            None => {}
+            Some("true") => opts.push(("DOCKER_OPT_IPMASQ", "--ip-masq=false".to_owned())),
+            Some("false") => opts.push(("DOCKER_OPT_IPMASQ", "--ip-masq=true".to_owned())),
+            Some(other) => return Err(DockerOptsError::InvalidIpMasq(other.to_owned())),
+        }
     }
     if let Some(mtu) = env_value(text, "FLANNEL_MTU") {
         opts.push(("DOCKER_OPT_MTU", format!("--mtu={mtu}")));
@@ -138,13 +150,16 @@ pub fn render(
         (true, true)
     };
     let mut out = String::new();
-    let mut all = format!("{} ", existing.unwrap_or(""));
+    let mut all = match existing {
+        Some(e) if !e.is_empty() => format!("{e} "),
+        _ => String::new(),
+    };
     for (var, val) in &opts {
         if individual {
             out.push_str(&format!("{var}=\"{val}\"\n"));
         }
-        all.push_str(val);
         all.push(' ');
+        all.push_str(val);
     }
     if combined {
         out.push_str(&format!("{}=\"{all}\"\n", args.key));
@@ -220,79 +235,151 @@ mod tests {
         render(text, args, existing, Path::new("subnet.env")).unwrap()
     }
 
+    /// mk-docker-opts.sh's flags as a command line gives them.
+    fn with_flags(flags: &str) -> DockerOptsArgs {
+        let mut a = args();
+        let mut words = flags.split_whitespace();
+        while let Some(w) = words.next() {
+            match w {
+                "-i" => a.individual = true,
+                "-c" => a.combined = true,
+                "-m" => a.no_ip_masq = true,
+                "-k" => a.key = words.next().unwrap().to_owned(),
+                _ => panic!("{w}"),
+            }
+        }
+        a
+    }
+
+    /// What flannel's mk-docker-opts.sh (v0.20.2 = current dist/, run by /bin/sh = dash) wrote
+    /// to its -d file for a subnet.env of FLANNEL_NETWORK=172.16.0.0/12,
+    /// FLANNEL_SUBNET=172.16.21.1/24, FLANNEL_MTU=1472 and FLANNEL_IPMASQ as given (None: no
+    /// such line), with the flags given, and $DOCKER_OPTS and $EXTRA set to the third column (or
+    /// unset); Err: it wrote nothing, printed that and exited 1.
+    /// FLANNEL_IPMASQ, the flags, $DOCKER_OPTS/$EXTRA, the -d file's content or the error.
+    type Case = (
+        Option<&'static str>,
+        &'static str,
+        Option<&'static str>,
+        Result<&'static str, &'static str>,
+    );
+
+    #[rustfmt::skip]
+    const MK_DOCKER_OPTS: &[Case] = &[
+        (Some("true"), "", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\" --bip=172.16.21.1/24 --ip-masq=false --mtu=1472\"\n")),
+        (Some("true"), "", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --ip-masq=false --mtu=1472\"\n")),
+        (Some("true"), "-i", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\n")),
+        (Some("true"), "-i", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\n")),
+        (Some("true"), "-c", None, Ok("DOCKER_OPTS=\" --bip=172.16.21.1/24 --ip-masq=false --mtu=1472\"\n")),
+        (Some("true"), "-c", Some("--debug"), Ok("DOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --ip-masq=false --mtu=1472\"\n")),
+        (Some("true"), "-i -c", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\" --bip=172.16.21.1/24 --ip-masq=false --mtu=1472\"\n")),
+        (Some("true"), "-i -c", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --ip-masq=false --mtu=1472\"\n")),
+        (Some("true"), "-m", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\" --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (Some("true"), "-m", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (Some("true"), "-i -m", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\n")),
+        (Some("true"), "-i -m", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\n")),
+        (Some("true"), "-c -m", None, Ok("DOCKER_OPTS=\" --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (Some("true"), "-c -m", Some("--debug"), Ok("DOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (Some("true"), "-c -k EXTRA", None, Ok("EXTRA=\" --bip=172.16.21.1/24 --ip-masq=false --mtu=1472\"\n")),
+        (Some("true"), "-c -k EXTRA", Some("--debug"), Ok("EXTRA=\"--debug  --bip=172.16.21.1/24 --ip-masq=false --mtu=1472\"\n")),
+        (Some("true"), "-k EXTRA", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nEXTRA=\" --bip=172.16.21.1/24 --ip-masq=false --mtu=1472\"\n")),
+        (Some("true"), "-k EXTRA", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nEXTRA=\"--debug  --bip=172.16.21.1/24 --ip-masq=false --mtu=1472\"\n")),
+        (Some("false"), "", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=true\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\" --bip=172.16.21.1/24 --ip-masq=true --mtu=1472\"\n")),
+        (Some("false"), "", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=true\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --ip-masq=true --mtu=1472\"\n")),
+        (Some("false"), "-i", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=true\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\n")),
+        (Some("false"), "-i", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=true\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\n")),
+        (Some("false"), "-c", None, Ok("DOCKER_OPTS=\" --bip=172.16.21.1/24 --ip-masq=true --mtu=1472\"\n")),
+        (Some("false"), "-c", Some("--debug"), Ok("DOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --ip-masq=true --mtu=1472\"\n")),
+        (Some("false"), "-i -c", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=true\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\" --bip=172.16.21.1/24 --ip-masq=true --mtu=1472\"\n")),
+        (Some("false"), "-i -c", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=true\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --ip-masq=true --mtu=1472\"\n")),
+        (Some("false"), "-m", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\" --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (Some("false"), "-m", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (Some("false"), "-i -m", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\n")),
+        (Some("false"), "-i -m", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\n")),
+        (Some("false"), "-c -m", None, Ok("DOCKER_OPTS=\" --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (Some("false"), "-c -m", Some("--debug"), Ok("DOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (Some("false"), "-c -k EXTRA", None, Ok("EXTRA=\" --bip=172.16.21.1/24 --ip-masq=true --mtu=1472\"\n")),
+        (Some("false"), "-c -k EXTRA", Some("--debug"), Ok("EXTRA=\"--debug  --bip=172.16.21.1/24 --ip-masq=true --mtu=1472\"\n")),
+        (Some("false"), "-k EXTRA", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=true\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nEXTRA=\" --bip=172.16.21.1/24 --ip-masq=true --mtu=1472\"\n")),
+        (Some("false"), "-k EXTRA", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=true\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nEXTRA=\"--debug  --bip=172.16.21.1/24 --ip-masq=true --mtu=1472\"\n")),
+        (Some("bogus"), "", None, Err("Invalid value of FLANNEL_IPMASQ: bogus")),
+        (Some("bogus"), "", Some("--debug"), Err("Invalid value of FLANNEL_IPMASQ: bogus")),
+        (Some("bogus"), "-i", None, Err("Invalid value of FLANNEL_IPMASQ: bogus")),
+        (Some("bogus"), "-i", Some("--debug"), Err("Invalid value of FLANNEL_IPMASQ: bogus")),
+        (Some("bogus"), "-c", None, Err("Invalid value of FLANNEL_IPMASQ: bogus")),
+        (Some("bogus"), "-c", Some("--debug"), Err("Invalid value of FLANNEL_IPMASQ: bogus")),
+        (Some("bogus"), "-i -c", None, Err("Invalid value of FLANNEL_IPMASQ: bogus")),
+        (Some("bogus"), "-i -c", Some("--debug"), Err("Invalid value of FLANNEL_IPMASQ: bogus")),
+        (Some("bogus"), "-m", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\" --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (Some("bogus"), "-m", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (Some("bogus"), "-i -m", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\n")),
+        (Some("bogus"), "-i -m", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\n")),
+        (Some("bogus"), "-c -m", None, Ok("DOCKER_OPTS=\" --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (Some("bogus"), "-c -m", Some("--debug"), Ok("DOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (Some("bogus"), "-c -k EXTRA", None, Err("Invalid value of FLANNEL_IPMASQ: bogus")),
+        (Some("bogus"), "-c -k EXTRA", Some("--debug"), Err("Invalid value of FLANNEL_IPMASQ: bogus")),
+        (Some("bogus"), "-k EXTRA", None, Err("Invalid value of FLANNEL_IPMASQ: bogus")),
+        (Some("bogus"), "-k EXTRA", Some("--debug"), Err("Invalid value of FLANNEL_IPMASQ: bogus")),
+        (None, "", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\" --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (None, "", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (None, "-i", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\n")),
+        (None, "-i", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\n")),
+        (None, "-c", None, Ok("DOCKER_OPTS=\" --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (None, "-c", Some("--debug"), Ok("DOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (None, "-i -c", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\" --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (None, "-i -c", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (None, "-m", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\" --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (None, "-m", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (None, "-i -m", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\n")),
+        (None, "-i -m", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\n")),
+        (None, "-c -m", None, Ok("DOCKER_OPTS=\" --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (None, "-c -m", Some("--debug"), Ok("DOCKER_OPTS=\"--debug  --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (None, "-c -k EXTRA", None, Ok("EXTRA=\" --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (None, "-c -k EXTRA", Some("--debug"), Ok("EXTRA=\"--debug  --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (None, "-k EXTRA", None, Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nEXTRA=\" --bip=172.16.21.1/24 --mtu=1472\"\n")),
+        (None, "-k EXTRA", Some("--debug"), Ok("DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nEXTRA=\"--debug  --bip=172.16.21.1/24 --mtu=1472\"\n")),
+    ];
+
     #[test]
-    fn default_writes_individual_and_combined_like_mk_docker_opts() {
-        assert_eq!(
-            render_ok(ARTICLE, &args(), None),
-            "DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\n\
-             DOCKER_OPT_MTU=\"--mtu=1472\"\n\
-             DOCKER_OPTS=\" --bip=172.16.21.1/24 --mtu=1472 \"\n"
-        );
+    fn byte_identical_to_mk_docker_opts() {
+        for &(ipmasq, flags, existing, expected) in MK_DOCKER_OPTS {
+            let mut text = "FLANNEL_NETWORK=172.16.0.0/12\nFLANNEL_SUBNET=172.16.21.1/24\n\
+                            FLANNEL_MTU=1472\n"
+                .to_owned();
+            if let Some(v) = ipmasq {
+                text.push_str(&format!("FLANNEL_IPMASQ={v}\n"));
+            }
+            let got = render(&text, &with_flags(flags), existing, Path::new("s.env"))
+                .map_err(|e| e.to_string());
+            let case = format!("FLANNEL_IPMASQ={ipmasq:?} flags {flags:?} existing {existing:?}");
+            assert_eq!(
+                got.as_deref(),
+                expected.map_err(str::to_owned).as_deref(),
+                "{case}"
+            );
+        }
+        assert_eq!(MK_DOCKER_OPTS.len(), 72);
     }
 
     #[test]
-    fn ip_masq_true_turns_docker_masquerading_off() {
-        let text = ARTICLE.replace("FLANNEL_IPMASQ=false", "FLANNEL_IPMASQ=true");
-        let a = DockerOptsArgs {
-            combined: true,
-            ..args()
-        };
+    fn quoted_and_empty_values_and_errors() {
+        // Values as the shell's `.` reads them; an empty FLANNEL_IPMASQ gives no --ip-masq.
+        let quoted = "FLANNEL_SUBNET=\"10.1.2.1/24\"\nFLANNEL_MTU='1450'\nFLANNEL_IPMASQ=\n";
         assert_eq!(
-            render_ok(&text, &a, None),
-            "DOCKER_OPTS=\" --bip=172.16.21.1/24 --ip-masq=false --mtu=1472 \"\n"
-        );
-        let m = DockerOptsArgs {
-            no_ip_masq: true,
-            ..a
-        };
-        assert_eq!(
-            render_ok(&text, &m, None),
-            "DOCKER_OPTS=\" --bip=172.16.21.1/24 --mtu=1472 \"\n"
-        );
-    }
-
-    #[test]
-    fn key_and_existing_value_and_individual_only() {
-        let a = DockerOptsArgs {
-            combined: true,
-            key: "EXTRA".into(),
-            ..args()
-        };
-        assert_eq!(
-            render_ok(ARTICLE, &a, Some("--debug")),
-            "EXTRA=\"--debug --bip=172.16.21.1/24 --mtu=1472 \"\n"
-        );
-        let i = DockerOptsArgs {
-            individual: true,
-            ..args()
-        };
-        assert_eq!(
-            render_ok(ARTICLE, &i, None),
-            "DOCKER_OPT_BIP=\"--bip=172.16.21.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\n"
-        );
-    }
-
-    #[test]
-    fn quoted_values_and_errors() {
-        let quoted = "FLANNEL_SUBNET=\"10.1.2.1/24\"\nFLANNEL_MTU='1450'\n";
-        let a = DockerOptsArgs {
-            combined: true,
-            ..args()
-        };
-        assert_eq!(
-            render_ok(quoted, &a, None),
-            "DOCKER_OPTS=\" --bip=10.1.2.1/24 --mtu=1450 \"\n"
+            render_ok(quoted, &with_flags("-c"), None),
+            "DOCKER_OPTS=\" --bip=10.1.2.1/24 --mtu=1450\"\n"
         );
         assert!(matches!(
-            render("FLANNEL_MTU=1472\n", &a, None, Path::new("x")),
+            render(
+                "FLANNEL_MTU=1472\n",
+                &with_flags("-c"),
+                None,
+                Path::new("x")
+            ),
             Err(DockerOptsError::NoSubnet { .. })
         ));
-        let bad = DockerOptsArgs {
-            key: "1X".into(),
-            ..a
-        };
         assert!(matches!(
-            render(ARTICLE, &bad, None, Path::new("x")),
+            render(ARTICLE, &with_flags("-k 1X"), None, Path::new("x")),
             Err(DockerOptsError::BadKey(_))
         ));
     }
@@ -305,12 +392,14 @@ mod tests {
         std::fs::write(&subnet, ARTICLE).unwrap();
         let a = DockerOptsArgs {
             docker_env: dir.join("docker_opts.env"),
-            combined: true,
-            ..args()
+            ..with_flags("-c -k OVERLAY_TEST_UNSET_KEY")
         };
         write(&a, &subnet).unwrap();
         let written = std::fs::read_to_string(dir.join("docker_opts.env")).unwrap();
-        assert!(written.starts_with("DOCKER_OPTS=\" --bip=172.16.21.1/24"));
+        assert_eq!(
+            written,
+            "OVERLAY_TEST_UNSET_KEY=\" --bip=172.16.21.1/24 --ip-masq=true --mtu=1472\"\n"
+        );
         let mode = std::fs::metadata(dir.join("docker_opts.env"))
             .unwrap()
             .permissions()
@@ -320,6 +409,16 @@ mod tests {
             write(&a, &dir.join("missing.env")),
             Err(DockerOptsError::Read { .. })
         ));
+        // An invalid FLANNEL_IPMASQ leaves the previous file as it was, as the script does.
+        std::fs::write(&subnet, ARTICLE.replace("=false", "=yes")).unwrap();
+        assert!(matches!(
+            write(&a, &subnet),
+            Err(DockerOptsError::InvalidIpMasq(v)) if v == "yes"
+        ));
+        assert_eq!(
+            std::fs::read_to_string(dir.join("docker_opts.env")).unwrap(),
+            written
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

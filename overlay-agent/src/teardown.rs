@@ -2,7 +2,8 @@
 //! that forwarding survives restarts and upgrades: the persistent overlay TUN devices
 //! (`flannel0` for udp, `flannel.<VNI>` for vxlan) with their addresses and routes, and the pinned
 //! programs' links and maps under `--bpffs` (removing the last link pin detaches the programs),
-//! and the netfilter chains it installed (forward rules, `--ip-masq`).
+//! the netfilter chains it installed (forward rules, `--ip-masq`; flanneld's chain names, which
+//! the agent adopts, and `OVERLAY-*` of older versions), and the `--ip-blackhole-route` route.
 //!
 //! Every step runs whatever failed before it; every failure is collected and reported, and the
 //! exit status is non-zero if there was any. Running it again when nothing is left is a no-op.
@@ -11,7 +12,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{dataplane::ebpf::pins::Pins, host::iptables};
+use crate::{
+    dataplane::ebpf::pins::Pins,
+    host::{Netlink, iptables, netlink::BLACKHOLE_METRIC},
+};
 
 /// `overlay-agent teardown` flags (the pin directory is the global `--bpffs`).
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -33,6 +37,9 @@ pub enum TeardownError {
     /// An overlay device could not be removed.
     #[error(transparent)]
     Device(#[from] crate::host::overlay::RemoveDevicesError),
+    /// A netlink request failed (the `--ip-blackhole-route` routes were not removed).
+    #[error("{0} (blackhole routes not removed)")]
+    Netlink(#[source] crate::host::NetlinkError),
     /// The pin directory could not be looked at.
     #[error("looking at {path}: {source}")]
     Bpffs {
@@ -93,29 +100,23 @@ pub async fn teardown(bpffs: &Path) -> Report {
         report.errors.push(TeardownError::AgentRunning { pid });
     }
     devices(&mut report).await;
+    match Netlink::connect() {
+        Ok(netlink) => blackhole_routes(&netlink, &mut report).await,
+        Err(e) => report.errors.push(TeardownError::Netlink(e)),
+    }
     pins(bpffs, &mut report);
     netfilter(&mut report);
     report
 }
 
-/// The agent's iptables chains present, as `table/chain`.
+/// The agent's iptables chains present (flanneld's names, and `OVERLAY-*` of older versions),
+/// as `table/chain`.
 fn overlay_chains() -> Vec<String> {
-    let mut chains = Vec::new();
-    for table in ["filter", "nat"] {
-        let Ok(out) = std::process::Command::new("iptables")
-            .args(["-w", "-t", table, "-S"])
-            .output()
-        else {
-            continue;
-        };
-        chains.extend(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| l.strip_prefix("-N OVERLAY-"))
-                .map(|c| format!("{table}/OVERLAY-{c}")),
-        );
-    }
-    chains
+    iptables::all_chains()
+        .into_iter()
+        .filter(|(table, _, chain)| iptables::chain_exists(table, chain))
+        .map(|(table, _, chain)| format!("{table}/{chain}"))
+        .collect()
 }
 
 fn netfilter(report: &mut Report) {
@@ -133,6 +134,25 @@ fn netfilter(report: &mut Report) {
     report
         .errors
         .extend(errors.into_iter().map(TeardownError::from));
+}
+
+/// The `--ip-blackhole-route` routes (recognised by their metric).
+async fn blackhole_routes(netlink: &Netlink, report: &mut Report) {
+    let routes = match netlink.blackhole_routes(BLACKHOLE_METRIC).await {
+        Ok(r) => r,
+        Err(e) => {
+            report.errors.push(TeardownError::Netlink(e));
+            return;
+        }
+    };
+    for (dst, len) in routes {
+        match netlink.delete_blackhole(dst, len, BLACKHOLE_METRIC).await {
+            Ok(()) => report.removed.push(format!(
+                "blackhole route {dst}/{len} (--ip-blackhole-route)"
+            )),
+            Err(e) => report.errors.push(TeardownError::Netlink(e)),
+        }
+    }
 }
 
 fn pins(bpffs: &Path, report: &mut Report) {

@@ -246,20 +246,190 @@ fn forward_drop_policy_and_ip_masq_work_like_flannel() {
     // request gets an answer.
     c.ping(0, cluster_switch_ip(), 2)
         .expect("container -> outside the Network, masqueraded");
-    // Each agent installed flanneld's masquerading rules.
+    // Each agent installed flanneld's masquerading rules, in flanneld's chain.
     for (i, host) in c.lab.hosts.iter().enumerate() {
-        let nat = host
-            .ns
-            .exec("iptables", &["-w", "-t", "nat", "-S"])
-            .unwrap();
-        let nat = String::from_utf8_lossy(&nat.stdout).into_owned();
+        let nat = rules(&host.ns, "nat");
         assert!(
             nat.lines()
-                .any(|l| l.starts_with("-A OVERLAY-POSTRTG") && l.contains("MASQUERADE")),
+                .any(|l| l.starts_with("-A FLANNEL-POSTRTG")
+                    && l.contains("MASQUERADE --random-fully")),
             "h{}'s nat table: {nat}",
             i + 1
         );
     }
+}
+
+/// The lines of `text` that `keep` keeps.
+fn lines_where(text: &str, keep: impl Fn(&str) -> bool) -> Vec<&str> {
+    text.lines().filter(|l| keep(l)).collect()
+}
+
+/// `iptables -t <table> -S` in `ns`.
+fn rules(ns: &overlay_tests::netns::NetNs, table: &str) -> String {
+    let out = ns.exec("iptables", &["-w", "-t", table, "-S"]).unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits for `ok` to hold, asking again on each change of state the agent makes (every resync
+/// period here); panics with `what` and the last state after `within`.
+fn wait_for(within: Duration, what: &str, mut ok: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + within;
+    loop {
+        match ok() {
+            Ok(()) => return,
+            Err(state) if Instant::now() > deadline => panic!("{what}: {state}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn flanneld_chains_are_adopted_restored_and_turned_off_like_flanneld() {
+    let tmp = TempDir::new("agents-chains").unwrap();
+    let mut c = cluster("ovt-fc", 2, "udp", &tmp);
+    let fwd_jump = r#"-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD"#;
+    let masq_jump = r#"-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG"#;
+    // What flanneld (twice started, with another Network) and an older agent left on both hosts.
+    for host in &c.lab.hosts {
+        let sh = |script: &str| {
+            host.ns.exec("sh", &["-ec", script]).unwrap();
+        };
+        sh(r#"iptables -w -N FLANNEL-FWD
+              iptables -w -A FLANNEL-FWD -s 10.99.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT
+              iptables -w -I FORWARD 1 -m comment --comment "flanneld forward" -j FLANNEL-FWD
+              iptables -w -A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD
+              iptables -w -t nat -N FLANNEL-POSTRTG
+              iptables -w -t nat -A FLANNEL-POSTRTG -s 10.99.0.0/16 -j MASQUERADE
+              iptables -w -t nat -I POSTROUTING 1 -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+              iptables -w -N OVERLAY-FWD
+              iptables -w -A OVERLAY-FWD -s 172.16.0.0/12 -j ACCEPT
+              iptables -w -I FORWARD 1 -j OVERLAY-FWD"#);
+    }
+    let a1 = c.agent_args(
+        0,
+        &[
+            "--datapath=ebpf",
+            "--ip-masq",
+            "--ip-masq-fully-random-disable",
+            "--ip-blackhole-route",
+            "--iptables-resync=1",
+        ],
+    );
+    c.start_agent(0, a1).unwrap();
+    let a2 = c.agent_args(1, &["--datapath=ebpf", "--iptables-forward-rules=false"]);
+    c.start_agent(1, a2).unwrap();
+    let env = c.wait_subnet_env(0, Duration::from_secs(30)).unwrap();
+    c.wait_subnet_env(1, Duration::from_secs(30)).unwrap();
+    let (sub, len) = env.subnet();
+    let h1 = &c.lab.hosts[0].ns;
+
+    // h1 holds flanneld's chains, exactly once, with flanneld's rules for this Network only.
+    let filter = rules(h1, "filter");
+    let jumps = lines_where(&filter, |l| l.ends_with("-j FLANNEL-FWD"));
+    assert_eq!(jumps, [fwd_jump], "{filter}");
+    let chain = lines_where(&filter, |l| l.starts_with("-A FLANNEL-FWD"));
+    assert_eq!(
+        chain,
+        [
+            r#"-A FLANNEL-FWD -s 172.16.0.0/12 -m comment --comment "flanneld forward" -j ACCEPT"#,
+            r#"-A FLANNEL-FWD -d 172.16.0.0/12 -m comment --comment "flanneld forward" -j ACCEPT"#,
+        ],
+        "{filter}"
+    );
+    assert!(!filter.contains("OVERLAY-"), "{filter}");
+    let nat = rules(h1, "nat");
+    let jumps = lines_where(&nat, |l| l.ends_with("-j FLANNEL-POSTRTG"));
+    assert_eq!(jumps, [masq_jump], "{nat}");
+    let chain = lines_where(&nat, |l| l.starts_with("-A FLANNEL-POSTRTG"));
+    assert_eq!(chain.len(), 5, "{nat}");
+    assert!(!nat.contains("10.99.0.0/16"), "{nat}");
+    assert_eq!(
+        chain.iter().filter(|l| l.contains("-j MASQUERADE")).count(),
+        2,
+        "{nat}"
+    );
+    assert!(!nat.contains("--random-fully"), "{nat}");
+    let blackhole = format!("blackhole {sub}/{len} ");
+    let has_blackhole = |routes: &str| {
+        routes
+            .lines()
+            .any(|l| l.starts_with(&blackhole) && l.trim_end().ends_with(" metric 4294967295"))
+    };
+    let blackholes = || {
+        let out = h1
+            .ip(&["-4", "route", "show", "type", "blackhole"])
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(has_blackhole(&blackholes()), "{}", blackholes());
+
+    // Removed behind the agent's back: restored within a resync period or so.
+    h1.exec(
+        "sh",
+        &[
+            "-ec",
+            r#"iptables -w -D FLANNEL-FWD -d 172.16.0.0/12 -m comment --comment "flanneld forward" -j ACCEPT
+               iptables -w -t nat -D POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG"#,
+        ],
+    )
+    .unwrap();
+    h1.ip(&[
+        "route",
+        "del",
+        "blackhole",
+        &format!("{sub}/{len}"),
+        "metric",
+        "4294967295",
+    ])
+    .unwrap();
+    wait_for(Duration::from_secs(20), "rules and route restored", || {
+        let (filter, nat, routes) = (rules(h1, "filter"), rules(h1, "nat"), blackholes());
+        let restored = filter.contains(
+            r#"-A FLANNEL-FWD -d 172.16.0.0/12 -m comment --comment "flanneld forward" -j ACCEPT"#,
+        ) && nat.lines().filter(|l| *l == masq_jump).count() == 1
+            && has_blackhole(&routes);
+        if restored {
+            Ok(())
+        } else {
+            Err(format!("{filter}\n{nat}\n{routes}"))
+        }
+    });
+    let filter = rules(h1, "filter");
+    assert_eq!(
+        filter
+            .lines()
+            .filter(|l| l.starts_with("-A FLANNEL-FWD"))
+            .count(),
+        2,
+        "{filter}"
+    );
+    assert_eq!(
+        filter.lines().filter(|l| *l == fwd_jump).count(),
+        1,
+        "{filter}"
+    );
+    assert!(
+        c.agents[0].log_text().contains("restored"),
+        "{}",
+        c.agents[0].log_text()
+    );
+
+    // h2 (--iptables-forward-rules=false, no --ip-masq): no chain of flanneld's or ours left.
+    let h2 = &c.lab.hosts[1].ns;
+    for table in ["filter", "nat"] {
+        let r = rules(h2, table);
+        assert!(
+            !r.contains("FLANNEL-") && !r.contains("OVERLAY-"),
+            "h2 {table}: {r}"
+        );
+    }
+    let out = h2
+        .ip(&["-4", "route", "show", "type", "blackhole"])
+        .unwrap();
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 fn cluster_switch_ip() -> Ipv4Addr {
@@ -314,5 +484,6 @@ overlay_tests::test_main!(
     root peer_removed_and_added_in_etcd_takes_effect,
     root agent_killed_and_restarted_loses_no_ping,
     root forward_drop_policy_and_ip_masq_work_like_flannel,
+    root flanneld_chains_are_adopted_restored_and_turned_off_like_flanneld,
     root a_vxlan_device_left_by_flanneld_is_reported_not_clobbered,
 );

@@ -672,7 +672,12 @@ fn the_articles_command_line_starts_the_agent() {
             &format!("/flannel/subnets/{net}-{len}"),
         ])
         .unwrap();
-    assert!(value.contains("\"BackendType\":\"udp\""), "{value}");
+    // Byte for byte what flanneld's udp backend writes: no BackendType, no BackendData.
+    let public_ip = &cluster.lab.hosts[0].underlay_ip;
+    assert_eq!(
+        value.trim_end(),
+        format!(r#"{{"PublicIP":"{public_ip}","PublicIPv6":null}}"#)
+    );
     // As in the article: flannel0 holds the lease's network address with the Network's length.
     let flannel0 = cluster.lab.hosts[0]
         .ns
@@ -729,6 +734,49 @@ fn flanneld_environment_variables_configure_the_agent() {
     assert_eq!(granted, 45);
 }
 
+fn healthz_answers_as_flanneld_by_default() {
+    let etcd = Etcd::start().unwrap();
+    let tmp = TempDir::new("healthz").unwrap();
+    let port = free_port();
+    let a = with(
+        args(&etcd, "/hz", tmp.path(), "a", "127.0.10.5"),
+        &[&format!("--healthz-port={port}"), "--healthz-ip=127.0.0.1"],
+    );
+    let agent = Agent::spawn(tmp.path(), "a", &a, &[]).unwrap();
+    assert!(
+        agent.wait_log("serving /healthz", 10 * SECOND),
+        "{}",
+        agent.log_text()
+    );
+    // Even while it waits for the network config: flanneld's answer means "the process runs".
+    let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let (code, body) = overlay_tests::cluster::healthz(addr).unwrap();
+    assert_eq!((code, body.as_str()), (200, "flanneld is running"));
+}
+
+fn kubernetes_flags_are_refused_by_name_with_status_2() {
+    for (arg, env) in [
+        (Some("--kube-subnet-mgr"), None),
+        (None, Some(("FLANNELD_KUBECONFIG_FILE", "/etc/kubeconfig"))),
+    ] {
+        let mut cmd = std::process::Command::new(overlay_tests::etcd::agent_binary());
+        cmd.args(arg);
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let flag = arg.unwrap_or("--kubeconfig-file");
+        assert!(
+            stderr.contains(&format!(
+                "{flag} is a flanneld flag overlay-agent cannot honour"
+            )),
+            "{stderr}"
+        );
+    }
+}
+
 fn missing_config_is_awaited_and_invalid_config_is_one_clear_error() {
     let etcd = Etcd::start().unwrap();
     let tmp = TempDir::new("config").unwrap();
@@ -741,6 +789,7 @@ fn missing_config_is_awaited_and_invalid_config_is_one_clear_error() {
         &[
             &format!("--healthz-port={healthz}"),
             "--healthz-ip=127.0.0.1",
+            "--healthz-strict",
         ],
     );
     let sock_s = sock_path.display().to_string();
@@ -844,5 +893,7 @@ overlay_tests::test_main!(
     root the_articles_command_line_starts_the_agent,
     plain flanneld_environment_variables_configure_the_agent,
     plain missing_config_is_awaited_and_invalid_config_is_one_clear_error,
+    plain healthz_answers_as_flanneld_by_default,
+    plain kubernetes_flags_are_refused_by_name_with_status_2,
     plain an_agent_started_before_etcd_retries_until_etcd_is_up,
 );

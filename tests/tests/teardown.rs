@@ -49,7 +49,8 @@ fn teardown_removes_what_the_agent_left(backend: &str, device: &str) {
         tmp.path(),
     )
     .unwrap();
-    c.start_all(&["--datapath=ebpf", "--ip-masq"]).unwrap();
+    c.start_all(&["--datapath=ebpf", "--ip-masq", "--ip-blackhole-route"])
+        .unwrap();
     assert!(c.ping_matrix().is_empty(), "the lab works before teardown");
     let pins = c.bpffs.path().join("h1");
     let h1 = &c.lab.hosts[0].ns;
@@ -81,6 +82,27 @@ fn teardown_removes_what_the_agent_left(backend: &str, device: &str) {
         .collect();
     assert!(!links.is_empty(), "no pinned links");
     assert!(links.iter().all(|id| link_exists(id)));
+    // What an older agent version installed: its OVERLAY-* chain goes too.
+    h1.exec(
+        "sh",
+        &[
+            "-ec",
+            "iptables -w -N OVERLAY-FWD; iptables -w -A OVERLAY-FWD -s 172.16.0.0/12 -j ACCEPT; \
+             iptables -w -I FORWARD 1 -j OVERLAY-FWD",
+        ],
+    )
+    .unwrap();
+    let blackholes = || {
+        let out = h1
+            .ip(&["-4", "route", "show", "type", "blackhole"])
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        blackholes().contains("metric 4294967295"),
+        "{}",
+        blackholes()
+    );
 
     let out = teardown(h1, &pins);
     assert!(out.status.success(), "{}", text(&out));
@@ -103,8 +125,13 @@ fn teardown_removes_what_the_agent_left(backend: &str, device: &str) {
     for table in ["filter", "nat"] {
         let rules = h1.exec("iptables", &["-w", "-t", table, "-S"]).unwrap();
         let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
-        assert!(!rules.contains("OVERLAY-"), "{table} rules left: {rules}");
+        assert!(
+            !rules.contains("OVERLAY-") && !rules.contains("FLANNEL-"),
+            "{table} rules left: {rules}"
+        );
     }
+    assert!(stdout.contains("removed blackhole route"), "{}", text(&out));
+    assert_eq!(blackholes(), "", "blackhole route left");
     for id in &links {
         assert!(
             !link_exists(id),

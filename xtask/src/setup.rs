@@ -200,12 +200,16 @@ pub const REQUIREMENTS: &[Requirement] = &[
         &["bpftool"],
         &["version"],
     ),
-    Requirement::debian_tool(
-        "iptables (the agent's forward and --ip-masq rules, as flanneld's)",
-        &["iptables"],
-        &["iptables"],
-        &["--version"],
-    ),
+    Requirement {
+        what: "iptables and iptables-restore (the agent's FLANNEL-FWD and --ip-masq rules, \
+               as flanneld's, each table written in one iptables-restore)",
+        programs: &["iptables", "iptables-restore"],
+        source: Source::Debian(&["iptables"]),
+        proof: Proof::Check(|_| {
+            runs("iptables", &["--version"])?;
+            runs("iptables-restore", &["--version"]).map(|_| ())
+        }),
+    },
     Requirement::debian_tool(
         "setpriv (agents under the unit's capability set)",
         &["setpriv"],

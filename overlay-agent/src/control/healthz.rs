@@ -1,5 +1,8 @@
-//! `GET /healthz`: 200 when the lease is held and the datapath is up, else 503 with a one-line
-//! reason. A tiny HTTP/1.0-style responder: one request per connection, no dependency.
+//! `GET /healthz`. By default it answers as flanneld does, 200 with the body
+//! `flanneld is running` whenever the agent runs, so monitoring written for flanneld keeps
+//! working. With `--healthz-strict` ([`Answer::Strict`]) it tells the truth instead: 200 `ok`
+//! when the lease is held and the datapath is up, else 503 with a one-line reason.
+//! A tiny HTTP/1.0-style responder: one request per connection, no dependency.
 
 use std::{
     net::SocketAddr,
@@ -103,13 +106,36 @@ impl Health {
     }
 }
 
+/// What `/healthz` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// flanneld's: always 200 `flanneld is running`.
+    Flanneld,
+    /// The agent's state: 200 `ok`, or 503 with the reason.
+    Strict,
+}
+
+/// flanneld's body, byte for byte (no newline).
+pub const FLANNELD_BODY: &str = "flanneld is running";
+
+impl Answer {
+    /// The status line and body for the current `health`.
+    pub fn respond(self, health: &Health) -> (&'static str, String) {
+        match (self, health.reason()) {
+            (Answer::Flanneld, _) => ("200 OK", FLANNELD_BODY.to_owned()),
+            (Answer::Strict, None) => ("200 OK", "ok\n".to_owned()),
+            (Answer::Strict, Some(r)) => ("503 Service Unavailable", format!("{r}\n")),
+        }
+    }
+}
+
 /// Binds the endpoint; the returned listener is served by [`serve`].
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
 /// Serves `/healthz` until the task is dropped.
-pub async fn serve(listener: TcpListener, health: Health) {
+pub async fn serve(listener: TcpListener, health: Health, answer: Answer) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
             continue;
@@ -131,10 +157,7 @@ pub async fn serve(listener: TcpListener, health: Health) {
             let line = String::from_utf8_lossy(&buf[..len]);
             let mut parts = line.split_whitespace();
             let (status, body) = match (parts.next(), parts.next()) {
-                (Some("GET"), Some("/healthz")) => match health.reason() {
-                    None => ("200 OK", "ok\n".to_owned()),
-                    Some(r) => ("503 Service Unavailable", format!("{r}\n")),
-                },
+                (Some("GET"), Some("/healthz")) => answer.respond(&health),
                 (Some("GET"), Some(_)) => ("404 Not Found", "not found\n".to_owned()),
                 _ => ("400 Bad Request", "bad request\n".to_owned()),
             };
@@ -146,5 +169,30 @@ pub async fn serve(listener: TcpListener, health: Health) {
             let _ = conn.write_all(resp.as_bytes()).await;
             let _ = conn.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flanneld_answer_by_default_and_the_truth_when_strict() {
+        let h = Health::new();
+        assert_eq!(
+            Answer::Flanneld.respond(&h),
+            ("200 OK", "flanneld is running".to_owned())
+        );
+        assert_eq!(
+            Answer::Strict.respond(&h),
+            (
+                "503 Service Unavailable",
+                "waiting for etcd and the network config\n".to_owned()
+            )
+        );
+        h.lease_held(Instant::now() + Duration::from_secs(3600));
+        h.datapath(Ok(()));
+        assert_eq!(Answer::Strict.respond(&h), ("200 OK", "ok\n".to_owned()));
+        assert_eq!(Answer::Flanneld.respond(&h).1, FLANNELD_BODY);
     }
 }

@@ -81,12 +81,27 @@ pub struct LeaseAttrs {
     /// flannel's shape.
     #[serde(rename = "PublicIPv6", default)]
     pub public_ipv6: Option<String>,
-    /// `udp`, `vxlan`, `alloc`, ...
-    #[serde(rename = "BackendType", default)]
+    /// `udp`, `vxlan`, `alloc`, ... Not written for udp, as flanneld's udp backend writes none
+    /// (and every reader, flanneld's and ours, takes a missing one for udp); empty when absent.
+    #[serde(
+        rename = "BackendType",
+        default,
+        skip_serializing_if = "is_implicit_udp"
+    )]
     pub backend_type: String,
-    /// Backend specifics, e.g. vxlan's `{"VNI":1,"VtepMAC":"..."}`; null for udp and alloc.
-    #[serde(rename = "BackendData", default)]
+    /// Backend specifics, e.g. vxlan's `{"VNI":1,"VtepMAC":"..."}`; none for udp and alloc,
+    /// and then not written (flanneld's field is `omitempty`).
+    #[serde(
+        rename = "BackendData",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub backend_data: Option<serde_json::Value>,
+}
+
+/// Whether `BackendType` says udp in the way flanneld's udp leases do: by being absent.
+fn is_implicit_udp(backend_type: &String) -> bool {
+    backend_type.is_empty() || backend_type == "udp"
 }
 
 impl LeaseAttrs {
@@ -520,6 +535,32 @@ mod tests {
         let r = LeaseAttrs::from_json(br#"{"PublicIP":"10.0.0.7"}"#).unwrap();
         assert_eq!(r.public_ip, Ipv4Addr::new(10, 0, 0, 7));
         assert!(LeaseAttrs::from_json(b"{}").is_none());
+    }
+
+    #[test]
+    fn udp_value_is_flanneld_udp_value_byte_for_byte() {
+        let udp = LeaseAttrs {
+            public_ip: Ipv4Addr::new(192, 168, 100, 4),
+            public_ipv6: None,
+            backend_type: "udp".into(),
+            backend_data: None,
+        };
+        assert_eq!(
+            udp.to_json(),
+            r#"{"PublicIP":"192.168.100.4","PublicIPv6":null}"#
+        );
+        // Read back, a missing BackendType is empty, which every reader takes for udp.
+        let back = LeaseAttrs::from_json(udp.to_json().as_bytes()).unwrap();
+        assert_eq!(back.backend_type, "");
+        assert_eq!(back.to_json(), udp.to_json());
+        let alloc = LeaseAttrs {
+            backend_type: "alloc".into(),
+            ..udp
+        };
+        assert_eq!(
+            alloc.to_json(),
+            r#"{"PublicIP":"192.168.100.4","PublicIPv6":null,"BackendType":"alloc"}"#
+        );
     }
 
     #[test]

@@ -32,15 +32,14 @@ use crate::{
         contract::{DatapathError, LocalLease, Overlay, OverlaySpec},
         ebpf::{DecapHook, XdpMode, datapath::EbpfOptions},
     },
-    host::{
-        iface::{self, IfaceError, Underlay},
-        iptables,
-    },
+    host::iface::{self, IfaceError, Underlay},
 };
 
 mod datapath_thread;
+mod host_rules;
 
 use datapath_thread::DatapathThread;
+pub use host_rules::HostRulesError;
 
 /// How often the missing-config wait logs what it waits for.
 const CONFIG_WAIT_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -52,12 +51,12 @@ const FALLBACK_MTU: u32 = 1500;
 /// Why the daemon stopped. Each is reported as one line; the exit status is 1.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// `--ip-masq` was asked for and its rules could not be installed.
-    #[error("--ip-masq: {source}")]
-    IpMasq {
+    /// `--ip-masq` or `--ip-blackhole-route` was asked for and could not be set up.
+    #[error("{source}")]
+    HostRules {
         /// Why.
         #[source]
-        source: iptables::IptablesError,
+        source: HostRulesError,
     },
     /// The network config is invalid.
     #[error("invalid network config at {key}: {source}")]
@@ -141,38 +140,6 @@ impl DaemonError {
     }
 }
 
-/// flanneld's netfilter rules: forwarding for the Network (so docker's FORWARD policy of DROP
-/// does not eat overlay traffic delivered through the stack; best effort, since hosts without
-/// iptables have no such policy either), and masquerading with `--ip-masq` (required: the
-/// operator asked for it, and docker is told through FLANNEL_IPMASQ not to do it).
-fn install_netfilter_rules(
-    cli: &Cli,
-    config: &NetworkConfig,
-    subnet: crate::control::subnet::Subnet,
-) -> Result<(), DaemonError> {
-    let network = (config.network.addr(), config.network.prefix());
-    if !matches!(config.backend, Backend::Alloc)
-        && let Err(e) = iptables::ensure_forward_rules(network)
-    {
-        tracing::warn!(
-            "forward rules for {}/{} not installed: {e}; a FORWARD policy of DROP (docker sets \
-             one) would drop overlay traffic delivered through the host stack",
-            network.0,
-            network.1
-        );
-    }
-    if cli.ip_masq {
-        iptables::ensure_masquerade_rules(network, (subnet.addr(), subnet.prefix()))
-            .map_err(|source| DaemonError::IpMasq { source })?;
-        tracing::info!(
-            "--ip-masq: masquerading traffic leaving {}/{}",
-            network.0,
-            network.1
-        );
-    }
-    Ok(())
-}
-
 impl From<LeaseError> for DaemonError {
     fn from(source: LeaseError) -> Self {
         DaemonError::Lease { source }
@@ -181,14 +148,26 @@ impl From<LeaseError> for DaemonError {
 
 /// Runs the agent until SIGTERM or SIGINT (then `Ok`), or until an error it cannot recover from.
 pub async fn run(cli: Cli) -> Result<(), DaemonError> {
+    log_accepted_but_unused(&cli);
     let health = Health::new();
     if cli.healthz_port != 0 {
         let addr = SocketAddr::new(cli.healthz_ip, cli.healthz_port);
         let listener = healthz::bind(addr)
             .await
             .map_err(|source| DaemonError::Healthz { addr, source })?;
-        tracing::info!("serving /healthz on {addr}");
-        tokio::spawn(healthz::serve(listener, health.clone()));
+        let answer = if cli.healthz_strict {
+            healthz::Answer::Strict
+        } else {
+            healthz::Answer::Flanneld
+        };
+        tracing::info!(
+            "serving /healthz on {addr} ({})",
+            match answer {
+                healthz::Answer::Strict => "--healthz-strict: 503 with the reason when unhealthy",
+                healthz::Answer::Flanneld => "flanneld's answer: 200 while running",
+            }
+        );
+        tokio::spawn(healthz::serve(listener, health.clone(), answer));
     }
     tokio::select! {
         r = agent(cli, health) => r,
@@ -199,6 +178,26 @@ pub async fn run(cli: Cli) -> Result<(), DaemonError> {
             );
             Ok(())
         }
+    }
+}
+
+/// One line each for the flanneld flags that are accepted but change nothing here, so an
+/// operator reading the log knows.
+fn log_accepted_but_unused(cli: &Cli) {
+    let glog = cli.ignored_glog_flags();
+    if !glog.is_empty() {
+        tracing::info!(
+            "ignoring glog's {}: the agent always logs to stderr (systemd's journal keeps it); \
+             -v sets the level",
+            glog.join(" ")
+        );
+    }
+    if let Some(v6) = cli.public_ipv6 {
+        // flanneld too uses it only with EnableIPv6, which this agent refuses until it has IPv6.
+        tracing::warn!(
+            "--public-ipv6={v6} is not used: overlay-agent has no IPv6 yet, and the lease says \
+             \"PublicIPv6\":null"
+        );
     }
 }
 
@@ -235,7 +234,7 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     let settings = etcd_settings(&cli)?;
     let mut client = connect(&settings, &config_key).await?;
     let config = wait_for_config(&settings, &mut client, &config_key).await?;
-    let (underlay, public_ip) = choose_underlay(&cli, &config)?;
+    let (underlay, public_ip) = choose_underlay(&cli, &config).await?;
     let mtu = overlay_mtu(&config, underlay.as_ref());
     let overlay = build_overlay(&cli, &config.backend, public_ip, underlay.as_ref())?;
     let params = lease_params(&cli, prefix, &config, public_ip, overlay.as_ref());
@@ -263,7 +262,11 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
         };
         datapath.start(lease).await?;
     }
-    install_netfilter_rules(&cli, &config, held.subnet)?;
+    let host_rules = host_rules::HostRules::install(&cli, &config, held.subnet)
+        .await
+        .map_err(|source| DaemonError::HostRules { source })?;
+    // Dropped with the runtime when the agent stops; the rules and route stay, as flanneld's do.
+    tokio::spawn(host_rules.resync());
 
     let mut agent = Agent {
         settings,
@@ -353,12 +356,12 @@ fn etcd_settings(cli: &Cli) -> Result<EtcdSettings, DaemonError> {
 
 /// The underlay interface and the address peers send to. Required to forward; for alloc only
 /// its MTU matters, so `--public-ip` suffices.
-fn choose_underlay(
+async fn choose_underlay(
     cli: &Cli,
     config: &NetworkConfig,
 ) -> Result<(Option<Underlay>, Ipv4Addr), DaemonError> {
-    let (underlay, public_ip) = match (iface::choose(&cli.iface, &cli.iface_regex), &config.backend)
-    {
+    let chosen = iface::choose(&cli.iface, &cli.iface_regex, cli.iface_can_reach).await;
+    let (underlay, public_ip) = match (chosen, &config.backend) {
         (Ok(u), _) => {
             let ip = cli.public_ip.unwrap_or(u.addr);
             (Some(u), ip)
@@ -697,4 +700,26 @@ fn build_overlay(
         underlay.map_or(String::new(), |u| format!(" on {}", u.name))
     );
     Ok(Some(overlay))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn udp_lease_is_written_as_flanneld_writes_it() {
+        let cli = Cli::try_parse_args_from(["overlay-agent"]).unwrap();
+        let config = NetworkConfig::parse(br#"{"Network":"172.16.0.0/12"}"#).unwrap();
+        let params = lease_params(
+            &cli,
+            "/flannel".into(),
+            &config,
+            Ipv4Addr::new(192, 168, 100, 4),
+            None,
+        );
+        assert_eq!(
+            params.attrs.to_json(),
+            r#"{"PublicIP":"192.168.100.4","PublicIPv6":null}"#
+        );
+    }
 }

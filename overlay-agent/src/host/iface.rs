@@ -1,6 +1,8 @@
 //! Choosing the underlay interface as flanneld does: `--iface` (name or address, first found),
-//! then `--iface-regex` (matched against names and addresses), then the interface of the default
-//! route. Its MTU sizes the overlay.
+//! then `--iface-regex` (matched against names and addresses), then `--iface-can-reach` (the
+//! interface of the kernel's route to that address, with the source address the kernel would
+//! use), and only when none of them was given, the interface of the default route. Its MTU sizes
+//! the overlay.
 
 use std::{ffi::CStr, net::Ipv4Addr, path::Path};
 
@@ -22,6 +24,15 @@ pub enum IfaceError {
         /// What the regex parser said.
         #[source]
         source: regex::Error,
+    },
+    /// The kernel's route lookup for `--iface-can-reach` failed.
+    #[error("--iface-can-reach {target}: {source}")]
+    CanReach {
+        /// The address given.
+        target: Ipv4Addr,
+        /// Why.
+        #[source]
+        source: super::netlink::NetlinkError,
     },
     /// Nothing matched.
     #[error("no usable interface: {tried}")]
@@ -103,8 +114,45 @@ pub fn mtu(name: &str) -> Option<u32> {
         .ok()
 }
 
-/// Chooses the underlay interface from `--iface` and `--iface-regex`, else the default route's.
-pub fn choose(ifaces: &[String], regexes: &[String]) -> Result<Underlay, IfaceError> {
+/// The name of interface `index`.
+fn index_to_name(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires; it NUL-terminates on success.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success buf holds a NUL-terminated name.
+    Some(
+        unsafe { CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+/// The interface of the kernel's route to `target`, with the source address the route gives
+/// (else the interface's first IPv4 address), as flanneld's `--iface-can-reach` does.
+async fn can_reach(target: Ipv4Addr, addrs: &[IfAddr]) -> Result<Option<IfAddr>, IfaceError> {
+    let lookup = async { super::netlink::Netlink::connect()?.route_get(target).await };
+    let route = lookup
+        .await
+        .map_err(|source| IfaceError::CanReach { target, source })?;
+    let Some(name) = index_to_name(route.oif) else {
+        return Ok(None);
+    };
+    let addr = route
+        .source
+        .or_else(|| addrs.iter().find(|(n, _)| *n == name).map(|(_, a)| *a));
+    Ok(addr.map(|a| (name, a)))
+}
+
+/// Chooses the underlay interface from `--iface`, `--iface-regex` and `--iface-can-reach`,
+/// else the default route's.
+pub async fn choose(
+    ifaces: &[String],
+    regexes: &[String],
+    reach: Option<Ipv4Addr>,
+) -> Result<Underlay, IfaceError> {
     let addrs = ipv4_addresses()?;
     let underlay = |(name, addr): &IfAddr| {
         mtu(name).map(|mtu| Underlay {
@@ -135,12 +183,17 @@ pub fn choose(ifaces: &[String], regexes: &[String]) -> Result<Underlay, IfaceEr
             return Ok(u);
         }
     }
-    if !ifaces.is_empty() || !regexes.is_empty() {
+    if let Some(target) = reach
+        && let Some(u) = can_reach(target, &addrs).await?.as_ref().and_then(underlay)
+    {
+        return Ok(u);
+    }
+    if !ifaces.is_empty() || !regexes.is_empty() || reach.is_some() {
         // flanneld does not fall back to the default route once --iface was given.
         return Err(IfaceError::NotFound {
             tried: format!(
-                "none of --iface {ifaces:?} / --iface-regex {regexes:?} names an interface with \
-                 an IPv4 address"
+                "none of --iface {ifaces:?} / --iface-regex {regexes:?} / --iface-can-reach \
+                 {reach:?} names an interface with an IPv4 address"
             ),
         });
     }
@@ -157,21 +210,43 @@ pub fn choose(ifaces: &[String], regexes: &[String]) -> Result<Underlay, IfaceEr
 mod tests {
     use super::*;
 
-    #[test]
-    fn loopback_by_name_address_and_regex() {
-        let lo = choose(&["nonexistent0".into(), "lo".into()], &[]).unwrap();
+    #[tokio::test]
+    async fn loopback_by_name_address_and_regex() {
+        let lo = choose(&["nonexistent0".into(), "lo".into()], &[], None)
+            .await
+            .unwrap();
         assert_eq!(lo.name, "lo");
         assert_eq!(lo.addr, Ipv4Addr::LOCALHOST);
         assert!(lo.mtu >= 1500);
-        assert_eq!(choose(&["127.0.0.1".into()], &[]).unwrap().name, "lo");
-        assert_eq!(choose(&[], &["^127\\.".into()]).unwrap().name, "lo");
+        assert_eq!(
+            choose(&["127.0.0.1".into()], &[], None).await.unwrap().name,
+            "lo"
+        );
+        assert_eq!(
+            choose(&[], &["^127\\.".into()], None).await.unwrap().name,
+            "lo"
+        );
         assert!(matches!(
-            choose(&["nonexistent0".into()], &[]),
+            choose(&["nonexistent0".into()], &[], None).await,
             Err(IfaceError::NotFound { .. })
         ));
         assert!(matches!(
-            choose(&[], &["(".into()]),
+            choose(&[], &["(".into()], None).await,
             Err(IfaceError::BadRegex { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn can_reach_follows_the_kernels_route() {
+        // Any loopback address is routed to lo, from 127.0.0.1.
+        let lo = choose(&[], &[], Some(Ipv4Addr::new(127, 0, 0, 42)))
+            .await
+            .unwrap();
+        assert_eq!((lo.name.as_str(), lo.addr), ("lo", Ipv4Addr::LOCALHOST));
+        // --iface wins over --iface-can-reach, as in flanneld.
+        assert!(matches!(
+            choose(&["nonexistent0".into()], &[], Some(Ipv4Addr::new(127, 0, 0, 42))).await,
+            Ok(u) if u.name == "lo"
         ));
     }
 }

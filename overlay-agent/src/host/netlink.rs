@@ -11,6 +11,7 @@ use rtnetlink::{
         address::AddressAttribute,
         link::{InfoKind, LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
     },
 };
 
@@ -29,6 +30,13 @@ pub enum NetlinkError {
     NoSuchLink {
         /// The name looked up.
         name: String,
+    },
+    /// The kernel's route lookup gave no output interface (an unreachable, blackhole or local
+    /// destination).
+    #[error("no route with an output interface to {dst}")]
+    NoRoute {
+        /// The destination looked up.
+        dst: Ipv4Addr,
     },
     /// The kernel refused a request.
     #[error("{operation}: {source}")]
@@ -349,6 +357,18 @@ impl Netlink {
             .destination_prefix(dst, prefix_len)
             .output_interface(index)
             .build();
+        self.add_or_replace(route, || {
+            format!("routing {dst}/{prefix_len} to interface {index}")
+        })
+        .await
+    }
+
+    /// Adds `route`, replacing the one with the same key (destination, metric, table).
+    async fn add_or_replace(
+        &self,
+        route: RouteMessage,
+        operation: impl FnOnce() -> String,
+    ) -> Result<(), NetlinkError> {
         self.handle
             .route()
             .add(route)
@@ -356,10 +376,164 @@ impl Netlink {
             .execute()
             .await
             .map_err(|source| NetlinkError::Request {
-                operation: format!("routing {dst}/{prefix_len} to interface {index}"),
+                operation: operation(),
                 source,
             })
     }
+}
+
+/// The metric of the `--ip-blackhole-route` route: the highest, so any other route for the same
+/// subnet (docker's bridge, whose connected route has metric 0) wins while it exists, and the
+/// blackhole takes over only when it is gone. flanneld uses metric 0, the same key as docker0's
+/// connected route, so its add fails ("File exists") for as long as docker0 holds the subnet.
+/// The metric also tells teardown which blackhole routes are the agent's.
+pub const BLACKHOLE_METRIC: u32 = u32::MAX;
+
+/// The main routing table's id.
+const MAIN_TABLE: u32 = 254;
+
+/// Where the kernel would send a packet, as `ip route get` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteLookup {
+    /// The output interface.
+    pub oif: u32,
+    /// The source address the kernel would choose, when it names one.
+    pub source: Option<Ipv4Addr>,
+}
+
+impl Netlink {
+    /// The kernel's route lookup for `dst` (`ip route get <dst>`).
+    pub async fn route_get(&self, dst: Ipv4Addr) -> Result<RouteLookup, NetlinkError> {
+        let operation = || format!("looking up the route to {dst}");
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .build();
+        let mut answers = self.handle.route().get(msg).execute();
+        let answer = answers
+            .try_next()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                operation: operation(),
+                source,
+            })?;
+        let oif = answer.as_ref().and_then(|m| {
+            m.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            })
+        });
+        let source = answer.as_ref().and_then(|m| {
+            m.attributes.iter().find_map(|a| match a {
+                RouteAttribute::PrefSource(RouteAddress::Inet(s)) => Some(*s),
+                _ => None,
+            })
+        });
+        oif.map(|oif| RouteLookup { oif, source })
+            .ok_or(NetlinkError::NoRoute { dst })
+    }
+
+    /// The blackhole routes of the main table with metric `metric`, as (network, length).
+    pub async fn blackhole_routes(&self, metric: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        let mut out = Vec::new();
+        while let Some(m) = routes
+            .try_next()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                operation: "listing routes".into(),
+                source,
+            })?
+        {
+            if m.header.kind != RouteType::BlackHole
+                || route_table(&m) != MAIN_TABLE
+                || route_priority(&m) != metric
+            {
+                continue;
+            }
+            let dst = m.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(*d),
+                _ => None,
+            });
+            out.push((
+                dst.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                m.header.destination_prefix_length,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Adds the blackhole route `dst/prefix_len metric metric` unless it is there; true when it
+    /// had to.
+    pub async fn ensure_blackhole(
+        &self,
+        dst: Ipv4Addr,
+        prefix_len: u8,
+        metric: u32,
+    ) -> Result<bool, NetlinkError> {
+        if self
+            .blackhole_routes(metric)
+            .await?
+            .contains(&(dst, prefix_len))
+        {
+            return Ok(false);
+        }
+        self.add_or_replace(blackhole(dst, prefix_len, metric), || {
+            format!("adding the blackhole route {dst}/{prefix_len}")
+        })
+        .await?;
+        Ok(true)
+    }
+
+    /// Deletes the blackhole route `dst/prefix_len metric metric`.
+    pub async fn delete_blackhole(
+        &self,
+        dst: Ipv4Addr,
+        prefix_len: u8,
+        metric: u32,
+    ) -> Result<(), NetlinkError> {
+        self.handle
+            .route()
+            .del(blackhole(dst, prefix_len, metric))
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                operation: format!("deleting the blackhole route {dst}/{prefix_len}"),
+                source,
+            })
+    }
+}
+
+fn blackhole(dst: Ipv4Addr, prefix_len: u8, metric: u32) -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst, prefix_len)
+        .kind(RouteType::BlackHole)
+        .priority(metric)
+        .table_id(MAIN_TABLE)
+        .build()
+}
+
+fn route_table(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
+}
+
+fn route_priority(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0)
 }
 
 /// Whether a neighbour entry holds a MAC worth using.

@@ -59,6 +59,11 @@ const VARIABLE_SPAWNS: &[(&str, &str, &str)] = &[
         "agent_binary()",
         "the agent the tests built",
     ),
+    (
+        "tests/tests/control_plane.rs",
+        "overlay_tests::etcd::agent_binary()",
+        "the agent the tests built",
+    ),
 ];
 
 /// What the scan must find at least, so it cannot pass by finding nothing.

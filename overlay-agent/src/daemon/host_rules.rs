@@ -1,0 +1,189 @@
+//! What the agent keeps in the host's netfilter and routing tables beside the overlay, as
+//! flanneld does: the FORWARD accept rules (unless `--iptables-forward-rules=false`), the
+//! `--ip-masq` rules, and the `--ip-blackhole-route`; installed once before READY, then checked
+//! every `--iptables-resync` seconds and restored when something (an operator, a firewall
+//! reload, docker) removed them.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use crate::{
+    cli::Cli,
+    control::{
+        config::{Backend, NetworkConfig},
+        subnet::Subnet,
+    },
+    host::{
+        Netlink, NetlinkError,
+        iptables::{self, IptablesError, RuleSet},
+        netlink::BLACKHOLE_METRIC,
+    },
+};
+
+/// Why the host rules could not be installed at start.
+#[derive(Debug, thiserror::Error)]
+pub enum HostRulesError {
+    /// `--ip-masq` was asked for and its rules could not be installed.
+    #[error("--ip-masq: {source}")]
+    IpMasq {
+        /// Why.
+        #[source]
+        source: IptablesError,
+    },
+    /// `--ip-blackhole-route` was asked for and the route could not be added.
+    #[error("--ip-blackhole-route: {source}")]
+    Blackhole {
+        /// Why.
+        #[source]
+        source: NetlinkError,
+    },
+}
+
+/// The rules and route this host keeps, for the resync task.
+pub struct HostRules {
+    sets: Vec<RuleSet>,
+    blackhole: Option<(Netlink, Subnet)>,
+    period: Duration,
+}
+
+fn net(s: Subnet) -> (Ipv4Addr, u8) {
+    (s.addr(), s.prefix())
+}
+
+impl HostRules {
+    /// Installs what the flags ask for and removes what they turned off (so the host holds what
+    /// the command line says, whatever an earlier run or flanneld left). The forward rules are
+    /// best effort, since hosts without iptables have no FORWARD policy to get past either;
+    /// `--ip-masq` and `--ip-blackhole-route` are required: the operator asked for them.
+    pub async fn install(
+        cli: &Cli,
+        config: &NetworkConfig,
+        subnet: Subnet,
+    ) -> Result<Self, HostRulesError> {
+        let mut sets = Vec::new();
+        let forward = iptables::forward_rules(net(config.network));
+        let wants_forward = cli.iptables_forward_rules && !matches!(config.backend, Backend::Alloc);
+        if wants_forward {
+            match blocking(forward.clone(), |f| f.install()).await {
+                Ok(()) => sets.push(forward),
+                Err(e) => tracing::warn!(
+                    "forward rules for {} not installed: {e}; a FORWARD policy of DROP (docker \
+                     sets one) would drop overlay traffic delivered through the host stack",
+                    config.network
+                ),
+            }
+        } else {
+            remove_if_present(forward, "--iptables-forward-rules=false").await;
+        }
+
+        let masq = iptables::masquerade_rules(
+            net(config.network),
+            net(subnet),
+            !cli.ip_masq_fully_random_disable,
+        );
+        if cli.ip_masq {
+            blocking(masq.clone(), |m| m.install())
+                .await
+                .map_err(|source| HostRulesError::IpMasq { source })?;
+            tracing::info!(
+                "--ip-masq: masquerading traffic leaving {}{}",
+                config.network,
+                if cli.ip_masq_fully_random_disable {
+                    " (without --random-fully)"
+                } else {
+                    ""
+                }
+            );
+            sets.push(masq);
+        } else {
+            remove_if_present(masq, "--ip-masq is off").await;
+        }
+
+        let blackhole = if cli.ip_blackhole_route {
+            let netlink =
+                Netlink::connect().map_err(|source| HostRulesError::Blackhole { source })?;
+            netlink
+                .ensure_blackhole(subnet.addr(), subnet.prefix(), BLACKHOLE_METRIC)
+                .await
+                .map_err(|source| HostRulesError::Blackhole { source })?;
+            tracing::info!(
+                "--ip-blackhole-route: blackhole route for {subnet} (metric {BLACKHOLE_METRIC}: \
+                 docker's bridge route wins while it exists)"
+            );
+            Some((netlink, subnet))
+        } else {
+            None
+        };
+        Ok(Self {
+            sets,
+            blackhole,
+            period: Duration::from_secs(u64::from(cli.iptables_resync)),
+        })
+    }
+
+    /// Every period, checks each rule set and the blackhole route and restores what is
+    /// missing, logging each restoration. Runs until the task is dropped.
+    pub async fn resync(self) {
+        if self.sets.is_empty() && self.blackhole.is_none() {
+            return;
+        }
+        let start = tokio::time::Instant::now() + self.period;
+        let mut tick = tokio::time::interval_at(start, self.period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for set in &self.sets {
+                match blocking(set.clone(), |s| s.ensure()).await {
+                    Ok(false) => {}
+                    Ok(true) => tracing::warn!(
+                        "iptables: chain {} of table {} (or its jump from {}) had lost rules; \
+                         restored",
+                        set.chain,
+                        set.table,
+                        set.parent
+                    ),
+                    Err(e) => tracing::warn!("iptables resync of chain {}: {e}", set.chain),
+                }
+            }
+            if let Some((netlink, subnet)) = &self.blackhole {
+                match netlink
+                    .ensure_blackhole(subnet.addr(), subnet.prefix(), BLACKHOLE_METRIC)
+                    .await
+                {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        tracing::warn!("the blackhole route for {subnet} was gone; restored")
+                    }
+                    Err(e) => tracing::warn!("--ip-blackhole-route resync: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// Removes `set` (and its older-agent counterpart) when present, logging why.
+async fn remove_if_present(set: RuleSet, why: &'static str) {
+    let chain = set.chain;
+    let result = blocking(set, |s| {
+        if !s.present() {
+            return Ok(false);
+        }
+        s.remove().map(|()| true)
+    })
+    .await;
+    match result {
+        Ok(true) => tracing::info!("{why}: removed iptables chain {chain} left by an earlier run"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("{why}: removing iptables chain {chain}: {e}"),
+    }
+}
+
+/// Runs an iptables call off the runtime's thread: each is a process that may wait for the
+/// xtables lock.
+async fn blocking<T: Send + 'static>(
+    set: RuleSet,
+    f: impl FnOnce(&RuleSet) -> Result<T, IptablesError> + Send + 'static,
+) -> Result<T, IptablesError> {
+    tokio::task::spawn_blocking(move || f(&set))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
