@@ -55,3 +55,39 @@ pub const UDP_ENCAP_LEN: usize = IPV4_MIN_LEN + UDP_LEN + UDP_FORMAT_HEADER;
 /// Outer headers of the `vxlan` format after the Ethernet header: IPv4 + UDP + VXLAN + inner
 /// Ethernet. Also the MTU overhead flannel uses for vxlan (50).
 pub const VXLAN_ENCAP_LEN: usize = IPV4_MIN_LEN + UDP_LEN + VXLAN_FORMAT_HEADER;
+
+/// RFC 1071 checksum of the 20-byte IPv4 header `ip` starts with: with the checksum field zero,
+/// the value to put there; over a header as received, zero when it is intact.
+#[inline(always)]
+pub fn ipv4_header_checksum(ip: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < IPV4_MIN_LEN {
+        sum += u32::from(u16::from_be_bytes([ip[i], ip[i + 1]]));
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// The vxlan format's header in front of an inner IPv4 packet: the VXLAN header (the "VNI
+/// present" flag, `vni`) and the inner Ethernet header from `src_mac` to `dst_mac` (the
+/// receiver's VtepMAC). The one writer of it, for the eBPF encap and the TUN codec.
+#[inline(always)]
+pub fn vxlan_format_header(
+    vni: u32,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+) -> [u8; VXLAN_FORMAT_HEADER] {
+    let mut h = [0u8; VXLAN_FORMAT_HEADER];
+    h[vxlan::FLAGS] = VXLAN_FLAG_VNI;
+    let vni = vni.to_be_bytes();
+    h[4] = vni[1];
+    h[5] = vni[2];
+    h[6] = vni[3];
+    h[8..14].copy_from_slice(&dst_mac);
+    h[14..20].copy_from_slice(&src_mac);
+    h[20..22].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    h
+}

@@ -105,8 +105,11 @@ pub enum Verdict {
 
 /// The mechanics of the hook: is this an overlay packet addressed to us, and where is its UDP
 /// payload. Whether it is acceptable is [`policy::judge`]'s, shared with the TUN datapath.
+///
+/// `gso`: the skb is a GSO super-packet (a peer's eBPF encap keeps them whole across a veth),
+/// whose outer lengths understate its size.
 #[inline(always)]
-pub fn classify<P: Packet>(pkt: &P, pkt_len: usize) -> Verdict {
+pub fn classify<P: Packet>(pkt: &P, pkt_len: usize, gso: bool) -> Verdict {
     let Some(cfg) = CONFIG.get(0) else {
         return Verdict::Pass;
     };
@@ -134,17 +137,35 @@ pub fn classify<P: Packet>(pkt: &P, pkt_len: usize) -> Verdict {
         return Verdict::Pass;
     }
     let udp_at = wire::ETH_LEN + (ihl & 0x3c);
-    let Ok(ports) = pkt.read::<[u8; 4]>(udp_at) else {
+    let Ok(udp) = pkt.read::<[u8; wire::UDP_LEN]>(udp_at) else {
         return Verdict::Pass;
     };
-    if u16::from_be_bytes([ports[2], ports[3]]) != cfg.port {
+    if u16::from_be_bytes([udp[2], udp[3]]) != cfg.port {
         return Verdict::Pass;
     }
     let start = udp_at + wire::UDP_LEN;
+    // The datagram as a UDP socket would get it: the kernel drops a packet whose outer header
+    // checksum or lengths are wrong, and trims what follows the UDP length (Ethernet padding, or
+    // bytes smuggled past the datagram). A super-packet is taken whole. An outer header the
+    // kernel would drop leaves nothing to judge: a stranger is still refused as one, a peer's
+    // packet as malformed.
+    let tot_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let udp_len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+    let end = if gso {
+        pkt_len
+    } else if wire::ipv4_header_checksum(&ip) == 0
+        && wire::ETH_LEN + tot_len <= pkt_len
+        && udp_len >= wire::UDP_LEN
+        && udp_at + udp_len <= wire::ETH_LEN + tot_len
+    {
+        udp_at + udp_len
+    } else {
+        start
+    };
     let payload = Payload {
         pkt,
         start,
-        len: pkt_len.saturating_sub(start),
+        len: end.saturating_sub(start),
     };
     let outer = Outer {
         ip_options: ihl != wire::IPV4_MIN_LEN,
@@ -165,7 +186,9 @@ const PASS: i32 = TC_ACT_OK as i32;
 const DROP: i32 = TC_ACT_SHOT as i32;
 
 pub fn try_tc_decap(ctx: &TcContext) -> Result<Outcome, i64> {
-    let (strip, inner_dst) = match classify(ctx, ctx.len() as usize) {
+    // SAFETY: the program's own skb; gso_size is a plain field of __sk_buff.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    let (strip, inner_dst) = match classify(ctx, ctx.len() as usize, gso) {
         Verdict::Pass => return Ok(Outcome::not_ours(PASS)),
         Verdict::Drop(slot) => return Ok(Outcome::new(slot, DROP)),
         Verdict::Decap { strip, inner_dst } => (strip, inner_dst),
@@ -202,7 +225,7 @@ pub fn try_tc_decap(ctx: &TcContext) -> Result<Outcome, i64> {
 pub fn try_xdp_decap(ctx: &XdpContext) -> Result<Outcome, i64> {
     const PASS: i32 = xdp_action::XDP_PASS as i32;
     const DROP: i32 = xdp_action::XDP_DROP as i32;
-    let strip = match classify(ctx, ctx.data_end() - ctx.data()) {
+    let strip = match classify(ctx, ctx.data_end() - ctx.data(), false) {
         Verdict::Pass => return Ok(Outcome::not_ours(PASS)),
         Verdict::Drop(slot) => return Ok(Outcome::new(slot, DROP)),
         Verdict::Decap { strip, .. } => strip,

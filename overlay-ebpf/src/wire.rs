@@ -4,7 +4,7 @@ use overlay_common::{
     maps::{Config, Peer},
     wire::{
         ETH_LEN, ETH_P_IP, IPPROTO_UDP, IPV4_MIN_LEN, UDP_ENCAP_LEN, UDP_LEN, VXLAN_ENCAP_LEN,
-        VXLAN_FLAG_VNI, vxlan,
+        ipv4_header_checksum, vxlan_format_header,
     },
 };
 
@@ -31,13 +31,11 @@ pub fn udp_headers(cfg: &Config, peer: &Peer, tos: u8, ip_len: u16, src_port: u1
 pub fn vxlan_headers(cfg: &Config, peer: &Peer, tos: u8, ip_len: u16, src_port: u16) -> [u8; 64] {
     let mut h = [0u8; ETH_LEN + VXLAN_ENCAP_LEN];
     write_eth_ip_udp(&mut h, cfg, peer, tos, ip_len, src_port);
-    let vni = cfg.vni.to_be_bytes();
-    let vx = &mut h[ETH_LEN + IPV4_MIN_LEN + UDP_LEN..];
-    vx[vxlan::FLAGS] = VXLAN_FLAG_VNI;
-    vx[vxlan::VNI].copy_from_slice(&vni[1..4]);
-    vx[vxlan::INNER_DST_MAC].copy_from_slice(&peer.vtep_mac);
-    vx[vxlan::INNER_SRC_MAC].copy_from_slice(&cfg.vtep_mac);
-    vx[vxlan::INNER_ETHERTYPE].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    h[ETH_LEN + IPV4_MIN_LEN + UDP_LEN..].copy_from_slice(&vxlan_format_header(
+        cfg.vni,
+        peer.vtep_mac,
+        cfg.vtep_mac,
+    ));
     h
 }
 
@@ -55,25 +53,11 @@ fn write_eth_ip_udp(h: &mut [u8], cfg: &Config, peer: &Peer, tos: u8, ip_len: u1
     ip[9] = IPPROTO_UDP;
     ip[12..16].copy_from_slice(&cfg.local_ip);
     ip[16..20].copy_from_slice(&peer.public_ip);
-    let csum = ipv4_checksum(ip);
+    let csum = ipv4_header_checksum(ip);
     ip[10..12].copy_from_slice(&csum.to_be_bytes());
     let udp = &mut h[ETH_LEN + IPV4_MIN_LEN..ETH_LEN + IPV4_MIN_LEN + UDP_LEN];
     udp[0..2].copy_from_slice(&src_port.to_be_bytes());
     udp[2..4].copy_from_slice(&cfg.port.to_be_bytes());
     udp[4..6].copy_from_slice(&(ip_len.wrapping_sub(IPV4_MIN_LEN as u16)).to_be_bytes());
     // UDP checksum 0 (allowed over IPv4): nothing for a NIC's checksum offload to get wrong.
-}
-
-/// RFC 1071 checksum of a 20-byte IPv4 header whose checksum field is zero.
-#[inline(always)]
-fn ipv4_checksum(ip: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 20 {
-        sum += u32::from(u16::from_be_bytes([ip[i], ip[i + 1]]));
-        i += 2;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
 }

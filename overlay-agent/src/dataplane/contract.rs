@@ -11,7 +11,7 @@
 //!   packets. The eBPF and TUN datapaths implement it; [`Overlay`] drives one of them with the
 //!   rules above, so neither decides a rule of its own.
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use overlay_common::{
     maps::{Config, Encap, FLAG_DELIVER_VIA_STACK},
@@ -405,11 +405,13 @@ pub enum Unhealthy {
     /// `start` has not succeeded (yet).
     #[error("the {0} datapath is not started")]
     NotStarted(&'static str),
-    /// The last update of this peer failed, and no later one succeeded.
-    #[error("peer {subnet} not programmed: {error}")]
+    /// Updates of some peers failed, and no later one to them succeeded.
+    #[error("{failing} peer(s) not programmed, {subnet} among them: {error}")]
     PeerFailed {
-        /// The peer's subnet.
+        /// The first such peer's subnet.
         subnet: Subnet,
+        /// How many peers are not programmed.
+        failing: usize,
         /// The error, as text (the error itself is logged where it happened).
         error: String,
     },
@@ -464,8 +466,8 @@ pub struct Overlay {
     spec: OverlaySpec,
     datapath: Box<dyn Datapath>,
     lease: Option<LocalLease>,
-    /// The last peer update that failed, for /healthz, until a later one to that peer works.
-    failing: Option<(Subnet, String)>,
+    /// Peer updates that failed, for /healthz, each until a later one to that peer works.
+    failing: BTreeMap<Subnet, String>,
 }
 
 impl Overlay {
@@ -475,7 +477,7 @@ impl Overlay {
             spec,
             datapath,
             lease: None,
-            failing: None,
+            failing: BTreeMap::new(),
         }
     }
 
@@ -515,11 +517,11 @@ impl Overlay {
         };
         match &result {
             Ok(()) => {
-                if self.failing.as_ref().is_some_and(|(s, _)| *s == subnet) {
-                    self.failing = None;
-                }
+                self.failing.remove(&subnet);
             }
-            Err(e) => self.failing = Some((subnet, e.to_string())),
+            Err(e) => {
+                self.failing.insert(subnet, e.to_string());
+            }
         }
         result
     }
@@ -535,9 +537,10 @@ impl Overlay {
             return Err(Unhealthy::NotStarted(self.datapath.kind()));
         }
         self.datapath.check()?;
-        match &self.failing {
+        match self.failing.iter().next() {
             Some((subnet, error)) => Err(Unhealthy::PeerFailed {
                 subnet: *subnet,
+                failing: self.failing.len(),
                 error: error.clone(),
             }),
             None => Ok(()),

@@ -20,7 +20,7 @@ use overlay_common::{
 
 pub use overlay_common::wire::{
     ETH_LEN, ETH_P_IP, IPPROTO_ICMP, IPV4_MIN_LEN, MAX_FORMAT_HEADER, VXLAN_FLAG_VNI,
-    VXLAN_FORMAT_HEADER, VXLAN_LEN, vxlan,
+    VXLAN_FORMAT_HEADER, VXLAN_LEN, vxlan_format_header,
 };
 /// ICMP "destination unreachable".
 pub const ICMP_DEST_UNREACH: u8 = 3;
@@ -59,8 +59,8 @@ impl Format {
     /// How many bytes the format puts in front of the inner packet.
     pub fn header_len(&self) -> usize {
         match self {
-            Format::Udp => 0,
-            Format::Vxlan { .. } => VXLAN_FORMAT_HEADER,
+            Format::Udp => Encap::Udp.format_header(),
+            Format::Vxlan { .. } => Encap::Vxlan.format_header(),
         }
     }
 }
@@ -174,12 +174,7 @@ pub fn write_header(
         });
     };
     if let Format::Vxlan { vni, local_mac } = format {
-        h[..VXLAN_LEN].fill(0);
-        h[vxlan::FLAGS] = VXLAN_FLAG_VNI;
-        h[vxlan::VNI].copy_from_slice(&vni.to_be_bytes()[1..4]);
-        h[vxlan::INNER_DST_MAC].copy_from_slice(&peer_mac);
-        h[vxlan::INNER_SRC_MAC].copy_from_slice(local_mac);
-        h[vxlan::INNER_ETHERTYPE].copy_from_slice(&ETH_P_IP.to_be_bytes());
+        h.copy_from_slice(&vxlan_format_header(*vni, peer_mac, *local_mac));
     }
     Ok(need)
 }

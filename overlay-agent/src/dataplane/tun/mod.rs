@@ -193,11 +193,13 @@ impl Forwarder {
         };
         let sockets: Vec<UdpSocket> = (0..workers)
             .map(|worker| {
-                socket::bind(config.port(), options).map_err(|source| ForwarderError::Bind {
-                    port: config.port(),
-                    worker,
-                    source,
-                })
+                socket::bind(Ipv4Addr::from(config.host.local_ip), config.port(), options).map_err(
+                    |source| ForwarderError::Bind {
+                        port: config.port(),
+                        worker,
+                        source,
+                    },
+                )
             })
             .collect::<Result<_, _>>()?;
         let stats = Arc::new(Stats::default());

@@ -25,10 +25,8 @@ const UDP_SEGMENT: libc::c_int = 103;
 const UDP_GRO: libc::c_int = 104;
 /// `IP_RECVFRAGSIZE`: a cmsg with the largest fragment's size when the datagram was reassembled.
 const IP_RECVFRAGSIZE: libc::c_int = 25;
-/// `IP_RECVOPTS`: a cmsg with the IP options, when the packet carried any.
+/// `IP_RECVOPTS`: a cmsg (of the same type) with the IP options, when the packet carried any.
 const IP_RECVOPTS: libc::c_int = 6;
-/// The cmsg type `IP_RECVOPTS` delivers.
-const IP_OPTIONS: libc::c_int = 4;
 /// Room for one cmsg carrying an int (CMSG_SPACE(4) = 24 on 64-bit), 8-byte aligned: a send's
 /// UDP_SEGMENT.
 type CmsgBuf = [u64; 4];
@@ -47,8 +45,10 @@ pub struct SocketOptions {
     pub gso: bool,
 }
 
-/// Binds a non-blocking UDP socket on `0.0.0.0:port`.
-pub fn bind(port: u16, options: SocketOptions) -> io::Result<UdpSocket> {
+/// Binds a non-blocking UDP socket on `addr:port`: this host's underlay address, the only outer
+/// destination the eBPF decap accepts too (not 0.0.0.0, which would take datagrams sent to any
+/// local address, from a container over docker0 for one).
+pub fn bind(addr: Ipv4Addr, port: u16, options: SocketOptions) -> io::Result<UdpSocket> {
     // SAFETY: plain socket(2); the fd is owned by the UdpSocket right after.
     let fd = unsafe {
         libc::socket(
@@ -76,10 +76,21 @@ pub fn bind(port: u16, options: SocketOptions) -> io::Result<UdpSocket> {
     // (it cannot reassemble); the kernel would otherwise hide both from a UDP socket.
     setsockopt(fd, libc::IPPROTO_IP, IP_RECVFRAGSIZE, one)?;
     setsockopt(fd, libc::IPPROTO_IP, IP_RECVOPTS, one)?;
+    // DF on every datagram, as the eBPF encap sets it: a datagram that does not fit the path is
+    // refused here (counted as a send error) rather than fragmented, since receivers refuse
+    // fragments.
+    setsockopt(
+        fd,
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_DO,
+    )?;
     let addr = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: 0 },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
         sin_zero: [0; 8],
     };
     // SAFETY: addr is a valid sockaddr_in of the length given.
@@ -212,7 +223,7 @@ impl RecvBatch {
                                 as usize;
                         }
                         (libc::IPPROTO_IP, IP_RECVFRAGSIZE) => outer.fragment = true,
-                        (libc::IPPROTO_IP, IP_OPTIONS) => outer.ip_options = true,
+                        (libc::IPPROTO_IP, IP_RECVOPTS) => outer.ip_options = true,
                         _ => {}
                     }
                     c = libc::CMSG_NXTHDR(h, c);
