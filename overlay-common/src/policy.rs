@@ -125,6 +125,10 @@ pub struct Accepted {
     pub inner: usize,
     /// The inner packet's length (its IPv4 total length; what follows is padding).
     pub inner_len: usize,
+    /// The inner IPv4 header's length (IHL * 4).
+    pub header_len: usize,
+    /// The inner protocol number.
+    pub protocol: u8,
     /// The inner source.
     pub src: [u8; 4],
     /// The inner destination: a local address.
@@ -188,6 +192,8 @@ pub fn judge<D: Datagram + ?Sized, P: Peers>(
     Ok(Accepted {
         inner,
         inner_len: total_len,
+        header_len,
+        protocol: ip[9],
         src,
         dst,
     })

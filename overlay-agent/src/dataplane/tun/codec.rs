@@ -212,11 +212,17 @@ pub fn receive<P: Peers>(
     outer: Outer,
     payload: &[u8],
 ) -> Result<(usize, Ipv4Summary), Refusal> {
-    let accepted = policy::judge(cfg, peers, sender.octets(), outer, payload)?;
-    let inner = &payload[accepted.inner..accepted.inner + accepted.inner_len];
-    // The policy checked what parse_ipv4 does; a disagreement would be a bug, refused as malformed.
-    let info = parse_ipv4(inner).map_err(|_| Refusal::Malformed)?;
-    Ok((accepted.inner, info))
+    // The policy has read and checked the inner header: its summary is the forwarder's, with no
+    // second parse per packet.
+    let a = policy::judge(cfg, peers, sender.octets(), outer, payload)?;
+    let info = Ipv4Summary {
+        src: Ipv4Addr::from(a.src),
+        dst: Ipv4Addr::from(a.dst),
+        header_len: a.header_len,
+        total_len: a.inner_len,
+        protocol: a.protocol,
+    };
+    Ok((a.inner, info))
 }
 
 /// Decapsulates a datagram by the format alone, trusting any sender and any addresses: for
