@@ -156,7 +156,29 @@ impl NsEtcd {
 
     /// Runs etcdctl (v3 API) against it, returning stdout.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String, NetNsError> {
-        let endpoint = format!("--endpoints={}", self.endpoint());
+        self.ctl().run(args)
+    }
+
+    /// An etcdctl for it that other threads can own.
+    pub fn ctl(&self) -> EtcdCtl {
+        EtcdCtl {
+            ns: self.ns.clone(),
+            endpoint: self.endpoint(),
+        }
+    }
+}
+
+/// etcdctl (v3 API) against the lab's etcd, run in its namespace.
+#[derive(Debug, Clone)]
+pub struct EtcdCtl {
+    ns: String,
+    endpoint: String,
+}
+
+impl EtcdCtl {
+    /// Runs etcdctl with `args`, returning stdout.
+    pub fn run(&self, args: &[&str]) -> Result<String, NetNsError> {
+        let endpoint = format!("--endpoints={}", self.endpoint);
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns, "etcdctl", &endpoint])
             .args(args)

@@ -10,8 +10,10 @@
 pub mod bpffs;
 pub mod cluster;
 pub mod etcd;
+pub mod flanneld;
 pub mod flow;
 pub mod lab;
+pub mod migration;
 pub mod netns;
 pub mod receive_cases;
 

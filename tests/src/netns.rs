@@ -64,6 +64,8 @@ pub fn run(program: &str, args: &[&str]) -> Result<Output, NetNsError> {
 #[derive(Debug)]
 pub struct NetNs {
     name: String,
+    /// Deleted on drop: false for a handle on a namespace someone else owns.
+    owned: bool,
 }
 
 impl NetNs {
@@ -77,9 +79,18 @@ impl NetNs {
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         run("ip", &["netns", "add", &name])?;
-        let ns = Self { name };
+        let ns = Self { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// A handle on the existing namespace `name`, which stays when the handle is dropped (for
+    /// threads that act in a namespace their creator owns).
+    pub fn attach(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            owned: false,
+        }
     }
 
     /// The namespace's name, as `ip netns` knows it.
@@ -135,6 +146,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         if let Err(err) = run("ip", &["netns", "del", &self.name]) {
             eprintln!("cleanup: {err}");
         }

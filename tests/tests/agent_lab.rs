@@ -4,6 +4,7 @@
 
 use std::{
     net::Ipv4Addr,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -11,6 +12,7 @@ use overlay_tests::{
     bpffs::pinned_links,
     cluster::{Cluster, PREFIX, healthz_flags},
     etcd::TempDir,
+    flanneld::UdpProxy,
     flow::PingFlow,
 };
 
@@ -436,9 +438,9 @@ fn cluster_switch_ip() -> Ipv4Addr {
     overlay_tests::cluster::ETCD_IP
 }
 
-fn a_vxlan_device_left_by_flanneld_is_reported_not_clobbered() {
+fn tun_datapath_takes_over_a_vxlan_device_left_by_flanneld() {
     let tmp = TempDir::new("agents-leftover").unwrap();
-    let mut c = cluster("ovt-lo", 1, "vxlan", &tmp);
+    let mut c = cluster("ovt-lo", 2, "vxlan", &tmp);
     let ns = &c.lab.hosts[0].ns;
     ns.ip(&[
         "link",
@@ -454,28 +456,66 @@ fn a_vxlan_device_left_by_flanneld_is_reported_not_clobbered() {
         "eth0",
     ])
     .unwrap();
-    let args = c.agent_args(0, &["--datapath=ebpf"]);
-    c.start_agent(0, args).unwrap();
-    let err = c.wait_subnet_env(0, Duration::from_secs(20)).unwrap_err();
-    // The report is the behaviour under test: what the operator reads.
-    let log = c.agents[0].log_text();
-    assert!(
-        log.contains("flannel.1 exists and is a vxlan device")
-            && log.contains("ip link del flannel.1"),
-        "{err}\n{log}"
-    );
-    let status = c.agents[0]
-        .process
-        .as_mut()
-        .unwrap()
-        .stop(Duration::from_secs(5));
-    assert_eq!(status.and_then(|s| s.code()), Some(1));
-    // Left as it was.
+    c.start_all(&["--datapath=tun"]).unwrap();
+    let failures = c.ping_matrix();
+    assert!(failures.is_empty(), "{failures:#?}");
+    // The name is the agent's TUN now, the kernel device gone.
     let link = c.lab.hosts[0]
         .ns
         .ip(&["-d", "link", "show", "flannel.1"])
         .unwrap();
-    assert!(String::from_utf8_lossy(&link.stdout).contains("vxlan id 1"));
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(
+        link.contains("tun type tun") && !link.contains("vxlan id"),
+        "{link}"
+    );
+}
+
+fn tun_datapath_refuses_a_running_flanneld_udp() {
+    let tmp = TempDir::new("agents-liveudp").unwrap();
+    let mut c = cluster("ovt-lu", 1, "udp", &tmp);
+    let host = &c.lab.hosts[0];
+    // flanneld's udp backend, running: its flannel0 lives while it holds it, and so does its
+    // socket on the public address's port 8285.
+    let _flanneld = UdpProxy::start(
+        &host.ns,
+        host.underlay_ip,
+        Arc::new(Mutex::new(Vec::new())),
+        1472,
+    )
+    .unwrap();
+    let args = c.agent_args(0, &["--datapath=tun"]);
+    c.start_agent(0, args).unwrap();
+    // It exits by itself: wait for that, not for a time.
+    let process = c.agents[0].process.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = process.try_wait() {
+            break Some(status);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent kept running beside flanneld"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // What the operator reads, and the exit status systemd sees.
+    let log = c.agents[0].log_text();
+    assert!(
+        log.contains("flannel0 is held by a running process") && log.contains("--datapath=ebpf"),
+        "{log}"
+    );
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{log}");
+    // flanneld's device is untouched: still a TUN that does not persist.
+    let link = c.lab.hosts[0]
+        .ns
+        .ip(&["-d", "link", "show", "flannel0"])
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(
+        link.contains("tun type tun") && !link.contains("persist on"),
+        "{link}"
+    );
 }
 
 overlay_tests::test_main!(
@@ -485,5 +525,6 @@ overlay_tests::test_main!(
     root agent_killed_and_restarted_loses_no_ping,
     root forward_drop_policy_and_ip_masq_work_like_flannel,
     root flanneld_chains_are_adopted_restored_and_turned_off_like_flanneld,
-    root a_vxlan_device_left_by_flanneld_is_reported_not_clobbered,
+    root tun_datapath_takes_over_a_vxlan_device_left_by_flanneld,
+    root tun_datapath_refuses_a_running_flanneld_udp,
 );

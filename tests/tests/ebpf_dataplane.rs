@@ -93,12 +93,13 @@ fn bring_up_with(
                     mtu: underlay.mtu - spec.overhead(),
                 };
                 let device = spec.device(&lease);
-                device.ensure(&netlink).await.unwrap();
+                let index = device.prepare(&netlink).await.unwrap();
                 let pins = pins.map(|p| Pins::open(p).unwrap());
                 let mut dp = EbpfDataplane::load(pins).unwrap();
                 dp.configure(&spec.program_config(&lease, underlay.index, false))
                     .unwrap();
                 dp.attach(&device.name, UNDERLAY_IF, decap).unwrap();
+                device.route(&netlink, index).await.unwrap();
                 // Spawned from this thread, so the learner lives in the host's namespace.
                 endpoints::spawn(
                     dp.take_endpoints().unwrap(),

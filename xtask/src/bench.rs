@@ -12,7 +12,6 @@
 mod control;
 mod etcd;
 mod metrics;
-mod proxy;
 mod report;
 mod rig;
 mod tcp_cc;

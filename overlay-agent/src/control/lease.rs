@@ -15,6 +15,8 @@ use std::{
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 
+use overlay_common::net::Mac;
+
 use super::{
     config::NetworkConfig,
     etcd::{EtcdError, req},
@@ -380,16 +382,7 @@ pub async fn acquire(
         let (entries, _) = list(client, &params.prefix).await?;
 
         // (1) Ours already; a reservation first, since it is what the operator asked for.
-        let mut mine: Vec<&LeaseEntry> = entries
-            .iter()
-            .filter(|e| {
-                e.attrs
-                    .as_ref()
-                    .is_some_and(|a| a.public_ip == params.attrs.public_ip)
-                    && cfg.fits(&e.subnet)
-            })
-            .collect();
-        mine.sort_by_key(|e| (e.etcd_lease != 0, e.subnet));
+        let mine = ours(&entries, params.attrs.public_ip, cfg);
         let taken = Taken::new(&entries);
         let mut candidates: Vec<Subnet> = mine.iter().map(|e| e.subnet).collect();
         // (2) The subnet of the previous run, so docker's --bip stays valid across an expiry.
@@ -426,6 +419,43 @@ pub async fn acquire(
     Err(LeaseError::TooManyRaces {
         attempts: MAX_ATTEMPTS,
     })
+}
+
+/// The leases and reservations holding `public_ip` that fit `cfg`, in the order acquisition tries
+/// them: reservations first, since they are what the operator asked for.
+fn ours<'a>(
+    entries: &'a [LeaseEntry],
+    public_ip: Ipv4Addr,
+    cfg: &NetworkConfig,
+) -> Vec<&'a LeaseEntry> {
+    let mut mine: Vec<&LeaseEntry> = entries
+        .iter()
+        .filter(|e| {
+            e.attrs.as_ref().is_some_and(|a| a.public_ip == public_ip) && cfg.fits(&e.subnet)
+        })
+        .collect();
+    mine.sort_by_key(|e| (e.etcd_lease != 0, e.subnet));
+    mine
+}
+
+/// The VtepMAC that the lease [`acquire`] will take first already publishes, when it is a vxlan
+/// lease of the same VNI: flanneld's (its flannel.<VNI> device's random MAC) on a host taken over
+/// from it. Keeping it means the takeover changes nothing peers read.
+pub async fn published_vtep_mac(
+    client: &mut Client,
+    prefix: &str,
+    public_ip: Ipv4Addr,
+    cfg: &NetworkConfig,
+    vni: u32,
+) -> Result<Option<Mac>, EtcdError> {
+    let (entries, _) = list(client, prefix).await?;
+    Ok(ours(&entries, public_ip, cfg)
+        .first()
+        .and_then(|e| e.attrs.as_ref())
+        .filter(|a| a.backend_type == "vxlan")
+        .and_then(|a| a.backend_data.as_ref())
+        .filter(|d| d.get("VNI").and_then(serde_json::Value::as_u64) == Some(u64::from(vni)))
+        .and_then(|d| d.get("VtepMAC")?.as_str()?.parse().ok()))
 }
 
 /// The subnets in use, indexed for fast "is it free" checks.

@@ -3,12 +3,12 @@
 
 use std::{sync::mpsc as std_mpsc, time::Duration};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::DaemonError;
 use crate::{
     control::{etcd::error_chain, healthz::Health, peers::PeerEvent},
-    dataplane::contract::{DatapathError, LocalLease, Overlay},
+    dataplane::contract::{DatapathError, LocalLease, Overlay, POLL_INTERVAL},
 };
 
 /// Work for the datapath thread.
@@ -22,7 +22,7 @@ enum DatapathCmd {
 /// The datapath, run on a thread of its own so its (possibly blocking) calls never stall etcd
 /// traffic, fed in order through a channel. Peer events are logged here, whatever the datapath.
 pub(super) struct DatapathThread {
-    tx: Option<mpsc::UnboundedSender<DatapathCmd>>,
+    tx: Option<std_mpsc::Sender<DatapathCmd>>,
     /// Disconnects when the thread has dropped the datapath.
     done: std_mpsc::Receiver<()>,
 }
@@ -36,14 +36,26 @@ impl DatapathThread {
             // alloc forwards nothing: nothing to be unhealthy about.
             health.datapath(Ok(()));
         }
-        let (tx, mut rx) = mpsc::unbounded_channel::<DatapathCmd>();
+        let (tx, rx) = std_mpsc::channel::<DatapathCmd>();
         let (alive_tx, done) = std_mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("datapath".into())
             .spawn(move || {
                 let _alive = alive_tx;
                 let mut overlay = overlay;
-                while let Some(cmd) = rx.blocking_recv() {
+                loop {
+                    let cmd = match rx.recv_timeout(POLL_INTERVAL) {
+                        Ok(cmd) => cmd,
+                        Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+                        Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                            if let Some(o) = overlay.as_mut()
+                                && let Err(e) = o.poll()
+                            {
+                                tracing::error!("datapath: {}", error_chain(&e));
+                            }
+                            continue;
+                        }
+                    };
                     match cmd {
                         DatapathCmd::Start(local, reply) => {
                             let r = match overlay.as_mut() {

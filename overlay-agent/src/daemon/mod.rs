@@ -40,6 +40,7 @@ mod host_rules;
 
 use datapath_thread::DatapathThread;
 pub use host_rules::HostRulesError;
+use overlay_common::net::Mac;
 
 /// How often the missing-config wait logs what it waits for.
 const CONFIG_WAIT_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -236,7 +237,26 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     let config = wait_for_config(&settings, &mut client, &config_key).await?;
     let (underlay, public_ip) = choose_underlay(&cli, &config).await?;
     let mtu = overlay_mtu(&config, underlay.as_ref());
-    let overlay = build_overlay(&cli, &config.backend, public_ip, underlay.as_ref())?;
+    let kept_mac = match config.backend {
+        Backend::Vxlan { vni, .. } => {
+            retrying(
+                &settings,
+                &config_key,
+                &mut client,
+                "reading this host's lease",
+                async |c| lease::published_vtep_mac(c, &prefix, public_ip, &config, vni).await,
+            )
+            .await?
+        }
+        _ => None,
+    };
+    let overlay = build_overlay(
+        &cli,
+        &config.backend,
+        public_ip,
+        kept_mac,
+        underlay.as_ref(),
+    )?;
     let params = lease_params(&cli, prefix, &config, public_ip, overlay.as_ref());
 
     health.lease_lost(NoLease::Acquiring);
@@ -678,11 +698,21 @@ fn build_overlay(
     cli: &Cli,
     backend: &Backend,
     public_ip: Ipv4Addr,
+    kept_mac: Option<Mac>,
     underlay: Option<&Underlay>,
 ) -> Result<Option<Overlay>, DaemonError> {
-    let Some(spec) = OverlaySpec::new(backend, public_ip) else {
+    let Some(mut spec) = OverlaySpec::new(backend, public_ip) else {
         return Ok(None);
     };
+    if let Some(mac) = kept_mac
+        && mac != spec.vtep_mac()
+    {
+        tracing::info!(
+            "keeping VtepMAC {mac}, which this host's lease already publishes (flanneld's?), so \
+             peers need no update"
+        );
+        spec = spec.keeping_vtep_mac(mac);
+    }
     let options = EbpfOptions {
         bpffs: Some(cli.bpffs.clone()),
         decap: match cli.decap {

@@ -150,6 +150,9 @@ pub struct OverlaySpec {
     pub format: Format,
     /// The address peers send to.
     pub public_ip: Ipv4Addr,
+    /// vxlan: the inner destination MAC peers address this host by. Derived from the public IP,
+    /// unless a lease of ours already published one (see [`OverlaySpec::keeping_vtep_mac`]).
+    vtep_mac: Mac,
 }
 
 impl OverlaySpec {
@@ -160,7 +163,24 @@ impl OverlaySpec {
             Backend::Vxlan { vni, port, .. } => Format::Vxlan { vni, port },
             Backend::Alloc => return None,
         };
-        Some(Self { format, public_ip })
+        Some(Self {
+            format,
+            public_ip,
+            vtep_mac: Mac::vtep_for(public_ip),
+        })
+    }
+
+    /// The same spec answering to `mac`, the VtepMAC a lease of ours already publishes (flanneld's
+    /// on a host taken over from it): peers then need no update, and a flanneld peer, whose watch
+    /// can miss an update, keeps sending to the right MAC. Ignored for udp, which has no MAC.
+    pub fn keeping_vtep_mac(self, mac: Mac) -> Self {
+        match self.format {
+            Format::Udp { .. } => self,
+            Format::Vxlan { .. } => Self {
+                vtep_mac: mac,
+                ..self
+            },
+        }
     }
 
     /// The map-level wire format.
@@ -202,9 +222,9 @@ impl OverlaySpec {
         }
     }
 
-    /// This host's VtepMAC: the inner destination its peers use, derived from the public IP.
+    /// This host's VtepMAC: the inner destination its peers use.
     pub fn vtep_mac(&self) -> Mac {
-        Mac::vtep_for(self.public_ip)
+        self.vtep_mac
     }
 
     /// The `BackendData` to publish in our lease: vxlan's VNI and VtepMAC, nothing for udp.
@@ -459,7 +479,16 @@ pub trait Datapath: Send {
     fn check(&self) -> Result<(), Unhealthy> {
         Ok(())
     }
+
+    /// Called every [`POLL_INTERVAL`] after `start`: finishes work that waits on something
+    /// outside the agent (a takeover waiting for flanneld to release its device).
+    fn poll(&mut self) -> Result<(), DatapathError> {
+        Ok(())
+    }
 }
+
+/// How often [`Datapath::poll`] runs.
+pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One datapath driven by the contract's rules: the daemon's only view of the dataplane.
 pub struct Overlay {
@@ -529,6 +558,14 @@ impl Overlay {
     /// The initial peer list is complete.
     pub fn synced(&mut self) -> Result<(), DatapathError> {
         self.datapath.synced()
+    }
+
+    /// See [`Datapath::poll`]; nothing before `start`.
+    pub fn poll(&mut self) -> Result<(), DatapathError> {
+        if self.lease.is_none() {
+            return Ok(());
+        }
+        self.datapath.poll()
     }
 
     /// `Ok` while the datapath forwards as the peers say.

@@ -346,6 +346,19 @@ impl Netlink {
         Ok(())
     }
 
+    /// Deletes the interface `index` (`name` is for the error), with its addresses and routes.
+    pub async fn delete_link(&self, index: u32, name: &str) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                operation: format!("deleting {name}"),
+                source,
+            })
+    }
+
     /// Adds or replaces the route `dst/prefix_len dev index`.
     pub async fn replace_route(
         &self,
@@ -464,6 +477,47 @@ impl Netlink {
             ));
         }
         Ok(out)
+    }
+
+    /// Deletes every main-table IPv4 route through interface `index`, one by one, each an atomic
+    /// change: a less specific route elsewhere takes each one's traffic the moment it goes.
+    /// Returns how many went.
+    pub async fn delete_routes_via(&self, index: u32) -> Result<usize, NetlinkError> {
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        let mut through = Vec::new();
+        while let Some(m) = routes
+            .try_next()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                operation: "listing routes".into(),
+                source,
+            })?
+        {
+            let oif = m.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            if route_table(&m) == MAIN_TABLE && oif == Some(index) {
+                through.push(m);
+            }
+        }
+        let n = through.len();
+        for route in through {
+            self.handle
+                .route()
+                .del(route)
+                .execute()
+                .await
+                .map_err(|source| NetlinkError::Request {
+                    operation: format!("deleting a route through interface {index}"),
+                    source,
+                })?;
+        }
+        Ok(n)
     }
 
     /// Adds the blackhole route `dst/prefix_len metric metric` unless it is there; true when it

@@ -23,10 +23,9 @@ pub enum OverlayDeviceError {
     /// A netlink operation failed.
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
-    /// A device of another kind holds the overlay device's name.
+    /// A device the agent cannot take over holds the overlay device's name.
     #[error(
-        "{name} exists and is a {kind} device, not the agent's TUN (left by flanneld's vxlan \
-         backend?); remove it first: ip link del {name}"
+        "{name} exists and is a {kind} device, which overlay-agent does not take over; remove it first: ip link del {name}"
     )]
     Occupied {
         /// The device name.
@@ -34,7 +33,38 @@ pub enum OverlayDeviceError {
         /// Its kind.
         kind: String,
     },
+    /// A running process (flanneld's udp backend) holds the TUN device, and with it the UDP port:
+    /// the TUN datapath, which needs both, cannot start beside it.
+    #[error(
+        "{name} is held by a running process (flanneld's udp backend?), which also holds its UDP \
+         port: stop it first, or run --datapath=ebpf, which takes over while it runs"
+    )]
+    HeldByProcess {
+        /// The device name.
+        name: String,
+    },
 }
+
+/// What holds the overlay device's name when the agent starts: what it finds on a host where
+/// flanneld ran, or an earlier run of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Occupant {
+    /// Nothing: a fresh host, or flanneld's udp device gone with flanneld.
+    Free,
+    /// A persistent TUN: an earlier run's own, kept with its addresses and routes.
+    OwnTun,
+    /// A TUN that exists only while a process holds it open: a running flanneld's `flannel0`.
+    /// It vanishes, with its routes, when flanneld stops.
+    LiveTun,
+    /// flanneld's `flannel.<VNI>`: a kernel vxlan device, which forwards through its FDB,
+    /// neighbour and route entries whether flanneld runs or not.
+    KernelVxlan,
+    /// Any other kind of device.
+    Other(String),
+}
+
+/// `IFF_PERSIST` in a TUN device's `tun_flags`.
+const IFF_PERSIST: u32 = 0x0800;
 
 /// How the overlay device must look.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,19 +81,60 @@ pub struct OverlayDevice {
     pub network: (Ipv4Addr, u8),
 }
 
+/// The TUN device that carries the overlay while flanneld's device still holds the name: the
+/// Network is routed to it, with the same encapsulation attached, until the agent's own device
+/// takes the name and the route. Never left behind by a finished takeover; teardown removes it
+/// after a crash in between.
+pub const HANDOVER_DEVICE: &str = "flannel-handovr";
+
 impl OverlayDevice {
-    /// Creates or updates the device; idempotent. Returns its interface index.
-    pub async fn ensure(&self, netlink: &Netlink) -> Result<u32, OverlayDeviceError> {
-        // flanneld's vxlan backend leaves a kernel vxlan device under the very name we use.
+    /// What holds this device's name now.
+    pub async fn occupant(&self, netlink: &Netlink) -> Result<Occupant, NetlinkError> {
         match netlink.link(&self.name).await {
-            Ok(existing) if existing.kind.as_deref().is_some_and(|k| k != "tun") => {
-                return Err(OverlayDeviceError::Occupied {
+            Err(NetlinkError::NoSuchLink { .. }) => Ok(Occupant::Free),
+            Err(e) => Err(e),
+            Ok(link) => Ok(match link.kind.as_deref() {
+                Some("tun") => match tun_flags(&self.name) {
+                    Some(flags) if flags & IFF_PERSIST == 0 => Occupant::LiveTun,
+                    _ => Occupant::OwnTun,
+                },
+                Some("vxlan") => Occupant::KernelVxlan,
+                kind => Occupant::Other(kind.unwrap_or("unknown").to_owned()),
+            }),
+        }
+    }
+
+    /// The same layout on [`HANDOVER_DEVICE`].
+    pub fn handover(&self) -> Self {
+        Self {
+            name: HANDOVER_DEVICE.into(),
+            ..self.clone()
+        }
+    }
+
+    /// Creates the device (or keeps the agent's own) with its MTU and address, up, without the
+    /// Network route: the caller attaches what forwards first, then calls [`Self::route`], so
+    /// no packet reaches a device that cannot forward it. Returns its interface index.
+    pub async fn prepare(&self, netlink: &Netlink) -> Result<u32, OverlayDeviceError> {
+        match self.occupant(netlink).await? {
+            Occupant::Free | Occupant::OwnTun => {}
+            Occupant::LiveTun => {
+                return Err(OverlayDeviceError::HeldByProcess {
                     name: self.name.clone(),
-                    kind: existing.kind.unwrap_or_default(),
                 });
             }
-            Ok(_) | Err(NetlinkError::NoSuchLink { .. }) => {}
-            Err(e) => return Err(e.into()),
+            Occupant::KernelVxlan => {
+                return Err(OverlayDeviceError::Occupied {
+                    name: self.name.clone(),
+                    kind: "vxlan".into(),
+                });
+            }
+            Occupant::Other(kind) => {
+                return Err(OverlayDeviceError::Occupied {
+                    name: self.name.clone(),
+                    kind,
+                });
+            }
         }
         create_persistent_tun(&self.name)?;
         let link = netlink.link(&self.name).await?;
@@ -71,11 +142,49 @@ impl OverlayDevice {
         netlink
             .set_only_ipv4(link.index, self.lease_addr, self.addr_prefix_len)
             .await?;
-        netlink
-            .replace_route(self.network.0, self.network.1, link.index)
-            .await?;
         Ok(link.index)
     }
+
+    /// Routes the Network to the device at `index`, replacing the route that had the key (the
+    /// previous device's, flanneld's or the handover device's) in one step.
+    pub async fn route(&self, netlink: &Netlink, index: u32) -> Result<(), OverlayDeviceError> {
+        netlink
+            .replace_route(self.network.0, self.network.1, index)
+            .await?;
+        Ok(())
+    }
+
+    /// Moves the traffic of the device of this name elsewhere, then deletes it. Its routes go
+    /// first, one atomic change each, so what they carried takes the Network route at once;
+    /// deleting a device that still carries traffic takes tens of milliseconds, during which the
+    /// kernel drops what it routes there.
+    pub async fn drain_and_delete(&self, netlink: &Netlink) -> Result<usize, OverlayDeviceError> {
+        let link = match netlink.link(&self.name).await {
+            Ok(link) => link,
+            Err(NetlinkError::NoSuchLink { .. }) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        let moved = netlink.delete_routes_via(link.index).await?;
+        netlink.delete_link(link.index, &self.name).await?;
+        Ok(moved)
+    }
+
+    /// Deletes the device of this name, whatever made it (flanneld's vxlan device once the
+    /// handover device carries its traffic; the handover device once the agent's own does).
+    pub async fn delete(&self, netlink: &Netlink) -> Result<(), OverlayDeviceError> {
+        match netlink.link(&self.name).await {
+            Ok(link) => Ok(netlink.delete_link(link.index, &self.name).await?),
+            Err(NetlinkError::NoSuchLink { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// A TUN device's flags, from sysfs (`0x1001`-style hex).
+fn tun_flags(name: &str) -> Option<u32> {
+    let text =
+        std::fs::read_to_string(Path::new("/sys/class/net").join(name).join("tun_flags")).ok()?;
+    u32::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()
 }
 
 /// Why an overlay device could not be removed.
@@ -112,9 +221,11 @@ pub struct Removed {
     pub errors: Vec<RemoveDevicesError>,
 }
 
-/// Whether `name` is an overlay device name the agent uses: `flannel0` or `flannel.<VNI>`.
+/// Whether `name` is an overlay device name the agent uses: `flannel0`, `flannel.<VNI>` or the
+/// handover device.
 pub fn is_overlay_name(name: &str) -> bool {
     name == "flannel0"
+        || name == HANDOVER_DEVICE
         || name
             .strip_prefix("flannel.")
             .is_some_and(|vni| !vni.is_empty() && vni.bytes().all(|b| b.is_ascii_digit()))
@@ -206,7 +317,7 @@ mod tests {
 
     #[test]
     fn overlay_names() {
-        for ok in ["flannel0", "flannel.1", "flannel.4096"] {
+        for ok in ["flannel0", "flannel.1", "flannel.4096", HANDOVER_DEVICE] {
             assert!(is_overlay_name(ok), "{ok}");
         }
         for no in [

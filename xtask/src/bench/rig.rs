@@ -8,11 +8,13 @@
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use overlay_tests::{
+    flanneld::{self, UdpProxy},
     lab::{Host, Lab, LabConfig, SubnetEnv, UNDERLAY_IF},
     netns::NsProcess,
 };
@@ -21,7 +23,6 @@ use super::{
     etcd::{ETCD_IP, Etcd},
     interrupted,
     metrics::{IPERF_PORT, SOCKPERF_PORT},
-    proxy::{self, UdpProxy},
     tcp_cc::TcpCc,
 };
 
@@ -128,6 +129,12 @@ impl From<overlay_tests::cluster::ClusterError> for SetupError {
     }
 }
 
+impl From<overlay_tests::flanneld::FlanneldError> for SetupError {
+    fn from(e: overlay_tests::flanneld::FlanneldError) -> Self {
+        SetupError::Failed(e.into())
+    }
+}
+
 impl From<overlay_tests::netns::NetNsError> for SetupError {
     fn from(e: overlay_tests::netns::NetNsError) -> Self {
         SetupError::Failed(e.into())
@@ -206,26 +213,29 @@ impl Rig {
                     let routes = self
                         .peers(host)
                         .into_iter()
-                        .map(|peer| proxy::Route {
+                        .map(|peer| flanneld::Route {
                             subnet: Ipv4Addr::new(172, 16, peer as u8, 0),
                             prefix_len: 24,
                             next_hop: SocketAddrV4::new(
                                 Ipv4Addr::new(198, 18, 0, peer as u8),
-                                proxy::UDP_PORT,
+                                flanneld::UDP_PORT,
                             ),
                         })
                         .collect();
-                    active
-                        .proxies
-                        .push(UdpProxy::start(&host.ns, routes, 1472)?);
+                    active.proxies.push(UdpProxy::start(
+                        &host.ns,
+                        host.underlay_ip,
+                        Arc::new(Mutex::new(routes)),
+                        1472,
+                    )?);
                     // As flanneld configures flannel0: the lease's address with the network's
                     // prefix (the kernel adds the route of the whole network via the TUN), MTU
                     // underlay - 28.
                     let addr = format!("172.16.{}.0/12", host.number);
                     host.ns
-                        .ip(&["addr", "add", &addr, "dev", proxy::TUN_NAME])?;
+                        .ip(&["addr", "add", &addr, "dev", flanneld::TUN_NAME])?;
                     host.ns
-                        .ip(&["link", "set", proxy::TUN_NAME, "mtu", "1472", "up"])?;
+                        .ip(&["link", "set", flanneld::TUN_NAME, "mtu", "1472", "up"])?;
                 }
                 envs
             }

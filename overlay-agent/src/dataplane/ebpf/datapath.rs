@@ -8,7 +8,10 @@ use super::{DecapHook, EbpfDataplane, EbpfError, pins::Pins};
 use crate::{
     control::subnet::Subnet,
     dataplane::contract::{Datapath, DatapathError, LocalLease, OverlaySpec, PeerRoute, Unhealthy},
-    host::Netlink,
+    host::{
+        Netlink,
+        overlay::{HANDOVER_DEVICE, Occupant, OverlayDevice, OverlayDeviceError},
+    },
 };
 
 /// Operator choices for the eBPF datapath.
@@ -30,6 +33,17 @@ pub struct EbpfDatapath {
     /// Netlink is async; the datapath's calls are not, and run on a thread of their own.
     runtime: tokio::runtime::Runtime,
     started: bool,
+    /// What flanneld left, taken over once the peers are programmed (`synced`).
+    takeover: Option<Takeover>,
+    /// The device a running flanneld still holds; the handover device forwards until it is gone.
+    waiting_for: Option<OverlayDevice>,
+}
+
+/// A takeover waiting for the initial peer list.
+struct Takeover {
+    device: OverlayDevice,
+    occupant: Occupant,
+    underlay: String,
 }
 
 impl EbpfDatapath {
@@ -47,8 +61,107 @@ impl EbpfDatapath {
             dataplane,
             runtime,
             started: false,
+            takeover: None,
+            waiting_for: None,
         })
     }
+}
+
+impl EbpfDatapath {
+    fn netlink(&self, device: &str) -> Result<Netlink, DatapathError> {
+        let _guard = self.runtime.enter();
+        Netlink::connect().map_err(|e| device_error(device)(e.into()))
+    }
+
+    /// Takes over what flanneld left, in the order that keeps forwarding: arriving traffic to the
+    /// programs, the Network to the handover device, then flanneld's device goes (vxlan) or is
+    /// waited for (a running flanneld's udp device, see `poll`).
+    fn take_over(&mut self, takeover: Takeover) -> Result<(), DatapathError> {
+        let Takeover {
+            device,
+            occupant,
+            underlay,
+        } = takeover;
+        let netlink = self.netlink(&device.name)?;
+        self.dataplane
+            .attach_decap(&underlay, self.options.decap)
+            .map_err(ebpf("attaching the decapsulation program"))?;
+        self.carry_on_handover(&netlink, &device)?;
+        if occupant == Occupant::LiveTun {
+            tracing::info!(
+                "{} is held by a running process (flanneld?): forwarding through {} until it \
+                 stops; stop it now (systemctl disable --now flanneld)",
+                device.name,
+                HANDOVER_DEVICE
+            );
+            self.waiting_for = Some(device);
+        } else {
+            // The kernel device forwards until its per-peer routes go; the handover device,
+            // routed the whole Network meanwhile, carries what each carried.
+            let moved = self
+                .runtime
+                .block_on(device.drain_and_delete(&netlink))
+                .map_err(device_error(&device.name))?;
+            self.take_name(&netlink, &device)?;
+            tracing::info!(
+                "took over {} from flanneld's vxlan device ({moved} route(s) moved): its traffic \
+                 is encapsulated by the eBPF programs, with the same VtepMAC",
+                device.name
+            );
+        }
+        self.dataplane.prune_pins();
+        Ok(())
+    }
+
+    /// The Network routed to the handover device, encapsulated there by the same program: the
+    /// device flanneld left may then go without a packet finding no route.
+    fn carry_on_handover(
+        &mut self,
+        netlink: &Netlink,
+        device: &OverlayDevice,
+    ) -> Result<(), DatapathError> {
+        let handover = device.handover();
+        let index = self
+            .runtime
+            .block_on(handover.prepare(netlink))
+            .map_err(device_error(&handover.name))?;
+        self.dataplane
+            .attach_encap(&handover.name)
+            .map_err(ebpf("attaching the encapsulation program"))?;
+        self.runtime
+            .block_on(handover.route(netlink, index))
+            .map_err(device_error(&handover.name))
+    }
+
+    /// The agent's own device under the overlay name: made (or kept), encapsulating, then routed
+    /// the Network in one replace, after which a handover device, if any, carries nothing and goes.
+    fn take_name(
+        &mut self,
+        netlink: &Netlink,
+        device: &OverlayDevice,
+    ) -> Result<(), DatapathError> {
+        let index = self
+            .runtime
+            .block_on(device.prepare(netlink))
+            .map_err(device_error(&device.name))?;
+        self.dataplane
+            .attach_encap(&device.name)
+            .map_err(ebpf("attaching the encapsulation program"))?;
+        self.runtime
+            .block_on(device.route(netlink, index))
+            .map_err(device_error(&device.name))?;
+        let handover = device.handover();
+        self.runtime
+            .block_on(handover.delete(netlink))
+            .map_err(device_error(&handover.name))?;
+        self.dataplane.forget_encap(&handover.name);
+        Ok(())
+    }
+}
+
+fn device_error(device: &str) -> impl FnOnce(OverlayDeviceError) -> DatapathError {
+    let device = device.to_owned();
+    move |source| DatapathError::Device { device, source }
 }
 
 fn ebpf(op: &'static str) -> impl FnOnce(EbpfError) -> DatapathError {
@@ -88,34 +201,59 @@ impl Datapath for EbpfDatapath {
     fn start(&mut self, spec: &OverlaySpec, lease: &LocalLease) -> Result<(), DatapathError> {
         let device = spec.device(lease);
         let underlay = &lease.underlay;
-        let underlay_index = self.runtime.block_on(async {
-            let netlink = Netlink::connect().map_err(|source| DatapathError::Underlay {
-                interface: underlay.name.clone(),
-                source,
-            })?;
-            device
-                .ensure(&netlink)
-                .await
-                .map_err(|source| DatapathError::Device {
-                    device: device.name.clone(),
-                    source,
-                })?;
-            netlink
+        let netlink = self.netlink(&device.name)?;
+        let (underlay_index, occupant) = self.runtime.block_on(async {
+            let index = netlink
                 .link(&underlay.name)
                 .await
                 .map(|l| l.index)
                 .map_err(|source| DatapathError::Underlay {
                     interface: underlay.name.clone(),
                     source,
-                })
+                })?;
+            let occupant = device
+                .occupant(&netlink)
+                .await
+                .map_err(|e| device_error(&device.name)(e.into()))?;
+            Ok::<_, DatapathError>((index, occupant))
         })?;
         relax_rp_filter(&underlay.name);
         self.dataplane
             .configure(&spec.program_config(lease, underlay_index, self.options.deliver_via_stack))
             .map_err(ebpf("configuring the eBPF programs"))?;
-        self.dataplane
-            .attach(&device.name, &underlay.name, self.options.decap)
-            .map_err(ebpf("attaching the eBPF programs"))?;
+        match occupant {
+            Occupant::Free | Occupant::OwnTun => {
+                self.dataplane
+                    .attach_decap(&underlay.name, self.options.decap)
+                    .map_err(ebpf("attaching the decapsulation program"))?;
+                self.take_name(&netlink, &device)?;
+                self.dataplane.prune_pins();
+            }
+            Occupant::KernelVxlan | Occupant::LiveTun => {
+                // flanneld forwards until the programs know every peer: taking its traffic any
+                // earlier would refuse it.
+                tracing::info!(
+                    "{} was left by flanneld{}: taking it over once the peers are programmed",
+                    device.name,
+                    if occupant == Occupant::LiveTun {
+                        ", which still runs"
+                    } else {
+                        ""
+                    }
+                );
+                self.takeover = Some(Takeover {
+                    device: device.clone(),
+                    occupant,
+                    underlay: underlay.name.clone(),
+                });
+            }
+            Occupant::Other(kind) => {
+                return Err(device_error(&device.name)(OverlayDeviceError::Occupied {
+                    name: device.name.clone(),
+                    kind,
+                }));
+            }
+        }
         // Direct delivery needs TC decap (bpf_redirect_peer) and an operator who did not ask for
         // the stack.
         if self.options.decap == DecapHook::Tc && !self.options.deliver_via_stack {
@@ -134,6 +272,29 @@ impl Datapath for EbpfDatapath {
             underlay.name
         );
         self.started = true;
+        Ok(())
+    }
+
+    fn poll(&mut self) -> Result<(), DatapathError> {
+        let Some(device) = self.waiting_for.clone() else {
+            return Ok(());
+        };
+        let netlink = self.netlink(&device.name)?;
+        let occupant = self
+            .runtime
+            .block_on(device.occupant(&netlink))
+            .map_err(|e| device_error(&device.name)(e.into()))?;
+        if occupant == Occupant::LiveTun {
+            return Ok(());
+        }
+        self.take_name(&netlink, &device)?;
+        self.dataplane.prune_pins();
+        self.waiting_for = None;
+        tracing::info!(
+            "the process holding {0} stopped; {0} is now the agent's, and {1} is gone",
+            device.name,
+            HANDOVER_DEVICE
+        );
         Ok(())
     }
 
@@ -162,6 +323,9 @@ impl Datapath for EbpfDatapath {
             .map_err(ebpf("removing stale peers"))?;
         if removed > 0 {
             tracing::info!("removed {removed} peer(s) left by the previous run and gone since");
+        }
+        if let Some(takeover) = self.takeover.take() {
+            self.take_over(takeover)?;
         }
         Ok(())
     }

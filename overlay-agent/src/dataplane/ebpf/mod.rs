@@ -175,6 +175,8 @@ pub struct EbpfDataplane {
     /// Peer subnets found in maps reused from an earlier run and not confirmed since: kept (so
     /// traffic flows through the restart) until [`EbpfDataplane::remove_stale_peers`].
     stale_peers: HashSet<Subnet>,
+    /// (program, interface) of every attachment made, so pins of any other are stale.
+    attached: Vec<(&'static str, String)>,
 }
 
 impl EbpfDataplane {
@@ -214,6 +216,7 @@ impl EbpfDataplane {
             peers: HashMap::new(),
             pins,
             stale_peers: HashSet::new(),
+            attached: Vec::new(),
         };
         let trie: LpmTrie<&mut MapData, [u8; 4], Peer> = dataplane.map_mut(PEERS_MAP)?;
         let stale = trie
@@ -282,19 +285,27 @@ impl EbpfDataplane {
 
     /// Attaches `tc_encap` to the overlay device's egress and `tc_decap` to the underlay's ingress
     /// (interfaces looked up in the calling thread's network namespace; tcx links on kernels >= 6.6,
-    /// clsact before).
+    /// clsact before), then drops pins of other interfaces ([`Self::prune_pins`]).
     ///
-    /// With pins, the links are pinned (so the programs stay attached when the agent exits), links
-    /// an earlier run pinned on the same interfaces get the new programs swapped in atomically, and
-    /// pins for other interfaces or map versions are removed.
+    /// With pins, the links are pinned (so the programs stay attached when the agent exits), and
+    /// links an earlier run pinned on the same interfaces get the new programs swapped in
+    /// atomically.
     pub fn attach(
         &mut self,
         overlay_if: &str,
         underlay_if: &str,
         decap: DecapHook,
     ) -> Result<(), EbpfError> {
-        self.attach_tc(programs::TC_ENCAP, overlay_if, TcAttachType::Egress)?;
-        let decap_program = match decap {
+        self.attach_decap(underlay_if, decap)?;
+        self.attach_encap(overlay_if)?;
+        self.prune_pins();
+        Ok(())
+    }
+
+    /// Attaches the decapsulation program to the underlay's ingress: from then on, this host's
+    /// overlay traffic arriving there is this dataplane's, whatever else listens on the port.
+    pub fn attach_decap(&mut self, underlay_if: &str, decap: DecapHook) -> Result<(), EbpfError> {
+        let program = match decap {
             DecapHook::Tc => {
                 self.attach_tc(programs::TC_DECAP, underlay_if, TcAttachType::Ingress)?;
                 programs::TC_DECAP
@@ -304,16 +315,40 @@ impl EbpfDataplane {
                 programs::XDP_DECAP
             }
         };
+        self.attached.push((program, underlay_if.to_owned()));
+        Ok(())
+    }
+
+    /// Attaches `tc_encap` to `overlay_if`'s egress. During a takeover two devices carry it: the
+    /// handover device and, once it holds the name, the agent's own.
+    pub fn attach_encap(&mut self, overlay_if: &str) -> Result<(), EbpfError> {
+        self.attach_tc(programs::TC_ENCAP, overlay_if, TcAttachType::Egress)?;
+        self.attached
+            .push((programs::TC_ENCAP, overlay_if.to_owned()));
+        Ok(())
+    }
+
+    /// Forgets the encapsulation on `overlay_if`, a device that is gone (its link went with it),
+    /// and removes that link's pin.
+    pub fn forget_encap(&mut self, overlay_if: &str) {
+        self.attached
+            .retain(|(p, i)| !(*p == programs::TC_ENCAP && i == overlay_if));
+        self.prune_pins();
+    }
+
+    /// Removes pins of links on interfaces this dataplane did not attach to, and of other map
+    /// versions: what an earlier run left on devices since renamed, replaced or deleted.
+    pub fn prune_pins(&self) {
         if let Some(pins) = &self.pins {
-            let keep = [
-                pins.link_path(programs::TC_ENCAP, overlay_if),
-                pins.link_path(decap_program, underlay_if),
-            ];
+            let keep: Vec<PathBuf> = self
+                .attached
+                .iter()
+                .map(|(program, interface)| pins.link_path(program, interface))
+                .collect();
             for err in pins.remove_stale(&keep) {
                 tracing::warn!("removing stale pinned objects: {err}");
             }
         }
-        Ok(())
     }
 
     fn attach_xdp(&mut self, interface: &str, mode: XdpMode) -> Result<(), EbpfError> {

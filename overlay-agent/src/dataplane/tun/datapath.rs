@@ -16,7 +16,11 @@ use super::{
 use crate::{
     control::subnet::Subnet,
     dataplane::contract::{Datapath, DatapathError, LocalLease, OverlaySpec, Unhealthy},
-    host::{Netlink, tun as host_tun},
+    host::{
+        Netlink,
+        overlay::{Occupant, OverlayDeviceError},
+        tun as host_tun,
+    },
 };
 
 /// ICMP "destination unreachable" answers per second and worker.
@@ -90,32 +94,51 @@ impl Datapath for TunDatapath {
     fn start(&mut self, spec: &OverlaySpec, lease: &LocalLease) -> Result<(), DatapathError> {
         let device = spec.device(lease);
         let name = device.name.clone();
-        if host_tun::is_multi_queue(&name) == Some(false) {
-            // The kernel cannot attach a second queue to a single-queue TUN; recreating it loses
-            // its addresses and routes (re-added just below) and any program attached to it.
-            tracing::warn!(
-                "{name} is a single-queue TUN device (made by an older version); recreating it \
-                 as multi-queue"
-            );
-            host_tun::delete_persistent_tun(&name).map_err(|source| DatapathError::TunDevice {
-                device: name.clone(),
-                source,
-            })?;
+        let device_error = |source: OverlayDeviceError| DatapathError::Device {
+            device: name.clone(),
+            source,
+        };
+        let netlink = {
+            let _guard = self.runtime.enter();
+            Netlink::connect().map_err(|e| device_error(e.into()))?
+        };
+        let occupant = self
+            .runtime
+            .block_on(device.occupant(&netlink))
+            .map_err(|e| device_error(e.into()))?;
+        match occupant {
+            Occupant::KernelVxlan => {
+                // flanneld's vxlan device holds the name, and its socket the port: both must go
+                // before this datapath can have them. Forwarding pauses until the forwarder runs.
+                tracing::warn!(
+                    "deleting flanneld's vxlan device {name}: the TUN datapath needs its name and \
+                     port (the eBPF datapath takes over without a pause)"
+                );
+                self.runtime
+                    .block_on(device.delete(&netlink))
+                    .map_err(device_error)?;
+            }
+            Occupant::OwnTun if host_tun::is_multi_queue(&name) == Some(false) => {
+                // The kernel cannot attach a second queue to a single-queue TUN; recreating it
+                // loses its addresses and routes (re-added just below) and any program attached.
+                tracing::warn!(
+                    "{name} is a single-queue TUN device (made by an older version); recreating \
+                     it as multi-queue"
+                );
+                host_tun::delete_persistent_tun(&name).map_err(|source| {
+                    DatapathError::TunDevice {
+                        device: name.clone(),
+                        source,
+                    }
+                })?;
+            }
+            // A running flanneld's flannel0 is refused by prepare, naming the process.
+            _ => {}
         }
-        self.runtime.block_on(async {
-            let netlink = Netlink::connect().map_err(|e| DatapathError::Device {
-                device: name.clone(),
-                source: e.into(),
-            })?;
-            device
-                .ensure(&netlink)
-                .await
-                .map(|_| ())
-                .map_err(|source| DatapathError::Device {
-                    device: name.clone(),
-                    source,
-                })
-        })?;
+        let index = self
+            .runtime
+            .block_on(device.prepare(&netlink))
+            .map_err(device_error)?;
         if let Err(e) = host_tun::set_tx_queue_len(&name, host_tun::DATAPATH_TX_QUEUE_LEN) {
             // Forwarding works without it, only drops more under load.
             tracing::warn!("{e}; {name} keeps its transmit queue length");
@@ -140,6 +163,13 @@ impl Datapath for TunDatapath {
             device: name.clone(),
             source,
         })?;
+        // Routed only now that the forwarder reads the device.
+        self.runtime
+            .block_on(device.route(&netlink, index))
+            .map_err(|source| DatapathError::Device {
+                device: name.clone(),
+                source,
+            })?;
         tracing::info!(
             device = %name,
             "TUN datapath up: forwarding {name} <-> UDP port {} in user space, {}",
