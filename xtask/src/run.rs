@@ -6,10 +6,12 @@
 //! `--bip=FLANNEL_SUBNET --mtu=FLANNEL_MTU` and a container behind it) -> every container pings
 //! every other. `--once` verifies and exits; otherwise the lab stays up until Ctrl-C.
 //!
-//! `--host -- <flags>` builds the agent and runs it on this machine instead.
+//! `--host -- <flags>` builds the agent and runs it on this machine instead;
+//! `--migrate-from-flannel` migrates a running flannel cluster instead (see `migrate`).
 
 mod cleanup;
 mod lab;
+mod migrate;
 
 use std::{os::unix::process::CommandExt as _, process::Command};
 
@@ -61,6 +63,11 @@ pub struct Options {
     /// Build the agent without optimisations (quicker to build).
     #[arg(long)]
     pub debug_agent: bool,
+    /// Instead of the article's lab: a running flannel cluster (flanneld stand-ins) migrated to
+    /// the agent host by host and rolled back, every container pinging every other at 20/s;
+    /// prints the pings lost in each host swap.
+    #[arg(long, conflicts_with_all = ["host", "hosts", "once"])]
+    pub migrate_from_flannel: bool,
     /// Skip `setup` (when you know everything is installed).
     #[arg(long)]
     pub no_setup: bool,
@@ -96,6 +103,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         return run_on_host(&binary, &opts.agent_args);
     }
     cleanup::check_interrupted()?;
+    if opts.migrate_from_flannel {
+        return migrate::migrate(opts, &binary);
+    }
     let result = lab::lab(opts, &binary);
     if cleanup::interrupted() && opts.once {
         eprintln!("==> run: interrupted; lab removed");
