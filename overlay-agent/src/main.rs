@@ -8,7 +8,7 @@ use overlay_agent::{
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse_args();
     match &cli.command {
-        Some(Command::Teardown(_)) => return teardown::main(&cli.bpffs),
+        Some(Command::Teardown(args)) => return teardown::main(&cli.bpffs, args),
         Some(Command::DockerOpts(args)) => return docker_opts::main(args, &cli.subnet_file),
         None => {}
     }

@@ -19,7 +19,15 @@ use crate::{
 
 /// `overlay-agent teardown` flags (the pin directory is the global `--bpffs`).
 #[derive(Debug, Clone, Default, clap::Args)]
-pub struct TeardownArgs {}
+pub struct TeardownArgs {
+    /// Hand the host back to flanneld, still forwarding: with vxlan, the agent's device is
+    /// replaced by flanneld's kernel `flannel.<VNI>` with this host's VtepMAC and every peer's
+    /// neighbour, FDB entry and route, which the kernel forwards by until flanneld starts and
+    /// keeps it; flanneld's chains and the blackhole route stay for it. With udp there is nothing
+    /// to hand back (flanneld forwards in its own process): as without the flag.
+    #[arg(long)]
+    pub to_flanneld: bool,
+}
 
 /// What could not be removed, or why a teardown is unsafe.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +63,15 @@ pub enum TeardownError {
     /// A netfilter chain or rule could not be removed.
     #[error(transparent)]
     Netfilter(#[from] iptables::IptablesError),
+    /// Handing the host back to flanneld failed at one step (what came before it stays, and
+    /// the rest of the teardown runs).
+    #[error("handing back to flanneld: {what}: {reason}")]
+    HandBack {
+        /// The step.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// What a teardown did.
@@ -93,20 +110,211 @@ fn running_agents() -> Vec<u32> {
         .collect()
 }
 
-/// Removes the overlay devices and the pins under `bpffs`, collecting every failure.
-pub async fn teardown(bpffs: &Path) -> Report {
+/// Removes the overlay devices and the pins under `bpffs`, collecting every failure; with
+/// `to_flanneld`, first lays the host out for flanneld (see [`TeardownArgs::to_flanneld`]).
+pub async fn teardown(bpffs: &Path, args: &TeardownArgs) -> Report {
     let mut report = Report::default();
-    for pid in running_agents() {
+    let agents = running_agents();
+    for &pid in &agents {
         report.errors.push(TeardownError::AgentRunning { pid });
     }
-    devices(&mut report).await;
-    match Netlink::connect() {
-        Ok(netlink) => blackhole_routes(&netlink, &mut report).await,
-        Err(e) => report.errors.push(TeardownError::Netlink(e)),
+    if args.to_flanneld {
+        if !agents.is_empty() {
+            return report;
+        }
+        match hand_back(bpffs).await {
+            Ok(HandBack::Bridge(line)) => {
+                // The bridge forwards until flanneld does: nothing else may go yet.
+                report.notes.push(line);
+                return report;
+            }
+            Ok(HandBack::Done(line)) => report.removed.push(line),
+            Ok(HandBack::Nothing) => report.notes.push(
+                "nothing to hand back to flanneld: no eBPF dataplane of the agent here (the TUN \
+                 datapath forwards in the agent's process)"
+                    .into(),
+            ),
+            Err(e) => {
+                report.errors.push(e);
+                return report;
+            }
+        }
     }
+    devices(&mut report).await;
+    // After the devices: the programs deliver arriving traffic until then.
     pins(bpffs, &mut report);
-    netfilter(&mut report);
+    if args.to_flanneld {
+        report
+            .notes
+            .push("left flanneld's iptables chains and blackhole route to flanneld".into());
+    } else {
+        match Netlink::connect() {
+            Ok(netlink) => blackhole_routes(&netlink, &mut report).await,
+            Err(e) => report.errors.push(TeardownError::Netlink(e)),
+        }
+        netfilter(&mut report);
+    }
     report
+}
+
+/// What [`hand_back`] did.
+enum HandBack {
+    /// The host is flanneld's, forwarding; the rest of the teardown may run.
+    Done(String),
+    /// udp: a bridge forwards until flanneld runs; run again then.
+    Bridge(String),
+    /// No eBPF dataplane of the agent here.
+    Nothing,
+}
+
+/// Hands the host to flanneld without a moment in which a packet has no path.
+///
+/// vxlan: the Network to the handover device (the agent's encapsulation, reusing the pinned
+/// maps), the agent's device away, flanneld's kernel device with every pinned peer (each route
+/// takes its subnet), the handover device away: the kernel forwards from then on, and flanneld
+/// keeps the device. udp: flanneld forwards in its own process, which needs `flannel0`'s name and
+/// a free route for the Network; so the agent's device gives them up to a bridge (the handover
+/// device with a route per peer, more specific than flanneld's Network route, and the
+/// programs), which a second run removes once flanneld runs: each peer's route goes in its own
+/// atomic change, handing that subnet to flanneld's route.
+async fn hand_back(bpffs: &Path) -> Result<HandBack, TeardownError> {
+    use crate::{
+        dataplane::ebpf::EbpfDataplane,
+        host::overlay::{FlanneldVxlan, HANDOVER_DEVICE, Occupant, OverlayDevice},
+    };
+    use overlay_common::maps::Encap;
+
+    let failed = |what: &'static str| {
+        move |e: &dyn std::fmt::Display| TeardownError::HandBack {
+            what,
+            reason: e.to_string(),
+        }
+    };
+    if !bpffs.exists() {
+        return Ok(HandBack::Nothing);
+    }
+    let pins = Pins::open(bpffs).map_err(|e| failed("opening the pins")(&e))?;
+    if !pins.has_maps() {
+        return Ok(HandBack::Nothing);
+    }
+    let mut dataplane =
+        EbpfDataplane::load(Some(pins)).map_err(|e| failed("loading the programs")(&e))?;
+    let (config, peers) = dataplane
+        .programmed()
+        .map_err(|e| failed("reading the pinned maps")(&e))?;
+    let encap = Encap::from_u8(config.encap);
+    let name = match encap {
+        Encap::Vxlan => format!("flannel.{}", config.vni),
+        _ => "flannel0".to_owned(),
+    };
+    let netlink = Netlink::connect().map_err(|e| failed("connecting to netlink")(&e))?;
+    let lease_addr = std::net::Ipv4Addr::from(config.subnet);
+    let mut device = OverlayDevice {
+        name: name.clone(),
+        mtu: 0,
+        lease_addr,
+        addr_prefix_len: 32,
+        network: (lease_addr, 32),
+    };
+    let occupant = device
+        .occupant(&netlink)
+        .await
+        .map_err(|e| failed("looking at the device")(&e))?;
+    if occupant != Occupant::OwnTun {
+        let bridged = device
+            .handover()
+            .occupant(&netlink)
+            .await
+            .map_err(|e| failed("looking at the handover device")(&e))?
+            == Occupant::OwnTun;
+        return match (encap, bridged, occupant) {
+            // The second run: flanneld's own flannel0 is there (it holds it open), so the
+            // bridge may go; the caller's teardown drains it one route at a time.
+            (Encap::Udp, true, Occupant::LiveTun) => Ok(HandBack::Done(format!(
+                "the bridge to flanneld ({HANDOVER_DEVICE}): flanneld's flannel0 carries the \
+                 traffic from here"
+            ))),
+            (Encap::Udp, true, _) => Err(failed("removing the bridge")(
+                &"flanneld does not run here yet (no flannel0 of its own): start it, then run \
+                  this again; removing the bridge now would stop forwarding",
+            )),
+            _ => Ok(HandBack::Nothing),
+        };
+    }
+    let link = netlink
+        .link(&name)
+        .await
+        .map_err(|e| failed("looking at the device")(&e))?;
+    device.mtu = link.mtu;
+    // The Network: the widest route through the agent's device.
+    device.network = netlink
+        .routes_via(link.index)
+        .await
+        .map_err(|e| failed("reading the device's routes")(&e))?
+        .into_iter()
+        .min_by_key(|(_, len)| *len)
+        .ok_or_else(|| failed("finding the Network route")(&"no route through the device"))?;
+    let handover = device.handover();
+    let index = handover
+        .prepare(&netlink)
+        .await
+        .map_err(|e| failed("creating the handover device")(&e))?;
+    dataplane
+        .attach_encap(&handover.name)
+        .map_err(|e| failed("attaching the encapsulation")(&e))?;
+    match encap {
+        Encap::Vxlan => {
+            handover
+                .route(&netlink, index)
+                .await
+                .map_err(|e| failed("routing the Network to the handover device")(&e))?;
+            device
+                .drain_and_delete(&netlink)
+                .await
+                .map_err(|e| failed("removing the agent's device")(&e))?;
+            FlanneldVxlan {
+                name: name.clone(),
+                vni: config.vni,
+                port: config.port,
+                underlay: config.underlay_ifindex,
+                local: std::net::Ipv4Addr::from(config.local_ip),
+                mac: config.vtep_mac,
+                mtu: device.mtu,
+                lease_addr,
+            }
+            .lay_out(&netlink, &peers)
+            .await
+            .map_err(|e| failed("laying out flanneld's device")(&e))?;
+            handover
+                .drain_and_delete(&netlink)
+                .await
+                .map_err(|e| failed("removing the handover device")(&e))?;
+            Ok(HandBack::Done(format!(
+                "the agent's {name}, replaced by flanneld's kernel vxlan device with VtepMAC {} \
+                 and {} peer(s): it forwards until flanneld starts and keeps it",
+                overlay_common::net::Mac(config.vtep_mac),
+                peers.len()
+            )))
+        }
+        _ => {
+            for peer in &peers {
+                netlink
+                    .replace_route(peer.subnet.addr(), peer.subnet.prefix(), index)
+                    .await
+                    .map_err(|e| failed("routing a peer to the handover device")(&e))?;
+            }
+            device
+                .drain_and_delete(&netlink)
+                .await
+                .map_err(|e| failed("removing the agent's device")(&e))?;
+            Ok(HandBack::Bridge(format!(
+                "flannel0 and the Network's route are free for flanneld; a bridge ({HANDOVER_DEVICE}, \
+                 a route per peer for {} peer(s), the programs) forwards until flanneld does: \
+                 start flanneld, then run overlay-agent teardown --to-flanneld again",
+                peers.len()
+            )))
+        }
+    }
 }
 
 /// The agent's iptables chains present (flanneld's names, and `OVERLAY-*` of older versions),
@@ -187,7 +395,7 @@ async fn devices(report: &mut Report) {
 }
 
 /// `overlay-agent teardown`: prints what it removed and what failed; non-zero on any failure.
-pub fn main(bpffs: &Path) -> std::process::ExitCode {
+pub fn main(bpffs: &Path, args: &TeardownArgs) -> std::process::ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -198,7 +406,7 @@ pub fn main(bpffs: &Path) -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let report = runtime.block_on(teardown(bpffs));
+    let report = runtime.block_on(teardown(bpffs, args));
     for line in &report.removed {
         println!("removed {line}");
     }

@@ -204,8 +204,17 @@ impl Flanneld {
     ) -> Result<Self, FlanneldError> {
         let mtu = backend.mtu(host.underlay_mtu);
         let routes = Arc::new(Mutex::new(Vec::new()));
-        let (vtep_mac, proxy) = match backend {
+        let mut lease = PeerLease {
+            subnet: host.subnet,
+            prefix_len: 24,
+            public_ip: host.public_ip,
+            vtep_mac: None,
+        };
+        // flanneld's order: udp acquires the lease, then opens and configures flannel0, then its
+        // socket; vxlan needs the device's MAC for its lease, so the device comes first.
+        let proxy = match backend {
             Backend::Udp => {
+                write_lease(etcd, &host.prefix, &lease)?;
                 let proxy = UdpProxy::start(ns, host.public_ip, routes.clone(), mtu as usize)?;
                 ns.ip(&[
                     "addr",
@@ -215,27 +224,23 @@ impl Flanneld {
                     TUN_NAME,
                 ])?;
                 ns.ip(&["link", "set", TUN_NAME, "mtu", &mtu.to_string(), "up"])?;
-                ns.ip(&[
-                    "route",
-                    "add",
-                    &format!("{}/{}", host.network.0, host.network.1),
-                    "dev",
-                    TUN_NAME,
-                ])?;
-                (None, Some(proxy))
+                let network = format!("{}/{}", host.network.0, host.network.1);
+                match ns.ip(&["route", "add", &network, "dev", TUN_NAME]) {
+                    // flanneld ignores EEXIST here ("there might be a route for a subnet
+                    // already").
+                    Err(NetNsError::Failed { stderr, .. }) if stderr.contains("File exists") => {}
+                    other => {
+                        other?;
+                    }
+                }
+                Some(proxy)
             }
-            Backend::Vxlan => (
-                Some(vxlan_device(ns, host.public_ip, host.subnet, mtu)?),
-                None,
-            ),
+            Backend::Vxlan => {
+                lease.vtep_mac = Some(vxlan_device(ns, host.public_ip, host.subnet, mtu)?);
+                write_lease(etcd, &host.prefix, &lease)?;
+                None
+            }
         };
-        let lease = PeerLease {
-            subnet: host.subnet,
-            prefix_len: 24,
-            public_ip: host.public_ip,
-            vtep_mac,
-        };
-        write_lease(etcd, &host.prefix, &lease)?;
         let env = format!(
             "FLANNEL_NETWORK={}/{}\nFLANNEL_SUBNET={}/24\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n",
             host.network.0,
@@ -289,6 +294,11 @@ impl Flanneld {
         });
         self.poller = Some((stop, thread));
         Ok(())
+    }
+
+    /// The udp proxy's counters (udp).
+    pub fn proxy_stats(&self) -> Option<&ProxyStats> {
+        self.proxy.as_ref().map(|p| &*p.stats)
     }
 
     /// Stops it as SIGTERM stops flanneld: the udp proxy closes `flannel0` (which the kernel then
@@ -479,6 +489,19 @@ pub struct Route {
 pub struct UdpProxy {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// What it forwarded and dropped.
+    pub stats: Arc<ProxyStats>,
+}
+
+/// A proxy's counters.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    /// Packets read from the TUN device.
+    pub from_tun: std::sync::atomic::AtomicU64,
+    /// Of those, dropped for want of a route (flannel answers ICMP net unreachable).
+    pub no_route: std::sync::atomic::AtomicU64,
+    /// Datagrams received on the socket.
+    pub from_udp: std::sync::atomic::AtomicU64,
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -503,6 +526,8 @@ impl UdpProxy {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), FlanneldError>>();
         let ns_name = ns.name().to_owned();
         let stop_flag = stop.clone();
+        let stats = Arc::new(ProxyStats::default());
+        let counters = stats.clone();
         let thread = std::thread::Builder::new()
             .name(format!("udp-proxy {ns_name}"))
             .spawn(move || {
@@ -519,7 +544,7 @@ impl UdpProxy {
                 match setup {
                     Ok((tun, sock)) => {
                         let _ = ready_tx.send(Ok(()));
-                        run(&tun, &sock, &routes, mtu, &stop_flag);
+                        run(&tun, &sock, &routes, mtu, &stop_flag, &counters);
                     }
                     Err(err) => {
                         let _ = ready_tx.send(Err(err));
@@ -531,6 +556,7 @@ impl UdpProxy {
             Ok(Ok(())) => Ok(Self {
                 stop,
                 thread: Some(thread),
+                stats,
             }),
             Ok(Err(err)) => {
                 let _ = thread.join();
@@ -583,7 +609,14 @@ fn open_tun(name: &str) -> Result<OwnedFd, FlanneldError> {
 
 /// flannel's main loop: poll, then alternate one TUN read and one socket read while either moves
 /// data (skipping poll while busy, as flannel does).
-fn run(tun: &OwnedFd, sock: &UdpSocket, routes: &Mutex<Vec<Route>>, mtu: usize, stop: &AtomicBool) {
+fn run(
+    tun: &OwnedFd,
+    sock: &UdpSocket,
+    routes: &Mutex<Vec<Route>>,
+    mtu: usize,
+    stop: &AtomicBool,
+    stats: &ProxyStats,
+) {
     let mut buf = vec![0u8; mtu];
     let mut fds = [
         libc::pollfd {
@@ -605,8 +638,8 @@ fn run(tun: &OwnedFd, sock: &UdpSocket, routes: &Mutex<Vec<Route>>, mtu: usize, 
             continue;
         }
         loop {
-            let mut activity = tun_to_udp(tun, sock, routes, &mut buf);
-            activity |= udp_to_tun(sock, tun, &mut buf);
+            let mut activity = tun_to_udp(tun, sock, routes, &mut buf, stats);
+            activity |= udp_to_tun(sock, tun, &mut buf, stats);
             if !activity || stop.load(Ordering::Relaxed) {
                 break;
             }
@@ -614,12 +647,19 @@ fn run(tun: &OwnedFd, sock: &UdpSocket, routes: &Mutex<Vec<Route>>, mtu: usize, 
     }
 }
 
-fn tun_to_udp(tun: &OwnedFd, sock: &UdpSocket, routes: &Mutex<Vec<Route>>, buf: &mut [u8]) -> bool {
+fn tun_to_udp(
+    tun: &OwnedFd,
+    sock: &UdpSocket,
+    routes: &Mutex<Vec<Route>>,
+    buf: &mut [u8],
+    stats: &ProxyStats,
+) -> bool {
     // SAFETY: reading into a buffer of buf.len() bytes.
     let n = unsafe { libc::read(tun.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 20 {
         return n >= 0;
     }
+    stats.from_tun.fetch_add(1, Ordering::Relaxed);
     let pkt = &mut buf[..n as usize];
     let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
     // flannel's table is swapped under a lock too (its ctl socket); uncontended here.
@@ -631,6 +671,7 @@ fn tun_to_udp(tun: &OwnedFd, sock: &UdpSocket, routes: &Mutex<Vec<Route>>, buf: 
         .map(|r| r.next_hop);
     let Some(next_hop) = next_hop else {
         // flannel answers with ICMP net unreachable; no test sends such packets.
+        stats.no_route.fetch_add(1, Ordering::Relaxed);
         return true;
     };
     if decrement_ttl(pkt) {
@@ -639,10 +680,11 @@ fn tun_to_udp(tun: &OwnedFd, sock: &UdpSocket, routes: &Mutex<Vec<Route>>, buf: 
     true
 }
 
-fn udp_to_tun(sock: &UdpSocket, tun: &OwnedFd, buf: &mut [u8]) -> bool {
+fn udp_to_tun(sock: &UdpSocket, tun: &OwnedFd, buf: &mut [u8], stats: &ProxyStats) -> bool {
     let Ok((n, _from)) = sock.recv_from(buf) else {
         return false;
     };
+    stats.from_udp.fetch_add(1, Ordering::Relaxed);
     let pkt = &mut buf[..n];
     if n >= 20 && decrement_ttl(pkt) {
         // SAFETY: writing n initialised bytes.

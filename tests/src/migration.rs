@@ -295,8 +295,9 @@ impl Migration {
         }
     }
 
-    /// Host `i` back to flanneld: the agent stops, `overlay-agent teardown` removes what it
-    /// left, flanneld starts with the agent's subnet file.
+    /// Host `i` back to flanneld: the agent stops, `overlay-agent teardown --to-flanneld` hands
+    /// the host back (vxlan: flanneld's kernel device, forwarding; udp: a bridge), flanneld
+    /// starts with the agent's subnet file, and the same command again removes the bridge.
     pub fn to_flanneld(&mut self, i: usize) -> Result<Swap, MigrationError> {
         let before = self.flows().max_seqs();
         if let Some(mut p) = self.cluster.agents[i].process.take() {
@@ -310,11 +311,39 @@ impl Migration {
             .display()
             .to_string();
         let bin = self.plan.agent_bin.display().to_string();
-        self.cluster.lab.hosts[i]
-            .ns
-            .exec(&bin, &[&format!("--bpffs={bpffs}"), "teardown"])?;
+        let bpffs_flag = format!("--bpffs={bpffs}");
+        let hand_back = [bpffs_flag.as_str(), "teardown", "--to-flanneld"];
+        let ns = &self.cluster.lab.hosts[i].ns;
+        ns.exec(&bin, &hand_back)?;
+        if self.plan.backend == Backend::Vxlan {
+            // What flanneld will keep: its kind of device, answering to the lease's VtepMAC.
+            let link = ns.ip(&["-d", "link", "show", "flannel.1"])?;
+            let link = String::from_utf8_lossy(&link.stdout).into_owned();
+            let published = crate::flanneld::leases(&self.cluster.etcd.ctl(), PREFIX)?
+                .into_iter()
+                .find(|l| l.public_ip == self.cluster.lab.hosts[i].underlay_ip)
+                .and_then(|l| l.vtep_mac)
+                .unwrap_or_default();
+            if !link.contains("vxlan id 1 ") || published.is_empty() || !link.contains(&published) {
+                return Err(MigrationError::Traffic(format!(
+                    "h{}: the hand-back left no vxlan device answering to the lease's VtepMAC \
+                     {published}: {link}",
+                    i + 1
+                )));
+            }
+        }
         let standin = self.start_flanneld(i)?;
         self.standins[i] = Some(standin);
+        // Once flanneld runs: what the hand-back left for it (udp's bridge) goes.
+        let ns = &self.cluster.lab.hosts[i].ns;
+        ns.exec(&bin, &hand_back)?;
+        // Nothing of the agent's is left: no pins, no handover device, no device of its own.
+        if ns.ip(&["link", "show", "flannel-handovr"]).is_ok() || Path::new(&bpffs).exists() {
+            return Err(MigrationError::Traffic(format!(
+                "h{}: the hand-back left the handover device or pins under {bpffs}",
+                i + 1
+            )));
+        }
         self.flows().settle(i + 1, Direction::ToFlanneld, &before)
     }
 
@@ -335,17 +364,6 @@ impl Migration {
             }
         }
         Ok(swaps)
-    }
-
-    /// Writes every flow's ping output to `path` (for debugging a loss).
-    pub fn dump_flows(&self, path: &str) {
-        let mut text = String::new();
-        if let Some(flows) = &self.flows {
-            for (from, to, flow) in &flows.flows {
-                text.push_str(&format!("== h{from} -> h{to}\n{}", flow.output()));
-            }
-        }
-        let _ = std::fs::write(path, text);
     }
 
     /// Where logs go.

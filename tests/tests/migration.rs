@@ -1,6 +1,6 @@
 //! A running three-host flannel cluster (flanneld stand-ins, udp and vxlan) migrated host by host
 //! to overlay-agent on the eBPF datapath, with every container pinging every other at 20/s: no
-//! ping may be lost. Then rolled back host by host, measured the same way.
+//! ping may be lost. Then rolled back host by host, measured the same way: none lost either.
 
 use overlay_tests::{
     etcd::{TempDir, agent_binary},
@@ -20,12 +20,6 @@ fn migrate(backend: Backend, prefix: &str) {
     })
     .unwrap();
     let swaps = m.run(|swap| eprintln!("{swap} {:?}", swap.lost)).unwrap();
-    if std::env::var_os("MIGRATION_DEBUG").is_some() {
-        for (i, a) in m.cluster.agents.iter().enumerate() {
-            let _ = std::fs::copy(&a.log, format!("/tmp/mig-h{}.log", i + 1));
-        }
-        m.dump_flows("/tmp/mig-flows.txt");
-    }
     assert_eq!(swaps.len(), 6);
     for swap in swaps.iter().filter(|s| s.direction == Direction::ToAgent) {
         // Each swap ran under traffic: every flow sent requests across it.
@@ -33,12 +27,13 @@ fn migrate(backend: Backend, prefix: &str) {
         assert!(swap.lost.is_empty(), "{swap}: lost {:?}", swap.lost);
     }
     // Rolled back, every host is flanneld's again, and every pair still answers (settle waited
-    // for replies after each swap back); the losses are what flanneld's start costs, reported.
+    // for replies after each swap back), with nothing lost either.
     for swap in swaps
         .iter()
         .filter(|s| s.direction == Direction::ToFlanneld)
     {
-        eprintln!("rollback {swap}");
+        assert!(swap.sent >= 6 * 10, "{swap}: too few pings to tell");
+        assert!(swap.lost.is_empty(), "{swap}: lost {:?}", swap.lost);
     }
 }
 

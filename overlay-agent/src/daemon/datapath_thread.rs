@@ -48,10 +48,11 @@ impl DatapathThread {
                         Ok(cmd) => cmd,
                         Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
                         Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                            if let Some(o) = overlay.as_mut()
-                                && let Err(e) = o.poll()
-                            {
-                                tracing::error!("datapath: {}", error_chain(&e));
+                            if let Some(o) = overlay.as_mut() {
+                                if let Err(e) = o.poll() {
+                                    tracing::error!("datapath: {}", error_chain(&e));
+                                }
+                                health.datapath(o.check());
                             }
                             continue;
                         }
@@ -84,10 +85,11 @@ impl DatapathThread {
                             }
                         }
                         DatapathCmd::Synced(reply) => {
-                            if let Some(o) = overlay.as_mut()
-                                && let Err(e) = o.synced()
-                            {
-                                tracing::error!("datapath: {}", error_chain(&e));
+                            if let Some(o) = overlay.as_mut() {
+                                if let Err(e) = o.synced() {
+                                    tracing::error!("datapath: {}", error_chain(&e));
+                                }
+                                health.datapath(o.check());
                             }
                             let _ = reply.send(());
                         }

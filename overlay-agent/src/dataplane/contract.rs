@@ -425,6 +425,10 @@ pub enum Unhealthy {
     /// `start` has not succeeded (yet).
     #[error("the {0} datapath is not started")]
     NotStarted(&'static str),
+    /// flanneld's device is found and still forwards: the datapath takes it over once every peer
+    /// is programmed.
+    #[error("taking {0} over from flanneld once every peer is programmed")]
+    TakingOver(String),
     /// Updates of some peers failed, and no later one to them succeeded.
     #[error("{failing} peer(s) not programmed, {subnet} among them: {error}")]
     PeerFailed {

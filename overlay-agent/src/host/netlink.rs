@@ -10,7 +10,9 @@ use rtnetlink::{
         AddressFamily,
         address::AddressAttribute,
         link::{InfoKind, LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage},
-        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+        neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+        },
         route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
     },
 };
@@ -97,6 +99,11 @@ impl Netlink {
             rtnetlink::new_connection().map_err(|source| NetlinkError::Connect { source })?;
         tokio::spawn(connection);
         Ok(Self { handle })
+    }
+
+    /// Wraps a handle whose connection already runs.
+    pub fn from_handle(handle: Handle) -> Self {
+        Self { handle }
     }
 
     /// Looks an interface up by name.
@@ -479,10 +486,8 @@ impl Netlink {
         Ok(out)
     }
 
-    /// Deletes every main-table IPv4 route through interface `index`, one by one, each an atomic
-    /// change: a less specific route elsewhere takes each one's traffic the moment it goes.
-    /// Returns how many went.
-    pub async fn delete_routes_via(&self, index: u32) -> Result<usize, NetlinkError> {
+    /// The main-table IPv4 routes through interface `index`.
+    async fn route_messages_via(&self, index: u32) -> Result<Vec<RouteMessage>, NetlinkError> {
         let mut routes = self
             .handle
             .route()
@@ -505,6 +510,33 @@ impl Netlink {
                 through.push(m);
             }
         }
+        Ok(through)
+    }
+
+    /// The destinations (network, length) of the main-table IPv4 routes through `index`.
+    pub async fn routes_via(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
+        Ok(self
+            .route_messages_via(index)
+            .await?
+            .iter()
+            .map(|m| {
+                let dst = m.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(*d),
+                    _ => None,
+                });
+                (
+                    dst.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                    m.header.destination_prefix_length,
+                )
+            })
+            .collect())
+    }
+
+    /// Deletes every main-table IPv4 route through interface `index`, one by one, each an atomic
+    /// change: a less specific route elsewhere takes each one's traffic the moment it goes.
+    /// Returns how many went.
+    pub async fn delete_routes_via(&self, index: u32) -> Result<usize, NetlinkError> {
+        let through = self.route_messages_via(index).await?;
         let n = through.len();
         for route in through {
             self.handle
@@ -518,6 +550,104 @@ impl Netlink {
                 })?;
         }
         Ok(n)
+    }
+
+    /// Creates flanneld's kind of vxlan device: `name`, VNI `vni`, on `underlay` from `local`,
+    /// UDP `port`, no learning, MAC `mac`, MTU `mtu`, up.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn add_vxlan(
+        &self,
+        name: &str,
+        vni: u32,
+        underlay: u32,
+        local: Ipv4Addr,
+        port: u16,
+        mac: [u8; 6],
+        mtu: u32,
+    ) -> Result<u32, NetlinkError> {
+        let message = rtnetlink::LinkVxlan::new(name, vni)
+            .dev(underlay)
+            .local(local)
+            .port(port)
+            .learning(false)
+            .address(mac.to_vec())
+            .mtu(mtu)
+            .up()
+            .build();
+        self.handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                operation: format!("creating the vxlan device {name}"),
+                source,
+            })?;
+        Ok(self.link(name).await?.index)
+    }
+
+    /// `ip neigh replace <ip> lladdr <mac> dev <index> nud permanent`.
+    pub async fn permanent_neighbour(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        mac: [u8; 6],
+    ) -> Result<(), NetlinkError> {
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V4(ip))
+            .link_layer_address(&mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                operation: format!("adding the neighbour {ip} on interface {index}"),
+                source,
+            })
+    }
+
+    /// `bridge fdb replace <mac> dev <index> dst <dst> self permanent`: the vxlan device sends
+    /// frames for `mac` to `dst`.
+    pub async fn vxlan_fdb(
+        &self,
+        index: u32,
+        mac: [u8; 6],
+        dst: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        self.handle
+            .neighbours()
+            .add_bridge(index, &mac)
+            .destination(IpAddr::V4(dst))
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                operation: format!("adding the FDB entry for {dst} on interface {index}"),
+                source,
+            })
+    }
+
+    /// `ip route replace <dst>/<len> via <gateway> dev <index> onlink`.
+    pub async fn replace_onlink_route(
+        &self,
+        dst: Ipv4Addr,
+        prefix_len: u8,
+        gateway: Ipv4Addr,
+        index: u32,
+    ) -> Result<(), NetlinkError> {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, prefix_len)
+            .gateway(gateway)
+            .output_interface(index)
+            .onlink()
+            .build();
+        self.add_or_replace(route, || {
+            format!("routing {dst}/{prefix_len} via {gateway} onlink")
+        })
+        .await
     }
 
     /// Adds the blackhole route `dst/prefix_len metric metric` unless it is there; true when it

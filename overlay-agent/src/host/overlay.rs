@@ -180,6 +180,66 @@ impl OverlayDevice {
     }
 }
 
+/// flanneld's vxlan layout: the kernel device `flannel.<VNI>` and, per peer, what flanneld's
+/// vxlan backend adds. A flanneld started on a host laid out so keeps the device (and its MAC,
+/// the lease's VtepMAC) and re-adds the same entries, so nothing it forwards changes.
+#[derive(Debug, Clone)]
+pub struct FlanneldVxlan {
+    /// `flannel.<VNI>`.
+    pub name: String,
+    /// The VNI.
+    pub vni: u32,
+    /// The UDP port.
+    pub port: u16,
+    /// The underlay interface's index.
+    pub underlay: u32,
+    /// The underlay address (flanneld's `local`).
+    pub local: Ipv4Addr,
+    /// The device's MAC: the lease's VtepMAC.
+    pub mac: [u8; 6],
+    /// The overlay MTU.
+    pub mtu: u32,
+    /// The lease's network address, held as /32.
+    pub lease_addr: Ipv4Addr,
+}
+
+impl FlanneldVxlan {
+    /// Creates the device, then each peer's permanent neighbour (its subnet's .0 -> VtepMAC), FDB
+    /// entry (VtepMAC -> public IP) and onlink route (subnet via .0): each route takes its
+    /// subnet's traffic from any less specific route the moment it is added.
+    pub async fn lay_out(
+        &self,
+        netlink: &Netlink,
+        peers: &[crate::dataplane::contract::PeerRoute],
+    ) -> Result<(), OverlayDeviceError> {
+        let index = netlink
+            .add_vxlan(
+                &self.name,
+                self.vni,
+                self.underlay,
+                self.local,
+                self.port,
+                self.mac,
+                self.mtu,
+            )
+            .await?;
+        netlink.set_only_ipv4(index, self.lease_addr, 32).await?;
+        for peer in peers {
+            let gateway = peer.subnet.addr();
+            netlink
+                .permanent_neighbour(index, gateway, peer.vtep_mac.0)
+                .await?;
+            netlink
+                .vxlan_fdb(index, peer.vtep_mac.0, peer.public_ip)
+                .await?;
+            netlink
+                .replace_onlink_route(gateway, peer.subnet.prefix(), gateway, index)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
 /// A TUN device's flags, from sysfs (`0x1001`-style hex).
 fn tun_flags(name: &str) -> Option<u32> {
     let text =
@@ -198,6 +258,15 @@ pub enum RemoveDevicesError {
         /// Why it failed.
         #[source]
         source: std::io::Error,
+    },
+    /// Removing the routes through a device failed (the device was left).
+    #[error("removing the routes through {name}: {source}")]
+    Routes {
+        /// The device.
+        name: String,
+        /// Why.
+        #[source]
+        source: NetlinkError,
     },
     /// Deleting one device failed.
     #[error("deleting device {name}: {source}")]
@@ -231,17 +300,11 @@ pub fn is_overlay_name(name: &str) -> bool {
             .is_some_and(|vni| !vni.is_empty() && vni.bytes().all(|b| b.is_ascii_digit()))
 }
 
-fn is_tun(name: &str) -> bool {
-    Path::new("/sys/class/net")
-        .join(name)
-        .join("tun_flags")
-        .exists()
-}
-
-/// The undo of [`OverlayDevice::ensure`] for every overlay device here: removes the persistent
-/// TUN devices named `flannel0` / `flannel.<VNI>` (their addresses and routes go with them). A
-/// device of that name that is not a TUN (flanneld's own vxlan device) was not made by the agent
-/// and is left alone. Every failure is collected.
+/// The undo of [`OverlayDevice::prepare`] for every overlay device here: removes the persistent
+/// TUN devices named `flannel0`, `flannel.<VNI>` or [`HANDOVER_DEVICE`], each's routes first (so
+/// another route takes their traffic at once), then the device with its addresses. A device of
+/// such a name that is not a persistent TUN (flanneld's vxlan device, or the `flannel0` a running
+/// flanneld holds) was not made by the agent and is left alone. Every failure is collected.
 pub async fn remove_all() -> Removed {
     let mut report = Removed::default();
     let (connection, handle, _) = match rtnetlink::new_connection() {
@@ -255,6 +318,7 @@ pub async fn remove_all() -> Removed {
         }
     };
     tokio::spawn(connection);
+    let netlink = Netlink::from_handle(handle.clone());
     let links: Vec<(u32, String)> =
         match handle.link().get().execute().try_collect::<Vec<_>>().await {
             Ok(msgs) => msgs
@@ -292,13 +356,33 @@ pub async fn remove_all() -> Removed {
         })
         .unwrap_or_default();
     for (index, name) in links.into_iter().filter(|(_, n)| is_overlay_name(n)) {
-        if !is_tun(&name) {
-            report.left.push(format!(
-                "left {name} alone: not a TUN device, so not created by overlay-agent"
-            ));
-            continue;
+        match tun_flags(&name) {
+            None => {
+                report.left.push(format!(
+                    "left {name} alone: not a TUN device, so not created by overlay-agent"
+                ));
+                continue;
+            }
+            Some(flags) if flags & IFF_PERSIST == 0 => {
+                report.left.push(format!(
+                    "left {name} alone: a TUN device a running process holds (flanneld's?), not \
+                     overlay-agent's"
+                ));
+                continue;
+            }
+            Some(_) => {}
         }
         let n_routes = routes.iter().filter(|&&oif| oif == index).count();
+        // Routes first, each an atomic change: whatever else routes their traffic (flanneld's
+        // Network route, after a hand-back) takes it at once, not after the tens of milliseconds
+        // a device carrying traffic takes to delete.
+        if let Err(e) = netlink.delete_routes_via(index).await {
+            report.errors.push(RemoveDevicesError::Routes {
+                name: name.clone(),
+                source: e,
+            });
+            continue;
+        }
         match handle.link().del(index).execute().await {
             Ok(()) => report.removed.push(format!(
                 "device {name} with its addresses and {n_routes} route(s)"

@@ -40,6 +40,7 @@ pub struct EbpfDatapath {
 }
 
 /// A takeover waiting for the initial peer list.
+#[derive(Debug, Clone)]
 struct Takeover {
     device: OverlayDevice,
     occupant: Occupant,
@@ -324,17 +325,22 @@ impl Datapath for EbpfDatapath {
         if removed > 0 {
             tracing::info!("removed {removed} peer(s) left by the previous run and gone since");
         }
-        if let Some(takeover) = self.takeover.take() {
+        if let Some(takeover) = self.takeover.clone() {
+            // Kept pending on failure, so health says what is wrong; the steps done stay done.
             self.take_over(takeover)?;
+            self.takeover = None;
         }
         Ok(())
     }
 
     fn check(&self) -> Result<(), Unhealthy> {
-        if self.started {
-            Ok(())
-        } else {
-            Err(Unhealthy::NotStarted("eBPF"))
+        if !self.started {
+            return Err(Unhealthy::NotStarted("eBPF"));
+        }
+        // Until then flanneld forwards: stopping it now would cut traffic.
+        match &self.takeover {
+            Some(t) => Err(Unhealthy::TakingOver(t.device.name.clone())),
+            None => Ok(()),
         }
     }
 }

@@ -34,6 +34,7 @@ use overlay_common::{
     maps::{
         CONFIG_MAP, Config, ENDPOINTS_MAP, Endpoint, PEER_ADDRS_MAP, PEERS_MAP, Peer, PeerAddr,
     },
+    net::Mac,
     programs,
 };
 use pins::Pins;
@@ -399,6 +400,31 @@ impl EbpfDataplane {
             return Ok(());
         }
         site.pin(prog, id)
+    }
+
+    /// The config and peers in the maps (for a dataplane loaded on an earlier run's pins: what that
+    /// run programmed).
+    pub fn programmed(&mut self) -> Result<(Config, Vec<PeerRoute>), EbpfError> {
+        let config: Array<&mut MapData, Config> = self.map_mut(CONFIG_MAP)?;
+        let config = config
+            .get(&0, 0)
+            .map_err(map_err(CONFIG_MAP, "reading the config"))?;
+        let trie: LpmTrie<&mut MapData, [u8; 4], Peer> = self.map_mut(PEERS_MAP)?;
+        let entries = trie
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(PEERS_MAP, "listing peers"))?;
+        let peers = entries
+            .into_iter()
+            .filter_map(|(key, peer)| {
+                Some(PeerRoute {
+                    subnet: Subnet::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)?,
+                    public_ip: Ipv4Addr::from(peer.public_ip),
+                    vtep_mac: Mac(peer.vtep_mac),
+                })
+            })
+            .collect();
+        Ok((config, peers))
     }
 
     /// Programs a peer subnet (replacing what the subnet had).
