@@ -8,7 +8,12 @@
 //! Every step runs whatever failed before it; every failure is collected and reported, and the
 //! exit status is non-zero if there was any. Running it again when nothing is left is a no-op.
 //! It acts in the calling network namespace only. A `flannel.<N>` that is not a TUN device (the
-//! kernel vxlan device of flanneld itself) was not created by this agent and is left alone.
+//! kernel vxlan device of flanneld itself), or a `flannel0` a running process holds (flanneld's),
+//! was not created by this agent and is left alone. Devices go one route at a time, then the
+//! device, so another route takes their traffic at once.
+//!
+//! `--to-flanneld` hands the host back to flanneld without a moment in which a packet has no path
+//! (see `hand_back`), and leaves flanneld's chains and blackhole route to it.
 
 use std::path::{Path, PathBuf};
 

@@ -38,7 +38,8 @@ pub fn migrate(opts: &Options, binary: &Path) -> anyhow::Result<()> {
         })?;
         step(
             "run: per host: start overlay-agent beside flanneld, wait until it is ready, stop \
-             flanneld; then back: stop the agent, overlay-agent teardown, start flanneld",
+             flanneld; then back: stop the agent, overlay-agent teardown --to-flanneld, start \
+             flanneld, overlay-agent teardown --to-flanneld",
         );
         let swaps = migration.run(|swap| {
             let detail = if swap.lost.is_empty() {
