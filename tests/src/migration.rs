@@ -268,6 +268,23 @@ impl Migration {
         self.flows().settle(i + 1, Direction::ToAgent, &before)
     }
 
+    /// Host `i` from flanneld to the agent with `flags`, the restart way: flanneld stops first,
+    /// then the agent starts with its subnet file. What the TUN datapath needs (with udp, flanneld
+    /// holds `flannel0` and the port); forwarding pauses meanwhile, and the loss is reported.
+    pub fn replace_with_agent(&mut self, i: usize, flags: &[&str]) -> Result<Swap, MigrationError> {
+        let before = self.flows().max_seqs();
+        if let Some(standin) = self.standins[i].take() {
+            standin.stop();
+        }
+        let mut all: Vec<String> = healthz_flags().into();
+        all.extend(flags.iter().map(|f| f.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let args = self.cluster.agent_args(i, &all);
+        self.cluster.start_agent(i, args)?;
+        self.cluster.wait_healthy(i, Duration::from_secs(30))?;
+        self.flows().settle(i + 1, Direction::ToAgent, &before)
+    }
+
     /// Waits until the agent of host `i` holds the overlay device itself: the handover device is
     /// gone and the device is a TUN that persists (the agent's, not flanneld's).
     fn wait_taken_over(&mut self, i: usize) -> Result<(), MigrationError> {

@@ -37,6 +37,58 @@ fn migrate(backend: Backend, prefix: &str) {
     }
 }
 
+/// A mixed cluster of flanneld, a TUN-datapath agent and an eBPF-datapath agent: every container
+/// reaches every other, in both wire formats.
+fn mixed(backend: Backend, prefix: &str) {
+    let tmp = TempDir::new(prefix).unwrap();
+    let mut m = Migration::flannel_cluster(Plan {
+        prefix: prefix.into(),
+        backend,
+        agent_bin: agent_binary().to_owned(),
+        agent_flags: vec!["--datapath=ebpf".into()],
+        rollback: false,
+        dir: tmp.path().to_owned(),
+    })
+    .unwrap();
+    // h1 on the TUN datapath (flanneld stopped first: that datapath cannot start beside it), h2
+    // taken over live by the eBPF datapath; h3 stays flanneld. Each swap waited for replies on
+    // every flow, so every pair answers across the three.
+    let tun = m.replace_with_agent(0, &["--datapath=tun"]).unwrap();
+    eprintln!("{tun} {:?}", tun.lost);
+    let ebpf = m.to_agent(1).unwrap();
+    eprintln!("{ebpf} {:?}", ebpf.lost);
+    // The takeover itself loses nothing: no flow with flanneld's host lost a ping. Between the
+    // TUN host and the eBPF host, the TUN sender's UDP GSO batches cross the lab's veths whole,
+    // and the eBPF decapsulation takes such a batch as one datagram (a gap documented in
+    // docs/architecture.md; a physical link segments them): those pings may be lost, and are
+    // reported, not hidden.
+    let (tun_ebpf, others): (Vec<&(usize, usize, u32)>, Vec<_>) = ebpf
+        .lost
+        .iter()
+        .partition(|(from, to, _)| matches!((from, to), (1, 2) | (2, 1)));
+    assert!(others.is_empty(), "{ebpf}: lost {others:?}");
+    eprintln!("between the TUN and the eBPF host: {} lost", tun_ebpf.len());
+    let failures = m.cluster.ping_matrix();
+    assert!(failures.is_empty(), "{failures:#?}");
+    // The datapaths are the ones asked for.
+    for (i, kind) in [(0, "TUN"), (1, "eBPF")] {
+        let log = m.cluster.agents[i].log_text();
+        assert!(
+            log.contains(&format!("datapath: {kind}")),
+            "h{}: {log}",
+            i + 1
+        );
+    }
+}
+
+fn mixed_udp_flanneld_tun_and_ebpf() {
+    mixed(Backend::Udp, "ovt-xu");
+}
+
+fn mixed_vxlan_flanneld_tun_and_ebpf() {
+    mixed(Backend::Vxlan, "ovt-xv");
+}
+
 fn migration_udp_loses_nothing() {
     migrate(Backend::Udp, "ovt-mu");
 }
@@ -48,4 +100,6 @@ fn migration_vxlan_loses_nothing() {
 overlay_tests::test_main!(
     root migration_udp_loses_nothing,
     root migration_vxlan_loses_nothing,
+    root mixed_udp_flanneld_tun_and_ebpf,
+    root mixed_vxlan_flanneld_tun_and_ebpf,
 );
