@@ -338,7 +338,7 @@ fn write_lease(etcd: &NsEtcd, prefix: &str, lease: &PeerLease) -> Result<(), Fla
 
 /// flanneld's vxlan device: kept when one of the right kind is there (with its MAC), created
 /// otherwise (replacing whatever held the name). Returns its MAC, the lease's VtepMAC.
-fn vxlan_device(
+pub fn vxlan_device(
     ns: &NetNs,
     local: Ipv4Addr,
     subnet: Ipv4Addr,

@@ -8,17 +8,23 @@ use overlay_tests::{
     migration::{Direction, Migration, Plan},
 };
 
-fn migrate(backend: Backend, prefix: &str) {
-    let tmp = TempDir::new(prefix).unwrap();
-    let mut m = Migration::flannel_cluster(Plan {
+/// Three flanneld hosts with a container each and the ping flows running; the agents they get
+/// run the eBPF datapath.
+fn flannel_cluster(backend: Backend, prefix: &str, rollback: bool, tmp: &TempDir) -> Migration {
+    Migration::flannel_cluster(Plan {
         prefix: prefix.into(),
         backend,
         agent_bin: agent_binary().to_owned(),
         agent_flags: vec!["--datapath=ebpf".into()],
-        rollback: true,
+        rollback,
         dir: tmp.path().to_owned(),
     })
-    .unwrap();
+    .unwrap()
+}
+
+fn migrate(backend: Backend, prefix: &str) {
+    let tmp = TempDir::new(prefix).unwrap();
+    let mut m = flannel_cluster(backend, prefix, true, &tmp);
     let swaps = m.run(|swap| eprintln!("{swap} {:?}", swap.lost)).unwrap();
     assert_eq!(swaps.len(), 6);
     for swap in swaps.iter().filter(|s| s.direction == Direction::ToAgent) {
@@ -41,15 +47,7 @@ fn migrate(backend: Backend, prefix: &str) {
 /// reaches every other, in both wire formats.
 fn mixed(backend: Backend, prefix: &str) {
     let tmp = TempDir::new(prefix).unwrap();
-    let mut m = Migration::flannel_cluster(Plan {
-        prefix: prefix.into(),
-        backend,
-        agent_bin: agent_binary().to_owned(),
-        agent_flags: vec!["--datapath=ebpf".into()],
-        rollback: false,
-        dir: tmp.path().to_owned(),
-    })
-    .unwrap();
+    let mut m = flannel_cluster(backend, prefix, false, &tmp);
     // h1 on the TUN datapath (flanneld stopped first: that datapath cannot start beside it), h2
     // taken over live by the eBPF datapath; h3 stays flanneld. Each swap waited for replies on
     // every flow, so every pair answers across the three.

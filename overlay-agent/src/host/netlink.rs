@@ -51,6 +51,12 @@ pub enum NetlinkError {
     },
 }
 
+/// The error of a refused request, `operation` saying what was asked.
+fn request(operation: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    let operation = operation.into();
+    move |source| NetlinkError::Request { operation, source }
+}
+
 /// What the agent needs to know about an interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkInfo {
@@ -163,10 +169,7 @@ impl Netlink {
         while let Some(msg) = addrs
             .try_next()
             .await
-            .map_err(|source| NetlinkError::Request {
-                operation: "listing addresses".into(),
-                source,
-            })?
+            .map_err(request("listing addresses"))?
         {
             if msg
                 .attributes
@@ -183,14 +186,7 @@ impl Netlink {
     pub async fn veth_indexes(&self) -> Result<Vec<u32>, NetlinkError> {
         let mut links = self.handle.link().get().execute();
         let mut out = Vec::new();
-        while let Some(msg) = links
-            .try_next()
-            .await
-            .map_err(|source| NetlinkError::Request {
-                operation: "listing links".into(),
-                source,
-            })?
-        {
+        while let Some(msg) = links.try_next().await.map_err(request("listing links"))? {
             let is_veth = msg.attributes.iter().any(|a| match a {
                 LinkAttribute::LinkInfo(infos) => infos
                     .iter()
@@ -269,10 +265,7 @@ impl Netlink {
             .execute()
             .try_collect()
             .await
-            .map_err(|source| NetlinkError::Request {
-                operation: format!("listing {family:?} neighbours"),
-                source,
-            })
+            .map_err(request(format!("listing {family:?} neighbours")))
     }
 
     /// Sets an interface's MTU and brings it up.
@@ -283,10 +276,9 @@ impl Netlink {
             .set(msg)
             .execute()
             .await
-            .map_err(|source| NetlinkError::Request {
-                operation: format!("setting MTU {mtu} and up on interface {index}"),
-                source,
-            })
+            .map_err(request(format!(
+                "setting MTU {mtu} and up on interface {index}"
+            )))
     }
 
     /// Makes `addr/prefix_len` the only IPv4 address of the interface: a lease that moved leaves no
@@ -308,10 +300,7 @@ impl Netlink {
         while let Some(msg) = existing
             .try_next()
             .await
-            .map_err(|source| NetlinkError::Request {
-                operation: format!("listing addresses of interface {index}"),
-                source,
-            })?
+            .map_err(request(format!("listing addresses of interface {index}")))?
         {
             let ours = msg.header.prefix_len == prefix_len
                 && msg
@@ -334,10 +323,9 @@ impl Netlink {
                 .del(msg)
                 .execute()
                 .await
-                .map_err(|source| NetlinkError::Request {
-                    operation: format!("removing a stale address of interface {index}"),
-                    source,
-                })?;
+                .map_err(request(format!(
+                    "removing a stale address of interface {index}"
+                )))?;
         }
         if !present {
             self.handle
@@ -345,10 +333,9 @@ impl Netlink {
                 .add(index, IpAddr::V4(addr), prefix_len)
                 .execute()
                 .await
-                .map_err(|source| NetlinkError::Request {
-                    operation: format!("adding {addr}/{prefix_len} to interface {index}"),
-                    source,
-                })?;
+                .map_err(request(format!(
+                    "adding {addr}/{prefix_len} to interface {index}"
+                )))?;
         }
         Ok(())
     }
@@ -360,10 +347,7 @@ impl Netlink {
             .del(index)
             .execute()
             .await
-            .map_err(|source| NetlinkError::Request {
-                operation: format!("deleting {name}"),
-                source,
-            })
+            .map_err(request(format!("deleting {name}")))
     }
 
     /// Adds or replaces the route `dst/prefix_len dev index`.
@@ -395,10 +379,7 @@ impl Netlink {
             .replace()
             .execute()
             .await
-            .map_err(|source| NetlinkError::Request {
-                operation: operation(),
-                source,
-            })
+            .map_err(request(operation()))
     }
 }
 
@@ -429,13 +410,7 @@ impl Netlink {
             .destination_prefix(dst, 32)
             .build();
         let mut answers = self.handle.route().get(msg).execute();
-        let answer = answers
-            .try_next()
-            .await
-            .map_err(|source| NetlinkError::Request {
-                operation: operation(),
-                source,
-            })?;
+        let answer = answers.try_next().await.map_err(request(operation()))?;
         let oif = answer.as_ref().and_then(|m| {
             m.attributes.iter().find_map(|a| match a {
                 RouteAttribute::Oif(i) => Some(*i),
@@ -460,14 +435,7 @@ impl Netlink {
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .execute();
         let mut out = Vec::new();
-        while let Some(m) = routes
-            .try_next()
-            .await
-            .map_err(|source| NetlinkError::Request {
-                operation: "listing routes".into(),
-                source,
-            })?
-        {
+        while let Some(m) = routes.try_next().await.map_err(request("listing routes"))? {
             if m.header.kind != RouteType::BlackHole
                 || route_table(&m) != MAIN_TABLE
                 || route_priority(&m) != metric
@@ -494,14 +462,7 @@ impl Netlink {
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .execute();
         let mut through = Vec::new();
-        while let Some(m) = routes
-            .try_next()
-            .await
-            .map_err(|source| NetlinkError::Request {
-                operation: "listing routes".into(),
-                source,
-            })?
-        {
+        while let Some(m) = routes.try_next().await.map_err(request("listing routes"))? {
             let oif = m.attributes.iter().find_map(|a| match a {
                 RouteAttribute::Oif(i) => Some(*i),
                 _ => None,
@@ -544,10 +505,9 @@ impl Netlink {
                 .del(route)
                 .execute()
                 .await
-                .map_err(|source| NetlinkError::Request {
-                    operation: format!("deleting a route through interface {index}"),
-                    source,
-                })?;
+                .map_err(request(format!(
+                    "deleting a route through interface {index}"
+                )))?;
         }
         Ok(n)
     }
@@ -579,10 +539,7 @@ impl Netlink {
             .add(message)
             .execute()
             .await
-            .map_err(|source| NetlinkError::Request {
-                operation: format!("creating the vxlan device {name}"),
-                source,
-            })?;
+            .map_err(request(format!("creating the vxlan device {name}")))?;
         Ok(self.link(name).await?.index)
     }
 
@@ -601,10 +558,9 @@ impl Netlink {
             .replace()
             .execute()
             .await
-            .map_err(|source| NetlinkError::Request {
-                operation: format!("adding the neighbour {ip} on interface {index}"),
-                source,
-            })
+            .map_err(request(format!(
+                "adding the neighbour {ip} on interface {index}"
+            )))
     }
 
     /// `bridge fdb replace <mac> dev <index> dst <dst> self permanent`: the vxlan device sends
@@ -624,10 +580,9 @@ impl Netlink {
             .replace()
             .execute()
             .await
-            .map_err(|source| NetlinkError::Request {
-                operation: format!("adding the FDB entry for {dst} on interface {index}"),
-                source,
-            })
+            .map_err(request(format!(
+                "adding the FDB entry for {dst} on interface {index}"
+            )))
     }
 
     /// `ip route replace <dst>/<len> via <gateway> dev <index> onlink`.
@@ -684,10 +639,9 @@ impl Netlink {
             .del(blackhole(dst, prefix_len, metric))
             .execute()
             .await
-            .map_err(|source| NetlinkError::Request {
-                operation: format!("deleting the blackhole route {dst}/{prefix_len}"),
-                source,
-            })
+            .map_err(request(format!(
+                "deleting the blackhole route {dst}/{prefix_len}"
+            )))
     }
 }
 

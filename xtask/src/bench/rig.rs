@@ -202,9 +202,7 @@ impl Rig {
             }
             Kind::KernelVxlan => {
                 let envs = self.static_envs(1450);
-                for host in &self.lab.hosts {
-                    setup_kernel_vxlan(host, &self.peers(host))?;
-                }
+                setup_kernel_vxlan(&self.lab.hosts, |h| self.peers(h))?;
                 envs
             }
             Kind::UdpProxy => {
@@ -479,81 +477,24 @@ fn last_lines(path: &Path, n: usize) -> String {
     }
 }
 
-/// The vxlan MAC of host `n` (flannel lets the kernel pick one and publishes it as VtepMAC; a
-/// fixed one saves the lookup).
-fn vtep_mac(n: usize) -> String {
-    format!("0e:be:00:00:00:{n:02x}")
-}
-
-/// What flannel's vxlan backend does on a host: the device, then per peer a permanent
-/// neighbour, an FDB entry and an onlink route.
-fn setup_kernel_vxlan(host: &Host, peers: &[usize]) -> anyhow::Result<()> {
-    let ns = &host.ns;
-    ns.ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "address",
-        &vtep_mac(host.number),
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        &host.underlay_ip.to_string(),
-        "dev",
-        UNDERLAY_IF,
-        "dstport",
-        "8472",
-        "nolearning",
-    ])?;
-    ns.ip(&["link", "set", "flannel.1", "mtu", "1450"])?;
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("172.16.{}.0/32", host.number),
-        "dev",
-        "flannel.1",
-    ])?;
-    ns.ip(&["link", "set", "flannel.1", "up"])?;
-    for &peer in peers {
-        let vtep = format!("172.16.{peer}.0");
-        let mac = vtep_mac(peer);
-        ns.ip(&[
-            "neigh",
-            "replace",
-            &vtep,
-            "lladdr",
-            &mac,
-            "dev",
-            "flannel.1",
-            "nud",
-            "permanent",
-        ])?;
-        ns.exec(
-            "bridge",
-            &[
-                "fdb",
-                "replace",
-                &mac,
-                "dev",
-                "flannel.1",
-                "dst",
-                &format!("198.18.0.{peer}"),
-                "self",
-                "permanent",
-            ],
-        )?;
-        ns.ip(&[
-            "route",
-            "replace",
-            &format!("172.16.{peer}.0/24"),
-            "via",
-            &vtep,
-            "dev",
-            "flannel.1",
-            "onlink",
-        ])?;
+/// What flannel's vxlan backend does on each host (the stand-in's layout): the device, then per
+/// peer a permanent neighbour, an FDB entry and an onlink route.
+fn setup_kernel_vxlan(hosts: &[Host], peers: impl Fn(&Host) -> Vec<usize>) -> anyhow::Result<()> {
+    let subnet = |n: usize| Ipv4Addr::new(172, 16, n as u8, 0);
+    let macs = hosts
+        .iter()
+        .map(|h| flanneld::vxlan_device(&h.ns, h.underlay_ip, subnet(h.number), 1450))
+        .collect::<Result<Vec<_>, _>>()?;
+    for host in hosts {
+        for peer in peers(host) {
+            let lease = flanneld::PeerLease {
+                subnet: subnet(peer),
+                prefix_len: 24,
+                public_ip: Ipv4Addr::new(198, 18, 0, peer as u8),
+                vtep_mac: Some(macs[peer - 1].clone()),
+            };
+            flanneld::vxlan_peer(&host.ns, &lease, &macs[peer - 1])?;
+        }
     }
     Ok(())
 }

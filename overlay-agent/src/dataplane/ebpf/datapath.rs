@@ -114,33 +114,9 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// The Network routed to the handover device, encapsulated there by the same program: the
-    /// device flanneld left may then go without a packet finding no route.
-    fn carry_on_handover(
-        &mut self,
-        netlink: &Netlink,
-        device: &OverlayDevice,
-    ) -> Result<(), DatapathError> {
-        let handover = device.handover();
-        let index = self
-            .runtime
-            .block_on(handover.prepare(netlink))
-            .map_err(device_error(&handover.name))?;
-        self.dataplane
-            .attach_encap(&handover.name)
-            .map_err(ebpf("attaching the encapsulation program"))?;
-        self.runtime
-            .block_on(handover.route(netlink, index))
-            .map_err(device_error(&handover.name))
-    }
-
-    /// The agent's own device under the overlay name: made (or kept), encapsulating, then routed
-    /// the Network in one replace, after which a handover device, if any, carries nothing and goes.
-    fn take_name(
-        &mut self,
-        netlink: &Netlink,
-        device: &OverlayDevice,
-    ) -> Result<(), DatapathError> {
+    /// `device` made (or kept), encapsulating, then routed the Network in one replace: no packet
+    /// reaches it before the program does.
+    fn serve(&mut self, netlink: &Netlink, device: &OverlayDevice) -> Result<(), DatapathError> {
         let index = self
             .runtime
             .block_on(device.prepare(netlink))
@@ -150,7 +126,27 @@ impl EbpfDatapath {
             .map_err(ebpf("attaching the encapsulation program"))?;
         self.runtime
             .block_on(device.route(netlink, index))
-            .map_err(device_error(&device.name))?;
+            .map_err(device_error(&device.name))
+    }
+
+    /// The Network routed to the handover device, encapsulated there by the same program: the
+    /// device flanneld left may then go without a packet finding no route.
+    fn carry_on_handover(
+        &mut self,
+        netlink: &Netlink,
+        device: &OverlayDevice,
+    ) -> Result<(), DatapathError> {
+        self.serve(netlink, &device.handover())
+    }
+
+    /// The agent's own device under the overlay name, served; a handover device, if any, then
+    /// carries nothing and goes.
+    fn take_name(
+        &mut self,
+        netlink: &Netlink,
+        device: &OverlayDevice,
+    ) -> Result<(), DatapathError> {
+        self.serve(netlink, device)?;
         let handover = device.handover();
         self.runtime
             .block_on(handover.delete(netlink))
