@@ -225,25 +225,92 @@ async fn hand_back(bpffs: &Path) -> Result<HandBack, TeardownError> {
         .occupant(&netlink)
         .await
         .map_err(|e| failed("looking at the device")(&e))?;
+    let flanneld_vxlan = |mtu: u32| FlanneldVxlan {
+        name: name.clone(),
+        vni: config.vni,
+        port: config.port,
+        underlay: config.underlay_ifindex,
+        local: std::net::Ipv4Addr::from(config.local_ip),
+        mac: config.vtep_mac,
+        mtu,
+        lease_addr,
+    };
     if occupant != Occupant::OwnTun {
-        let bridged = device
-            .handover()
+        let handover = device.handover();
+        if handover
             .occupant(&netlink)
             .await
             .map_err(|e| failed("looking at the handover device")(&e))?
-            == Occupant::OwnTun;
-        return match (encap, bridged, occupant) {
-            // The second run: flanneld's own flannel0 is there (it holds it open), so the
-            // bridge may go; the caller's teardown drains it one route at a time.
-            (Encap::Udp, true, Occupant::LiveTun) => Ok(HandBack::Done(format!(
-                "the bridge to flanneld ({HANDOVER_DEVICE}): flanneld's flannel0 carries the \
-                 traffic from here"
-            ))),
-            (Encap::Udp, true, _) => Err(failed("removing the bridge")(
+            != Occupant::OwnTun
+        {
+            return Ok(HandBack::Nothing);
+        }
+        // The handover device carries traffic: a second run, or a run (or a takeover) cut short.
+        let bridge = netlink
+            .link(HANDOVER_DEVICE)
+            .await
+            .map_err(|e| failed("looking at the handover device")(&e))?;
+        return match (encap, occupant) {
+            // flanneld's own flannel0 is there (it holds it open). A route of the bridge that is
+            // no peer's (the Network route a takeover cut short moved off flanneld's device) goes
+            // back to it first; the caller's teardown then drains the bridge a route at a time.
+            (Encap::Udp, Occupant::LiveTun) => {
+                let flannel0 = netlink
+                    .link(&name)
+                    .await
+                    .map_err(|e| failed("looking at flanneld's flannel0")(&e))?;
+                let routes = netlink
+                    .routes_via(bridge.index)
+                    .await
+                    .map_err(|e| failed("reading the bridge's routes")(&e))?;
+                for (dst, len) in routes {
+                    if !peers
+                        .iter()
+                        .any(|p| p.subnet.addr() == dst && p.subnet.prefix() == len)
+                    {
+                        netlink
+                            .replace_route(dst, len, flannel0.index)
+                            .await
+                            .map_err(|e| failed("routing the Network back to flannel0")(&e))?;
+                    }
+                }
+                Ok(HandBack::Done(format!(
+                    "the bridge to flanneld ({HANDOVER_DEVICE}): flanneld's flannel0 carries the \
+                     traffic from here"
+                )))
+            }
+            (Encap::Udp, _) => Err(failed("removing the bridge")(
                 &"flanneld does not run here yet (no flannel0 of its own): start it, then run \
                   this again; removing the bridge now would stop forwarding",
             )),
-            _ => Ok(HandBack::Nothing),
+            // vxlan, cut short: flanneld's device finished (every step a replace), then the
+            // caller's teardown drains the bridge.
+            (Encap::Vxlan, Occupant::Free) => {
+                flanneld_vxlan(bridge.mtu)
+                    .lay_out(&netlink, &peers)
+                    .await
+                    .map_err(|e| failed("laying out flanneld's device")(&e))?;
+                Ok(HandBack::Done(format!(
+                    "{name} laid out for flanneld with {} peer(s), resumed",
+                    peers.len()
+                )))
+            }
+            (Encap::Vxlan, Occupant::KernelVxlan) => {
+                let kernel = netlink
+                    .link(&name)
+                    .await
+                    .map_err(|e| failed("looking at the vxlan device")(&e))?;
+                FlanneldVxlan::add_peers(&netlink, kernel.index, &peers)
+                    .await
+                    .map_err(|e| failed("programming flanneld's device")(&e))?;
+                Ok(HandBack::Done(format!(
+                    "{name}'s {} peer(s) programmed for flanneld, resumed",
+                    peers.len()
+                )))
+            }
+            (_, other) => Err(failed("resuming the hand-back")(&format!(
+                "{name} is {other:?}, neither the agent's nor flanneld's"
+            ))),
         };
     }
     let link = netlink
@@ -277,19 +344,10 @@ async fn hand_back(bpffs: &Path) -> Result<HandBack, TeardownError> {
                 .drain_and_delete(&netlink)
                 .await
                 .map_err(|e| failed("removing the agent's device")(&e))?;
-            FlanneldVxlan {
-                name: name.clone(),
-                vni: config.vni,
-                port: config.port,
-                underlay: config.underlay_ifindex,
-                local: std::net::Ipv4Addr::from(config.local_ip),
-                mac: config.vtep_mac,
-                mtu: device.mtu,
-                lease_addr,
-            }
-            .lay_out(&netlink, &peers)
-            .await
-            .map_err(|e| failed("laying out flanneld's device")(&e))?;
+            flanneld_vxlan(device.mtu)
+                .lay_out(&netlink, &peers)
+                .await
+                .map_err(|e| failed("laying out flanneld's device")(&e))?;
             handover
                 .drain_and_delete(&netlink)
                 .await

@@ -348,7 +348,17 @@ pub fn vxlan_device(
         .ip(&["-d", "link", "show", VXLAN_NAME])
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    if !details.contains("vxlan id 1 ") {
+    // flanneld keeps a device its vxlanLinksIncompat finds compatible: same VNI, local address,
+    // underlay device and port (the MAC is not compared, and stays).
+    let compatible = [
+        "vxlan id 1 ",
+        &format!("local {local} "),
+        &format!("dev {UNDERLAY_IF} "),
+        "dstport 8472 ",
+    ]
+    .iter()
+    .all(|want| details.contains(want));
+    if !compatible {
         if !details.is_empty() {
             ns.ip(&["link", "del", VXLAN_NAME])?;
         }

@@ -255,17 +255,52 @@ impl Migration {
     /// finishes the takeover alone.
     pub fn to_agent(&mut self, i: usize) -> Result<Swap, MigrationError> {
         let before = self.flows().max_seqs();
+        self.start_agent_beside(i)?;
+        if let Some(standin) = self.standins[i].take() {
+            standin.stop();
+        }
+        self.wait_taken_over(i)?;
+        self.flows().settle(i + 1, Direction::ToAgent, &before)
+    }
+
+    /// Starts host `i`'s agent beside its running flanneld and waits until it is ready (the
+    /// takeover done as far as it goes while flanneld runs).
+    pub fn start_agent_beside(&mut self, i: usize) -> Result<(), MigrationError> {
         let mut flags: Vec<String> = healthz_flags().into();
         flags.extend(self.plan.agent_flags.iter().cloned());
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let args = self.cluster.agent_args(i, &flags);
         self.cluster.start_agent(i, args)?;
         self.cluster.wait_healthy(i, Duration::from_secs(30))?;
-        if let Some(standin) = self.standins[i].take() {
-            standin.stop();
+        Ok(())
+    }
+
+    /// Host `i` handed back while its flanneld still runs (the agent started beside it, then
+    /// rolled back before flanneld was stopped): the agent stops, and one
+    /// `overlay-agent teardown --to-flanneld` gives the traffic back to the running flanneld.
+    pub fn back_to_running_flanneld(&mut self, i: usize) -> Result<Swap, MigrationError> {
+        let before = self.flows().max_seqs();
+        if let Some(mut p) = self.cluster.agents[i].process.take() {
+            p.stop(Duration::from_secs(10));
         }
-        self.wait_taken_over(i)?;
-        self.flows().settle(i + 1, Direction::ToAgent, &before)
+        let bpffs = self.cluster.bpffs.path().join(format!("h{}", i + 1));
+        let bin = self.plan.agent_bin.display().to_string();
+        let ns = &self.cluster.lab.hosts[i].ns;
+        ns.exec(
+            &bin,
+            &[
+                &format!("--bpffs={}", bpffs.display()),
+                "teardown",
+                "--to-flanneld",
+            ],
+        )?;
+        if ns.ip(&["link", "show", "flannel-handovr"]).is_ok() || bpffs.exists() {
+            return Err(MigrationError::Traffic(format!(
+                "h{}: the hand-back left the handover device or pins",
+                i + 1
+            )));
+        }
+        self.flows().settle(i + 1, Direction::ToFlanneld, &before)
     }
 
     /// Host `i` from flanneld to the agent with `flags`, the restart way: flanneld stops first,

@@ -109,6 +109,36 @@ fn restart_udp_is_measured() {
     restart(Backend::Udp, "ovt-ru");
 }
 
+/// Rolled back before flanneld was stopped: the agent took the traffic over beside a running
+/// flanneld, then hands it back to that same flanneld, losing nothing.
+fn back_while_flanneld_runs(backend: Backend, prefix: &str) {
+    let tmp = TempDir::new(prefix).unwrap();
+    let mut m = flannel_cluster(backend, prefix, false, &tmp);
+    let before = m.cluster.lab.hosts[0]
+        .ns
+        .ip(&["-d", "link", "show", "flannel-handovr"])
+        .is_ok();
+    assert!(!before, "a handover device before any agent ran");
+    m.start_agent_beside(0).unwrap();
+    if backend == Backend::Udp {
+        // The takeover is waiting for flanneld: its traffic runs through the handover device.
+        let route = m.cluster.lab.hosts[0]
+            .ns
+            .ip(&["route", "show", "172.16.0.0/12"])
+            .unwrap();
+        let route = String::from_utf8_lossy(&route.stdout).into_owned();
+        assert!(route.contains("flannel-handovr"), "{route}");
+    }
+    let swap = m.back_to_running_flanneld(0).unwrap();
+    eprintln!("{swap} {:?}", swap.lost);
+    assert!(swap.sent >= 6 * 10, "{swap}: too few pings to tell");
+    assert!(swap.lost.is_empty(), "{swap}: lost {:?}", swap.lost);
+}
+
+fn back_to_a_running_flanneld_udp() {
+    back_while_flanneld_runs(Backend::Udp, "ovt-bu");
+}
+
 fn migration_udp_loses_nothing() {
     migrate(Backend::Udp, "ovt-mu");
 }
@@ -124,4 +154,5 @@ overlay_tests::test_main!(
     root mixed_vxlan_flanneld_tun_and_ebpf,
     root restart_vxlan_loses_nothing,
     root restart_udp_is_measured,
+    root back_to_a_running_flanneld_udp,
 );

@@ -96,7 +96,9 @@ impl OverlayDevice {
             Ok(link) => Ok(match link.kind.as_deref() {
                 Some("tun") => match tun_flags(&self.name) {
                     Some(flags) if flags & IFF_PERSIST == 0 => Occupant::LiveTun,
-                    _ => Occupant::OwnTun,
+                    Some(_) => Occupant::OwnTun,
+                    // Not knowing whose it is, it is not taken for ours.
+                    None => Occupant::Other("tun (tun_flags unreadable)".into()),
                 },
                 Some("vxlan") => Occupant::KernelVxlan,
                 kind => Occupant::Other(kind.unwrap_or("unknown").to_owned()),
@@ -108,6 +110,9 @@ impl OverlayDevice {
     pub fn handover(&self) -> Self {
         Self {
             name: HANDOVER_DEVICE.into(),
+            // /32 whatever the backend: an address with a prefix makes the kernel route that
+            // prefix to the device at once, before anything forwards there.
+            addr_prefix_len: 32,
             ..self.clone()
         }
     }
@@ -224,6 +229,16 @@ impl FlanneldVxlan {
             )
             .await?;
         netlink.set_only_ipv4(index, self.lease_addr, 32).await?;
+        Self::add_peers(netlink, index, peers).await
+    }
+
+    /// Each peer's permanent neighbour, FDB entry and onlink route on the vxlan device `index`;
+    /// every one a replace, so a second run redoes what a failed one left half done.
+    pub async fn add_peers(
+        netlink: &Netlink,
+        index: u32,
+        peers: &[crate::dataplane::contract::PeerRoute],
+    ) -> Result<(), OverlayDeviceError> {
         for peer in peers {
             let gateway = peer.subnet.addr();
             netlink

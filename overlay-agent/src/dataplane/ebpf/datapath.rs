@@ -37,6 +37,10 @@ pub struct EbpfDatapath {
     takeover: Option<Takeover>,
     /// The device a running flanneld still holds; the handover device forwards until it is gone.
     waiting_for: Option<OverlayDevice>,
+    /// The initial peer list is programmed: a takeover may proceed.
+    synced: bool,
+    /// Why the takeover's last step failed, while it does.
+    takeover_error: Option<String>,
 }
 
 /// A takeover waiting for the initial peer list.
@@ -64,11 +68,44 @@ impl EbpfDatapath {
             started: false,
             takeover: None,
             waiting_for: None,
+            synced: false,
+            takeover_error: None,
         })
     }
 }
 
 impl EbpfDatapath {
+    /// Moves a takeover on: the one waiting for the peer list (once they are programmed), then
+    /// the wait for a running flanneld to release its device.
+    fn resume(&mut self) -> Result<(), DatapathError> {
+        if self.synced
+            && let Some(takeover) = self.takeover.clone()
+        {
+            self.take_over(takeover)?;
+            self.takeover = None;
+        }
+        let Some(device) = self.waiting_for.clone() else {
+            return Ok(());
+        };
+        let netlink = self.netlink(&device.name)?;
+        let occupant = self
+            .runtime
+            .block_on(device.occupant(&netlink))
+            .map_err(|e| device_error(&device.name)(e.into()))?;
+        if occupant == Occupant::LiveTun {
+            return Ok(());
+        }
+        self.take_name(&netlink, &device)?;
+        self.dataplane.prune_pins();
+        self.waiting_for = None;
+        tracing::info!(
+            "the process holding {0} stopped; {0} is now the agent's, and {1} is gone",
+            device.name,
+            HANDOVER_DEVICE
+        );
+        Ok(())
+    }
+
     fn netlink(&self, device: &str) -> Result<Netlink, DatapathError> {
         let _guard = self.runtime.enter();
         Netlink::connect().map_err(|e| device_error(device)(e.into()))
@@ -273,26 +310,12 @@ impl Datapath for EbpfDatapath {
     }
 
     fn poll(&mut self) -> Result<(), DatapathError> {
-        let Some(device) = self.waiting_for.clone() else {
-            return Ok(());
-        };
-        let netlink = self.netlink(&device.name)?;
-        let occupant = self
-            .runtime
-            .block_on(device.occupant(&netlink))
-            .map_err(|e| device_error(&device.name)(e.into()))?;
-        if occupant == Occupant::LiveTun {
-            return Ok(());
-        }
-        self.take_name(&netlink, &device)?;
-        self.dataplane.prune_pins();
-        self.waiting_for = None;
-        tracing::info!(
-            "the process holding {0} stopped; {0} is now the agent's, and {1} is gone",
-            device.name,
-            HANDOVER_DEVICE
-        );
-        Ok(())
+        let result = self.resume();
+        // A failure is reported once (then health keeps saying it), not every poll.
+        let text = result.as_ref().err().map(ToString::to_string);
+        let repeated = text.is_some() && text == self.takeover_error;
+        self.takeover_error = text;
+        if repeated { Ok(()) } else { result }
     }
 
     fn install(&mut self, route: &PeerRoute) -> Result<(), DatapathError> {
@@ -314,6 +337,8 @@ impl Datapath for EbpfDatapath {
     }
 
     fn synced(&mut self) -> Result<(), DatapathError> {
+        // Every peer is programmed now, whatever becomes of the stale ones.
+        self.synced = true;
         let removed = self
             .dataplane
             .remove_stale_peers()
@@ -321,12 +346,11 @@ impl Datapath for EbpfDatapath {
         if removed > 0 {
             tracing::info!("removed {removed} peer(s) left by the previous run and gone since");
         }
-        if let Some(takeover) = self.takeover.clone() {
-            // Kept pending on failure, so health says what is wrong; the steps done stay done.
-            self.take_over(takeover)?;
-            self.takeover = None;
-        }
-        Ok(())
+        // A failure keeps the takeover pending: health says why, and `poll` tries again (every
+        // step is idempotent).
+        let result = self.resume();
+        self.takeover_error = result.as_ref().err().map(ToString::to_string);
+        result
     }
 
     fn check(&self) -> Result<(), Unhealthy> {
@@ -334,9 +358,14 @@ impl Datapath for EbpfDatapath {
             return Err(Unhealthy::NotStarted("eBPF"));
         }
         // Until then flanneld forwards: stopping it now would cut traffic.
-        match &self.takeover {
-            Some(t) => Err(Unhealthy::TakingOver(t.device.name.clone())),
-            None => Ok(()),
+        let failing = |name: &str| match &self.takeover_error {
+            Some(e) => format!("{name} (failing: {e})"),
+            None => name.to_owned(),
+        };
+        match (&self.takeover, &self.waiting_for, &self.takeover_error) {
+            (Some(t), _, _) => Err(Unhealthy::TakingOver(failing(&t.device.name))),
+            (None, Some(d), Some(_)) => Err(Unhealthy::TakingOver(failing(&d.name))),
+            _ => Ok(()),
         }
     }
 }

@@ -163,7 +163,8 @@ impl Datapath for TunDatapath {
             device: name.clone(),
             source,
         })?;
-        // Routed only now that the forwarder reads the device.
+        // Routed only now that the forwarder reads the device (for vxlan: the /32 address routes
+        // nothing; udp's address already routes the Network here, which nothing else did).
         self.runtime
             .block_on(device.route(&netlink, index))
             .map_err(|source| DatapathError::Device {
