@@ -9,7 +9,7 @@ use rtnetlink::{
     packet_route::{
         AddressFamily,
         address::AddressAttribute,
-        link::{InfoKind, LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage},
+        link::{InfoData, InfoKind, InfoTun, LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage},
         neighbour::{
             NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
         },
@@ -68,6 +68,9 @@ pub struct LinkInfo {
     pub mac: Vec<u8>,
     /// The link kind (`tun`, `vxlan`, `veth`, ...), when the kernel reports one.
     pub kind: Option<String>,
+    /// For a TUN device: whether it persists without a process holding it (`IFLA_TUN_PERSIST`).
+    /// Read over netlink, so it is the calling thread's namespace's, whatever sysfs shows.
+    pub tun_persist: Option<bool>,
 }
 
 /// A neighbour (ARP) entry: an IPv4 address resolved to a MAC on an interface.
@@ -686,12 +689,30 @@ fn usable(state: NeighbourState) -> bool {
     )
 }
 
-fn link_info(msg: &LinkMessage) -> LinkInfo {
+/// `IFLA_TUN_PERSIST` (linux/if_link.h), which netlink-packet-route leaves undecoded.
+const IFLA_TUN_PERSIST: u16 = 6;
+
+fn tun_persist(attr: &InfoTun) -> Option<bool> {
+    use rtnetlink::packet_core::Nla as _;
+    let InfoTun::Other(nla) = attr else {
+        return None;
+    };
+    if nla.kind() != IFLA_TUN_PERSIST {
+        return None;
+    }
+    let mut value = vec![0u8; nla.value_len()];
+    nla.emit_value(&mut value);
+    value.first().map(|v| *v != 0)
+}
+
+/// What a link message says about the link (also for other modules' dumps).
+pub fn link_info(msg: &LinkMessage) -> LinkInfo {
     let mut info = LinkInfo {
         index: msg.header.index,
         mtu: 0,
         mac: Vec::new(),
         kind: None,
+        tun_persist: None,
     };
     for attr in &msg.attributes {
         match attr {
@@ -699,8 +720,12 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
             LinkAttribute::Address(mac) => info.mac.clone_from(mac),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
-                    if let NlLinkInfo::Kind(kind) = i {
-                        info.kind = Some(kind.to_string());
+                    match i {
+                        NlLinkInfo::Kind(kind) => info.kind = Some(kind.to_string()),
+                        NlLinkInfo::Data(InfoData::Tun(attrs)) => {
+                            info.tun_persist = attrs.iter().find_map(tun_persist);
+                        }
+                        _ => {}
                     }
                 }
             }

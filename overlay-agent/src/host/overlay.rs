@@ -4,7 +4,7 @@
 //! the Network is routed to it explicitly (flannel routes per peer; one route suffices here since
 //! the eBPF program picks the peer).
 
-use std::{net::Ipv4Addr, path::Path};
+use std::net::Ipv4Addr;
 
 use futures::TryStreamExt as _;
 use rtnetlink::{
@@ -63,9 +63,6 @@ pub enum Occupant {
     Other(String),
 }
 
-/// `IFF_PERSIST` in a TUN device's `tun_flags`.
-const IFF_PERSIST: u32 = 0x0800;
-
 /// How the overlay device must look.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverlayDevice {
@@ -94,11 +91,11 @@ impl OverlayDevice {
             Err(NetlinkError::NoSuchLink { .. }) => Ok(Occupant::Free),
             Err(e) => Err(e),
             Ok(link) => Ok(match link.kind.as_deref() {
-                Some("tun") => match tun_flags(&self.name) {
-                    Some(flags) if flags & IFF_PERSIST == 0 => Occupant::LiveTun,
-                    Some(_) => Occupant::OwnTun,
+                Some("tun") => match link.tun_persist {
+                    Some(false) => Occupant::LiveTun,
+                    Some(true) => Occupant::OwnTun,
                     // Not knowing whose it is, it is not taken for ours.
-                    None => Occupant::Other("tun (tun_flags unreadable)".into()),
+                    None => Occupant::Other("tun (persistence not reported)".into()),
                 },
                 Some("vxlan") => Occupant::KernelVxlan,
                 kind => Occupant::Other(kind.unwrap_or("unknown").to_owned()),
@@ -255,13 +252,6 @@ impl FlanneldVxlan {
     }
 }
 
-/// A TUN device's flags, from sysfs (`0x1001`-style hex).
-fn tun_flags(name: &str) -> Option<u32> {
-    let text =
-        std::fs::read_to_string(Path::new("/sys/class/net").join(name).join("tun_flags")).ok()?;
-    u32::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()
-}
-
 /// Why an overlay device could not be removed.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoveDevicesError {
@@ -334,13 +324,15 @@ pub async fn remove_all() -> Removed {
     };
     tokio::spawn(connection);
     let netlink = Netlink::from_handle(handle.clone());
-    let links: Vec<(u32, String)> =
+    let links: Vec<(u32, String, super::netlink::LinkInfo)> =
         match handle.link().get().execute().try_collect::<Vec<_>>().await {
             Ok(msgs) => msgs
                 .iter()
                 .filter_map(|m| {
                     m.attributes.iter().find_map(|a| match a {
-                        LinkAttribute::IfName(n) => Some((m.header.index, n.clone())),
+                        LinkAttribute::IfName(n) => {
+                            Some((m.header.index, n.clone(), super::netlink::link_info(m)))
+                        }
                         _ => None,
                     })
                 })
@@ -370,22 +362,22 @@ pub async fn remove_all() -> Removed {
                 .collect()
         })
         .unwrap_or_default();
-    for (index, name) in links.into_iter().filter(|(_, n)| is_overlay_name(n)) {
-        match tun_flags(&name) {
-            None => {
-                report.left.push(format!(
-                    "left {name} alone: not a TUN device, so not created by overlay-agent"
-                ));
-                continue;
-            }
-            Some(flags) if flags & IFF_PERSIST == 0 => {
+    for (index, name, info) in links.into_iter().filter(|(_, n, _)| is_overlay_name(n)) {
+        match (info.kind.as_deref(), info.tun_persist) {
+            (Some("tun"), Some(true)) => {}
+            (Some("tun"), _) => {
                 report.left.push(format!(
                     "left {name} alone: a TUN device a running process holds (flanneld's?), not \
                      overlay-agent's"
                 ));
                 continue;
             }
-            Some(_) => {}
+            _ => {
+                report.left.push(format!(
+                    "left {name} alone: not a TUN device, so not created by overlay-agent"
+                ));
+                continue;
+            }
         }
         let n_routes = routes.iter().filter(|&&oif| oif == index).count();
         // Routes first, each an atomic change: whatever else routes their traffic (flanneld's
