@@ -162,6 +162,20 @@ pub async fn teardown(bpffs: &Path, args: &TeardownArgs) -> Report {
     report
 }
 
+/// A hand-back step's failure, named by the step.
+trait Step<T> {
+    fn step(self, what: &'static str) -> Result<T, TeardownError>;
+}
+
+impl<T, E: std::fmt::Display> Step<T> for Result<T, E> {
+    fn step(self, what: &'static str) -> Result<T, TeardownError> {
+        self.map_err(|e| TeardownError::HandBack {
+            what,
+            reason: e.to_string(),
+        })
+    }
+}
+
 /// What [`hand_back`] did.
 enum HandBack {
     /// The host is flanneld's, forwarding; the rest of the teardown may run.
@@ -189,30 +203,25 @@ async fn hand_back(bpffs: &Path) -> Result<HandBack, TeardownError> {
     };
     use overlay_common::maps::Encap;
 
-    let failed = |what: &'static str| {
-        move |e: &dyn std::fmt::Display| TeardownError::HandBack {
-            what,
-            reason: e.to_string(),
-        }
+    let failed = |what: &'static str, reason: &dyn std::fmt::Display| TeardownError::HandBack {
+        what,
+        reason: reason.to_string(),
     };
     if !bpffs.exists() {
         return Ok(HandBack::Nothing);
     }
-    let pins = Pins::open(bpffs).map_err(|e| failed("opening the pins")(&e))?;
+    let pins = Pins::open(bpffs).step("opening the pins")?;
     if !pins.has_maps() {
         return Ok(HandBack::Nothing);
     }
-    let mut dataplane =
-        EbpfDataplane::load(Some(pins)).map_err(|e| failed("loading the programs")(&e))?;
-    let (config, peers) = dataplane
-        .programmed()
-        .map_err(|e| failed("reading the pinned maps")(&e))?;
+    let mut dataplane = EbpfDataplane::load(Some(pins)).step("loading the programs")?;
+    let (config, peers) = dataplane.programmed().step("reading the pinned maps")?;
     let encap = Encap::from_u8(config.encap);
     let name = match encap {
         Encap::Vxlan => format!("flannel.{}", config.vni),
         _ => "flannel0".to_owned(),
     };
-    let netlink = Netlink::connect().map_err(|e| failed("connecting to netlink")(&e))?;
+    let netlink = Netlink::connect().step("connecting to netlink")?;
     let lease_addr = std::net::Ipv4Addr::from(config.subnet);
     let mut device = OverlayDevice {
         name: name.clone(),
@@ -224,7 +233,7 @@ async fn hand_back(bpffs: &Path) -> Result<HandBack, TeardownError> {
     let occupant = device
         .occupant(&netlink)
         .await
-        .map_err(|e| failed("looking at the device")(&e))?;
+        .step("looking at the device")?;
     let flanneld_vxlan = |mtu: u32| FlanneldVxlan {
         name: name.clone(),
         vni: config.vni,
@@ -240,7 +249,7 @@ async fn hand_back(bpffs: &Path) -> Result<HandBack, TeardownError> {
         if handover
             .occupant(&netlink)
             .await
-            .map_err(|e| failed("looking at the handover device")(&e))?
+            .step("looking at the handover device")?
             != Occupant::OwnTun
         {
             return Ok(HandBack::Nothing);
@@ -249,7 +258,7 @@ async fn hand_back(bpffs: &Path) -> Result<HandBack, TeardownError> {
         let bridge = netlink
             .link(HANDOVER_DEVICE)
             .await
-            .map_err(|e| failed("looking at the handover device")(&e))?;
+            .step("looking at the handover device")?;
         return match (encap, occupant) {
             // flanneld's own flannel0 is there (it holds it open). A route of the bridge that is
             // no peer's (the Network route a takeover cut short moved off flanneld's device) goes
@@ -258,11 +267,11 @@ async fn hand_back(bpffs: &Path) -> Result<HandBack, TeardownError> {
                 let flannel0 = netlink
                     .link(&name)
                     .await
-                    .map_err(|e| failed("looking at flanneld's flannel0")(&e))?;
+                    .step("looking at flanneld's flannel0")?;
                 let routes = netlink
                     .routes_via(bridge.index)
                     .await
-                    .map_err(|e| failed("reading the bridge's routes")(&e))?;
+                    .step("reading the bridge's routes")?;
                 for (dst, len) in routes {
                     if !peers
                         .iter()
@@ -271,7 +280,7 @@ async fn hand_back(bpffs: &Path) -> Result<HandBack, TeardownError> {
                         netlink
                             .replace_route(dst, len, flannel0.index)
                             .await
-                            .map_err(|e| failed("routing the Network back to flannel0")(&e))?;
+                            .step("routing the Network back to flannel0")?;
                     }
                 }
                 Ok(HandBack::Done(format!(
@@ -279,7 +288,8 @@ async fn hand_back(bpffs: &Path) -> Result<HandBack, TeardownError> {
                      traffic from here"
                 )))
             }
-            (Encap::Udp, _) => Err(failed("removing the bridge")(
+            (Encap::Udp, _) => Err(failed(
+                "removing the bridge",
                 &"flanneld does not run here yet (no flannel0 of its own): start it, then run \
                   this again; removing the bridge now would stop forwarding",
             )),
@@ -289,7 +299,7 @@ async fn hand_back(bpffs: &Path) -> Result<HandBack, TeardownError> {
                 flanneld_vxlan(bridge.mtu)
                     .lay_out(&netlink, &peers)
                     .await
-                    .map_err(|e| failed("laying out flanneld's device")(&e))?;
+                    .step("laying out flanneld's device")?;
                 Ok(HandBack::Done(format!(
                     "{name} laid out for flanneld with {} peer(s), resumed",
                     peers.len()
@@ -299,59 +309,57 @@ async fn hand_back(bpffs: &Path) -> Result<HandBack, TeardownError> {
                 let kernel = netlink
                     .link(&name)
                     .await
-                    .map_err(|e| failed("looking at the vxlan device")(&e))?;
+                    .step("looking at the vxlan device")?;
                 FlanneldVxlan::add_peers(&netlink, kernel.index, &peers)
                     .await
-                    .map_err(|e| failed("programming flanneld's device")(&e))?;
+                    .step("programming flanneld's device")?;
                 Ok(HandBack::Done(format!(
                     "{name}'s {} peer(s) programmed for flanneld, resumed",
                     peers.len()
                 )))
             }
-            (_, other) => Err(failed("resuming the hand-back")(&format!(
-                "{name} is {other:?}, neither the agent's nor flanneld's"
-            ))),
+            (_, other) => Err(failed(
+                "resuming the hand-back",
+                &format!("{name} is {other:?}, neither the agent's nor flanneld's"),
+            )),
         };
     }
-    let link = netlink
-        .link(&name)
-        .await
-        .map_err(|e| failed("looking at the device")(&e))?;
+    let link = netlink.link(&name).await.step("looking at the device")?;
     device.mtu = link.mtu;
     // The Network: the widest route through the agent's device.
     device.network = netlink
         .routes_via(link.index)
         .await
-        .map_err(|e| failed("reading the device's routes")(&e))?
+        .step("reading the device's routes")?
         .into_iter()
         .min_by_key(|(_, len)| *len)
-        .ok_or_else(|| failed("finding the Network route")(&"no route through the device"))?;
+        .ok_or_else(|| failed("finding the Network route", &"no route through the device"))?;
     let handover = device.handover();
     let index = handover
         .prepare(&netlink)
         .await
-        .map_err(|e| failed("creating the handover device")(&e))?;
+        .step("creating the handover device")?;
     dataplane
         .attach_encap(&handover.name)
-        .map_err(|e| failed("attaching the encapsulation")(&e))?;
+        .step("attaching the encapsulation")?;
     match encap {
         Encap::Vxlan => {
             handover
                 .route(&netlink, index)
                 .await
-                .map_err(|e| failed("routing the Network to the handover device")(&e))?;
+                .step("routing the Network to the handover device")?;
             device
                 .drain_and_delete(&netlink)
                 .await
-                .map_err(|e| failed("removing the agent's device")(&e))?;
+                .step("removing the agent's device")?;
             flanneld_vxlan(device.mtu)
                 .lay_out(&netlink, &peers)
                 .await
-                .map_err(|e| failed("laying out flanneld's device")(&e))?;
+                .step("laying out flanneld's device")?;
             handover
                 .drain_and_delete(&netlink)
                 .await
-                .map_err(|e| failed("removing the handover device")(&e))?;
+                .step("removing the handover device")?;
             Ok(HandBack::Done(format!(
                 "the agent's {name}, replaced by flanneld's kernel vxlan device with VtepMAC {} \
                  and {} peer(s): it forwards until flanneld starts and keeps it",
@@ -364,12 +372,12 @@ async fn hand_back(bpffs: &Path) -> Result<HandBack, TeardownError> {
                 netlink
                     .replace_route(peer.subnet.addr(), peer.subnet.prefix(), index)
                     .await
-                    .map_err(|e| failed("routing a peer to the handover device")(&e))?;
+                    .step("routing a peer to the handover device")?;
             }
             device
                 .drain_and_delete(&netlink)
                 .await
-                .map_err(|e| failed("removing the agent's device")(&e))?;
+                .step("removing the agent's device")?;
             Ok(HandBack::Bridge(format!(
                 "flannel0 and the Network's route are free for flanneld; a bridge ({HANDOVER_DEVICE}, \
                  a route per peer for {} peer(s), the programs) forwards until flanneld does: \

@@ -62,6 +62,8 @@ fn request(operation: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Net
 pub struct LinkInfo {
     /// Interface index.
     pub index: u32,
+    /// Interface name.
+    pub name: String,
     /// MTU.
     pub mtu: u32,
     /// Hardware address (empty for L3 devices such as TUN).
@@ -135,6 +137,18 @@ impl Netlink {
                 source,
             }),
         }
+    }
+
+    /// Every interface of the namespace.
+    pub async fn links(&self) -> Result<Vec<LinkInfo>, NetlinkError> {
+        self.handle
+            .link()
+            .get()
+            .execute()
+            .map_ok(|m| link_info(&m))
+            .try_collect()
+            .await
+            .map_err(request("listing interfaces"))
     }
 
     /// Looks an interface up by index.
@@ -705,10 +719,11 @@ fn tun_persist(attr: &InfoTun) -> Option<bool> {
     value.first().map(|v| *v != 0)
 }
 
-/// What a link message says about the link (also for other modules' dumps).
-pub fn link_info(msg: &LinkMessage) -> LinkInfo {
+/// What a link message says about the link.
+fn link_info(msg: &LinkMessage) -> LinkInfo {
     let mut info = LinkInfo {
         index: msg.header.index,
+        name: String::new(),
         mtu: 0,
         mac: Vec::new(),
         kind: None,
@@ -716,6 +731,7 @@ pub fn link_info(msg: &LinkMessage) -> LinkInfo {
     };
     for attr in &msg.attributes {
         match attr {
+            LinkAttribute::IfName(name) => info.name.clone_from(name),
             LinkAttribute::Mtu(mtu) => info.mtu = *mtu,
             LinkAttribute::Address(mac) => info.mac.clone_from(mac),
             LinkAttribute::LinkInfo(infos) => {

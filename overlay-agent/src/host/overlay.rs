@@ -6,12 +6,6 @@
 
 use std::net::Ipv4Addr;
 
-use futures::TryStreamExt as _;
-use rtnetlink::{
-    RouteMessageBuilder,
-    packet_route::{link::LinkAttribute, route::RouteAttribute},
-};
-
 use super::{Netlink, NetlinkError, TunError, create_persistent_tun};
 
 /// Errors setting up the overlay device.
@@ -156,10 +150,11 @@ impl OverlayDevice {
         Ok(())
     }
 
-    /// Moves the traffic of the device of this name elsewhere, then deletes it. Its routes go
-    /// first, one atomic change each, so what they carried takes the Network route at once;
-    /// deleting a device that still carries traffic takes tens of milliseconds, during which the
-    /// kernel drops what it routes there.
+    /// Moves the traffic of the device of this name (whatever made it) elsewhere, then deletes
+    /// it; returns how many routes went. Its routes go first, one atomic change each, so what
+    /// they carried takes a less specific route at once; deleting a device that still carries
+    /// traffic takes tens of milliseconds, during which the kernel drops what it routes there.
+    /// Nothing to do when there is no such device.
     pub async fn drain_and_delete(&self, netlink: &Netlink) -> Result<usize, OverlayDeviceError> {
         let link = match netlink.link(&self.name).await {
             Ok(link) => link,
@@ -169,16 +164,6 @@ impl OverlayDevice {
         let moved = netlink.delete_routes_via(link.index).await?;
         netlink.delete_link(link.index, &self.name).await?;
         Ok(moved)
-    }
-
-    /// Deletes the device of this name, whatever made it (flanneld's vxlan device once the
-    /// handover device carries its traffic; the handover device once the agent's own does).
-    pub async fn delete(&self, netlink: &Netlink) -> Result<(), OverlayDeviceError> {
-        match netlink.link(&self.name).await {
-            Ok(link) => Ok(netlink.delete_link(link.index, &self.name).await?),
-            Err(NetlinkError::NoSuchLink { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
     }
 }
 
@@ -262,25 +247,16 @@ pub enum RemoveDevicesError {
         op: &'static str,
         /// Why it failed.
         #[source]
-        source: std::io::Error,
-    },
-    /// Removing the routes through a device failed (the device was left).
-    #[error("removing the routes through {name}: {source}")]
-    Routes {
-        /// The device.
-        name: String,
-        /// Why.
-        #[source]
         source: NetlinkError,
     },
-    /// Deleting one device failed.
-    #[error("deleting device {name}: {source}")]
+    /// Removing one device (its routes first) failed.
+    #[error("removing device {name}: {source}")]
     Delete {
         /// The device.
         name: String,
         /// Why it failed.
         #[source]
-        source: rtnetlink::Error,
+        source: OverlayDeviceError,
     },
 }
 
@@ -312,8 +288,8 @@ pub fn is_overlay_name(name: &str) -> bool {
 /// flanneld holds) was not made by the agent and is left alone. Every failure is collected.
 pub async fn remove_all() -> Removed {
     let mut report = Removed::default();
-    let (connection, handle, _) = match rtnetlink::new_connection() {
-        Ok(c) => c,
+    let netlink = match Netlink::connect() {
+        Ok(n) => n,
         Err(source) => {
             report.errors.push(RemoveDevicesError::Netlink {
                 op: "opening a netlink socket",
@@ -322,48 +298,19 @@ pub async fn remove_all() -> Removed {
             return report;
         }
     };
-    tokio::spawn(connection);
-    let netlink = Netlink::from_handle(handle.clone());
-    let links: Vec<(u32, String, super::netlink::LinkInfo)> =
-        match handle.link().get().execute().try_collect::<Vec<_>>().await {
-            Ok(msgs) => msgs
-                .iter()
-                .filter_map(|m| {
-                    m.attributes.iter().find_map(|a| match a {
-                        LinkAttribute::IfName(n) => {
-                            Some((m.header.index, n.clone(), super::netlink::link_info(m)))
-                        }
-                        _ => None,
-                    })
-                })
-                .collect(),
-            Err(e) => {
-                report.errors.push(RemoveDevicesError::Netlink {
-                    op: "listing interfaces",
-                    source: std::io::Error::other(e),
-                });
-                return report;
-            }
-        };
-    let routes: Vec<u32> = handle
-        .route()
-        .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
-        .execute()
-        .try_collect::<Vec<_>>()
-        .await
-        .map(|msgs| {
-            msgs.iter()
-                .filter_map(|m| {
-                    m.attributes.iter().find_map(|a| match a {
-                        RouteAttribute::Oif(i) => Some(*i),
-                        _ => None,
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    for (index, name, info) in links.into_iter().filter(|(_, n, _)| is_overlay_name(n)) {
-        match (info.kind.as_deref(), info.tun_persist) {
+    let links = match netlink.links().await {
+        Ok(links) => links,
+        Err(source) => {
+            report.errors.push(RemoveDevicesError::Netlink {
+                op: "listing interfaces",
+                source,
+            });
+            return report;
+        }
+    };
+    for link in links.into_iter().filter(|l| is_overlay_name(&l.name)) {
+        let name = link.name.clone();
+        match (link.kind.as_deref(), link.tun_persist) {
             (Some("tun"), Some(true)) => {}
             (Some("tun"), _) => {
                 report.left.push(format!(
@@ -379,20 +326,16 @@ pub async fn remove_all() -> Removed {
                 continue;
             }
         }
-        let n_routes = routes.iter().filter(|&&oif| oif == index).count();
-        // Routes first, each an atomic change: whatever else routes their traffic (flanneld's
-        // Network route, after a hand-back) takes it at once, not after the tens of milliseconds
-        // a device carrying traffic takes to delete.
-        if let Err(e) = netlink.delete_routes_via(index).await {
-            report.errors.push(RemoveDevicesError::Routes {
-                name: name.clone(),
-                source: e,
-            });
-            continue;
-        }
-        match handle.link().del(index).execute().await {
-            Ok(()) => report.removed.push(format!(
-                "device {name} with its addresses and {n_routes} route(s)"
+        let device = OverlayDevice {
+            name: name.clone(),
+            mtu: link.mtu,
+            lease_addr: Ipv4Addr::UNSPECIFIED,
+            addr_prefix_len: 32,
+            network: (Ipv4Addr::UNSPECIFIED, 0),
+        };
+        match device.drain_and_delete(&netlink).await {
+            Ok(routes) => report.removed.push(format!(
+                "device {name} with its addresses and {routes} route(s)"
             )),
             Err(source) => report
                 .errors

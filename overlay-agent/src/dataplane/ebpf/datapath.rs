@@ -41,6 +41,8 @@ pub struct EbpfDatapath {
     synced: bool,
     /// Why the takeover's last step failed, while it does.
     takeover_error: Option<String>,
+    /// See [`EbpfDatapath::netlink`].
+    netlink: Option<Netlink>,
 }
 
 /// A takeover waiting for the initial peer list.
@@ -70,6 +72,7 @@ impl EbpfDatapath {
             waiting_for: None,
             synced: false,
             takeover_error: None,
+            netlink: None,
         })
     }
 }
@@ -96,7 +99,6 @@ impl EbpfDatapath {
             return Ok(());
         }
         self.take_name(&netlink, &device)?;
-        self.dataplane.prune_pins();
         self.waiting_for = None;
         tracing::info!(
             "the process holding {0} stopped; {0} is now the agent's, and {1} is gone",
@@ -106,9 +108,16 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    fn netlink(&self, device: &str) -> Result<Netlink, DatapathError> {
+    /// The datapath's one netlink connection, opened on first use (its task runs inside this
+    /// thread's `block_on` calls): the 100 ms polls of a takeover reuse it.
+    fn netlink(&mut self, device: &str) -> Result<Netlink, DatapathError> {
+        if let Some(netlink) = &self.netlink {
+            return Ok(netlink.clone());
+        }
         let _guard = self.runtime.enter();
-        Netlink::connect().map_err(|e| device_error(device)(e.into()))
+        let netlink = Netlink::connect().map_err(|e| device_error(device)(e.into()))?;
+        self.netlink = Some(netlink.clone());
+        Ok(netlink)
     }
 
     /// Takes over what flanneld left, in the order that keeps forwarding: arriving traffic to the
@@ -133,6 +142,8 @@ impl EbpfDatapath {
                 HANDOVER_DEVICE
             );
             self.waiting_for = Some(device);
+            // take_name prunes on the other path.
+            self.dataplane.prune_pins();
         } else {
             // The kernel device forwards until its per-peer routes go; the handover device,
             // routed the whole Network meanwhile, carries what each carried.
@@ -147,7 +158,6 @@ impl EbpfDatapath {
                 device.name
             );
         }
-        self.dataplane.prune_pins();
         Ok(())
     }
 
@@ -186,7 +196,7 @@ impl EbpfDatapath {
         self.serve(netlink, device)?;
         let handover = device.handover();
         self.runtime
-            .block_on(handover.delete(netlink))
+            .block_on(handover.drain_and_delete(netlink))
             .map_err(device_error(&handover.name))?;
         self.dataplane.forget_encap(&handover.name);
         Ok(())
@@ -261,7 +271,6 @@ impl Datapath for EbpfDatapath {
                     .attach_decap(&underlay.name, self.options.decap)
                     .map_err(ebpf("attaching the decapsulation program"))?;
                 self.take_name(&netlink, &device)?;
-                self.dataplane.prune_pins();
             }
             Occupant::KernelVxlan | Occupant::LiveTun => {
                 // flanneld forwards until the programs know every peer: taking its traffic any

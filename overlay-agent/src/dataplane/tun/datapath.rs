@@ -115,7 +115,7 @@ impl Datapath for TunDatapath {
                      port (the eBPF datapath takes over without a pause)"
                 );
                 self.runtime
-                    .block_on(device.delete(&netlink))
+                    .block_on(device.drain_and_delete(&netlink))
                     .map_err(device_error)?;
             }
             Occupant::OwnTun if host_tun::is_multi_queue(&name) == Some(false) => {
