@@ -296,11 +296,6 @@ impl Flanneld {
         Ok(())
     }
 
-    /// The udp proxy's counters (udp).
-    pub fn proxy_stats(&self) -> Option<&ProxyStats> {
-        self.proxy.as_ref().map(|p| &*p.stats)
-    }
-
     /// Stops it as SIGTERM stops flanneld: the udp proxy closes `flannel0` (which the kernel then
     /// deletes, with its address and routes) and its socket; vxlan leaves everything in place.
     pub fn stop(mut self) {
@@ -499,19 +494,6 @@ pub struct Route {
 pub struct UdpProxy {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    /// What it forwarded and dropped.
-    pub stats: Arc<ProxyStats>,
-}
-
-/// A proxy's counters.
-#[derive(Debug, Default)]
-pub struct ProxyStats {
-    /// Packets read from the TUN device.
-    pub from_tun: std::sync::atomic::AtomicU64,
-    /// Of those, dropped for want of a route (flannel answers ICMP net unreachable).
-    pub no_route: std::sync::atomic::AtomicU64,
-    /// Datagrams received on the socket.
-    pub from_udp: std::sync::atomic::AtomicU64,
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -536,8 +518,6 @@ impl UdpProxy {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), FlanneldError>>();
         let ns_name = ns.name().to_owned();
         let stop_flag = stop.clone();
-        let stats = Arc::new(ProxyStats::default());
-        let counters = stats.clone();
         let thread = std::thread::Builder::new()
             .name(format!("udp-proxy {ns_name}"))
             .spawn(move || {
@@ -554,7 +534,7 @@ impl UdpProxy {
                 match setup {
                     Ok((tun, sock)) => {
                         let _ = ready_tx.send(Ok(()));
-                        run(&tun, &sock, &routes, mtu, &stop_flag, &counters);
+                        run(&tun, &sock, &routes, mtu, &stop_flag);
                     }
                     Err(err) => {
                         let _ = ready_tx.send(Err(err));
@@ -566,7 +546,6 @@ impl UdpProxy {
             Ok(Ok(())) => Ok(Self {
                 stop,
                 thread: Some(thread),
-                stats,
             }),
             Ok(Err(err)) => {
                 let _ = thread.join();
@@ -619,14 +598,7 @@ fn open_tun(name: &str) -> Result<OwnedFd, FlanneldError> {
 
 /// flannel's main loop: poll, then alternate one TUN read and one socket read while either moves
 /// data (skipping poll while busy, as flannel does).
-fn run(
-    tun: &OwnedFd,
-    sock: &UdpSocket,
-    routes: &Mutex<Vec<Route>>,
-    mtu: usize,
-    stop: &AtomicBool,
-    stats: &ProxyStats,
-) {
+fn run(tun: &OwnedFd, sock: &UdpSocket, routes: &Mutex<Vec<Route>>, mtu: usize, stop: &AtomicBool) {
     let mut buf = vec![0u8; mtu];
     let mut fds = [
         libc::pollfd {
@@ -648,8 +620,8 @@ fn run(
             continue;
         }
         loop {
-            let mut activity = tun_to_udp(tun, sock, routes, &mut buf, stats);
-            activity |= udp_to_tun(sock, tun, &mut buf, stats);
+            let mut activity = tun_to_udp(tun, sock, routes, &mut buf);
+            activity |= udp_to_tun(sock, tun, &mut buf);
             if !activity || stop.load(Ordering::Relaxed) {
                 break;
             }
@@ -657,19 +629,12 @@ fn run(
     }
 }
 
-fn tun_to_udp(
-    tun: &OwnedFd,
-    sock: &UdpSocket,
-    routes: &Mutex<Vec<Route>>,
-    buf: &mut [u8],
-    stats: &ProxyStats,
-) -> bool {
+fn tun_to_udp(tun: &OwnedFd, sock: &UdpSocket, routes: &Mutex<Vec<Route>>, buf: &mut [u8]) -> bool {
     // SAFETY: reading into a buffer of buf.len() bytes.
     let n = unsafe { libc::read(tun.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 20 {
         return n >= 0;
     }
-    stats.from_tun.fetch_add(1, Ordering::Relaxed);
     let pkt = &mut buf[..n as usize];
     let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
     // flannel's table is swapped under a lock too (its ctl socket); uncontended here.
@@ -681,7 +646,6 @@ fn tun_to_udp(
         .map(|r| r.next_hop);
     let Some(next_hop) = next_hop else {
         // flannel answers with ICMP net unreachable; no test sends such packets.
-        stats.no_route.fetch_add(1, Ordering::Relaxed);
         return true;
     };
     if decrement_ttl(pkt) {
@@ -690,11 +654,10 @@ fn tun_to_udp(
     true
 }
 
-fn udp_to_tun(sock: &UdpSocket, tun: &OwnedFd, buf: &mut [u8], stats: &ProxyStats) -> bool {
+fn udp_to_tun(sock: &UdpSocket, tun: &OwnedFd, buf: &mut [u8]) -> bool {
     let Ok((n, _from)) = sock.recv_from(buf) else {
         return false;
     };
-    stats.from_udp.fetch_add(1, Ordering::Relaxed);
     let pkt = &mut buf[..n];
     if n >= 20 && decrement_ttl(pkt) {
         // SAFETY: writing n initialised bytes.

@@ -8,7 +8,7 @@
 
 use std::{
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -280,27 +280,45 @@ impl Migration {
     /// `overlay-agent teardown --to-flanneld` gives the traffic back to the running flanneld.
     pub fn back_to_running_flanneld(&mut self, i: usize) -> Result<Swap, MigrationError> {
         let before = self.flows().max_seqs();
+        self.stop_agent(i);
+        self.hand_back(i)?;
+        self.nothing_left(i)?;
+        self.flows().settle(i + 1, Direction::ToFlanneld, &before)
+    }
+
+    /// Stops host `i`'s agent (SIGTERM, as systemctl stop).
+    fn stop_agent(&mut self, i: usize) {
         if let Some(mut p) = self.cluster.agents[i].process.take() {
             p.stop(Duration::from_secs(10));
         }
-        let bpffs = self.cluster.bpffs.path().join(format!("h{}", i + 1));
+    }
+
+    /// `overlay-agent teardown --to-flanneld` on host `i`, with the agent's pins.
+    fn hand_back(&self, i: usize) -> Result<(), MigrationError> {
         let bin = self.plan.agent_bin.display().to_string();
+        let bpffs = format!("--bpffs={}", self.bpffs(i).display());
+        self.cluster.lab.hosts[i]
+            .ns
+            .exec(&bin, &[&bpffs, "teardown", "--to-flanneld"])?;
+        Ok(())
+    }
+
+    fn bpffs(&self, i: usize) -> PathBuf {
+        self.cluster.bpffs.path().join(format!("h{}", i + 1))
+    }
+
+    /// Fails unless nothing of the agent's is left on host `i`: no pins, no handover device.
+    fn nothing_left(&self, i: usize) -> Result<(), MigrationError> {
+        let bpffs = self.bpffs(i);
         let ns = &self.cluster.lab.hosts[i].ns;
-        ns.exec(
-            &bin,
-            &[
-                &format!("--bpffs={}", bpffs.display()),
-                "teardown",
-                "--to-flanneld",
-            ],
-        )?;
         if ns.ip(&["link", "show", "flannel-handovr"]).is_ok() || bpffs.exists() {
             return Err(MigrationError::Traffic(format!(
-                "h{}: the hand-back left the handover device or pins",
-                i + 1
+                "h{}: the hand-back left the handover device or pins under {}",
+                i + 1,
+                bpffs.display()
             )));
         }
-        self.flows().settle(i + 1, Direction::ToFlanneld, &before)
+        Ok(())
     }
 
     /// Host `i` from flanneld to the agent with `flags`, the restart way: flanneld stops first,
@@ -352,21 +370,9 @@ impl Migration {
     /// starts with the agent's subnet file, and the same command again removes the bridge.
     pub fn to_flanneld(&mut self, i: usize) -> Result<Swap, MigrationError> {
         let before = self.flows().max_seqs();
-        if let Some(mut p) = self.cluster.agents[i].process.take() {
-            p.stop(Duration::from_secs(10));
-        }
-        let bpffs = self
-            .cluster
-            .bpffs
-            .path()
-            .join(format!("h{}", i + 1))
-            .display()
-            .to_string();
-        let bin = self.plan.agent_bin.display().to_string();
-        let bpffs_flag = format!("--bpffs={bpffs}");
-        let hand_back = [bpffs_flag.as_str(), "teardown", "--to-flanneld"];
+        self.stop_agent(i);
+        self.hand_back(i)?;
         let ns = &self.cluster.lab.hosts[i].ns;
-        ns.exec(&bin, &hand_back)?;
         if self.plan.backend == Backend::Vxlan {
             // What flanneld will keep: its kind of device, answering to the lease's VtepMAC.
             let link = ns.ip(&["-d", "link", "show", "flannel.1"])?;
@@ -387,15 +393,8 @@ impl Migration {
         let standin = self.start_flanneld(i)?;
         self.standins[i] = Some(standin);
         // Once flanneld runs: what the hand-back left for it (udp's bridge) goes.
-        let ns = &self.cluster.lab.hosts[i].ns;
-        ns.exec(&bin, &hand_back)?;
-        // Nothing of the agent's is left: no pins, no handover device, no device of its own.
-        if ns.ip(&["link", "show", "flannel-handovr"]).is_ok() || Path::new(&bpffs).exists() {
-            return Err(MigrationError::Traffic(format!(
-                "h{}: the hand-back left the handover device or pins under {bpffs}",
-                i + 1
-            )));
-        }
+        self.hand_back(i)?;
+        self.nothing_left(i)?;
         self.flows().settle(i + 1, Direction::ToFlanneld, &before)
     }
 
@@ -416,11 +415,6 @@ impl Migration {
             }
         }
         Ok(swaps)
-    }
-
-    /// Where logs go.
-    pub fn dir(&self) -> &Path {
-        &self.plan.dir
     }
 }
 
