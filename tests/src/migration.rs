@@ -4,13 +4,10 @@
 //!
 //! A swap to the agent is the README's: start the agent beside the running flanneld (it takes
 //! over the lease, the device and the chains while flanneld still runs), then stop flanneld. A
-//! swap back is `systemctl stop overlay-agent`, `overlay-agent teardown`, then flanneld started.
+//! swap back is `systemctl stop overlay-agent`, `overlay-agent teardown --to-flanneld`, flanneld
+//! started, then `overlay-agent teardown --to-flanneld` again.
 
-use std::{
-    net::Ipv4Addr,
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use crate::{
     cluster::{Cluster, ClusterError, PREFIX, healthz_flags},
