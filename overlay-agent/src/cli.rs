@@ -325,6 +325,20 @@ pub struct Cli {
     )]
     pub deliver_via_stack: bool,
 
+    /// How long a peer whose lease expired (as opposed to one deleted, or whose subnet another
+    /// host took) stays in the dataplane. An expired lease usually means a host cut off from
+    /// etcd that still forwards; the subnet cannot go to another host without that host's
+    /// lease replacing the stale peer at once, so keeping it costs only a map entry. One hour
+    /// covers etcd partitions and maintenance at any TTL, and still clears hosts gone for good
+    /// within the hour, so the maps do not fill with them in a cluster that churns hosts.
+    #[arg(
+        long,
+        env = "FLANNELD_EXPIRED_PEER_GRACE",
+        default_value = "1h",
+        value_parser = parse_grace
+    )]
+    pub expired_peer_grace: Duration,
+
     /// Lifetime of the subnet lease in etcd (e.g. 30s, 90m, 24h); it is renewed before it ends.
     #[arg(
         long,
@@ -438,6 +452,10 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
         return Err("must be at least 1s".to_owned());
     }
     Ok(d)
+}
+
+fn parse_grace(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// Long flags (without dashes) that Go's `flag` package would also accept with one dash.

@@ -1,6 +1,18 @@
 //! The connection to etcd: endpoints, TLS, user/password, and reconnecting with a capped backoff.
+//!
+//! The agent talks to one member at a time and moves to the next when that member fails. The
+//! client library's own balancing over several endpoints sends some requests to a dead member
+//! and fails them (etcd-client#39), which stalled renewals while quorum held; a connection to
+//! one member fails or works as a whole, so a dead member costs one failed request and a switch.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
 
@@ -8,6 +20,10 @@ use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, Tls
 const BACKOFF_START: Duration = Duration::from_millis(500);
 /// Longest pause between connection attempts, so a returning etcd is found within seconds.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// While no member answers, one summary line this often instead of one per attempt.
+const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(60);
+/// `in_use` before the first connection.
+const NO_MEMBER: usize = usize::MAX;
 
 /// Errors of setting up or using the etcd connection.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +45,9 @@ pub enum EtcdError {
     /// Only one of --etcd-username and --etcd-password was given.
     #[error("--etcd-username and --etcd-password must be given together")]
     HalfCredentials,
+    /// `--etcd-endpoints` lists no endpoint.
+    #[error("--etcd-endpoints lists no endpoint")]
+    NoEndpoints,
     /// The endpoints or options are refused by the client library (e.g. TLS files with an
     /// `http://` endpoint); retrying cannot help.
     #[error("etcd endpoints {endpoints}: {source}")]
@@ -76,6 +95,9 @@ pub struct EtcdSettings {
     pub key_file: Option<PathBuf>,
     /// User name and password for etcd authentication.
     pub credentials: Option<(String, String)>,
+    /// Index in `endpoints` of the member the last connection went to; shared by clones so a
+    /// reconnect anywhere moves on from the member that failed.
+    in_use: Arc<AtomicUsize>,
 }
 
 impl EtcdSettings {
@@ -98,17 +120,28 @@ impl EtcdSettings {
             (Some(u), None) => Some((u, String::new())),
             (None, Some(_)) => return Err(EtcdError::HalfCredentials),
         };
+        let endpoints: Vec<String> = endpoints
+            .into_iter()
+            .map(|e| e.trim().to_owned())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            return Err(EtcdError::NoEndpoints);
+        }
         Ok(Self {
-            endpoints: endpoints
-                .into_iter()
-                .map(|e| e.trim().to_owned())
-                .filter(|e| !e.is_empty())
-                .collect(),
+            endpoints,
             ca_file,
             cert_file,
             key_file,
             credentials,
+            in_use: Arc::new(AtomicUsize::new(NO_MEMBER)),
         })
+    }
+
+    /// The endpoint of the member the current connection goes to.
+    pub fn member(&self) -> &str {
+        let i = self.in_use.load(Ordering::Relaxed);
+        self.endpoints.get(i).map_or("(none yet)", String::as_str)
     }
 
     fn options(&self) -> Result<ConnectOptions, EtcdError> {
@@ -126,6 +159,10 @@ impl EtcdSettings {
             .with_keep_alive_while_idle(true)
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(10))
+            // A member cut off from the others refuses requests and ends watches ("no leader")
+            // instead of serving stale reads and a watch that never fires, so the agent moves
+            // to a member that is part of the quorum.
+            .with_require_leader(true)
             .with_auto_token_refresh(true);
         if self.ca_file.is_some() || self.cert_file.is_some() {
             let mut tls = TlsOptions::new();
@@ -146,16 +183,17 @@ impl EtcdSettings {
         Ok(opts)
     }
 
-    /// One connection attempt, proven by a read of `probe_key` (connecting alone is lazy and
-    /// would succeed with etcd down).
-    pub async fn connect_once(&self, probe_key: &str) -> Result<Client, EtcdError> {
+    /// One connection attempt to member `index`, proven by a read of `probe_key` (connecting
+    /// alone is lazy and would succeed with etcd down).
+    async fn connect_member(&self, index: usize, probe_key: &str) -> Result<Client, EtcdError> {
         let opts = self.options()?;
-        let mut client = Client::connect(&self.endpoints, Some(opts))
+        let endpoint = &self.endpoints[index];
+        let mut client = Client::connect([endpoint], Some(opts))
             .await
             .map_err(|source| match source {
                 etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => {
                     EtcdError::BadEndpoints {
-                        endpoints: self.endpoints.join(","),
+                        endpoints: endpoint.clone(),
                         source,
                     }
                 }
@@ -171,34 +209,139 @@ impl EtcdSettings {
         Ok(client)
     }
 
-    /// Connects, retrying transient failures forever with a capped exponential backoff and one
-    /// log line per failed attempt. Returns only errors that retrying cannot cure.
-    pub async fn connect(&self, probe_key: &str) -> Result<Client, EtcdError> {
-        let mut pause = BACKOFF_START;
-        let mut attempt = 1u32;
-        loop {
-            match self.connect_once(probe_key).await {
+    /// Tries each member once, starting after the one in use (which just failed, when there is
+    /// one); `failed` hears of each member that did not answer. The last transient error is
+    /// returned when none answers.
+    async fn round(
+        &self,
+        probe_key: &str,
+        failed: &mut dyn FnMut(&str, &EtcdError),
+    ) -> Result<Client, EtcdError> {
+        let n = self.endpoints.len();
+        let first = match self.in_use.load(Ordering::Relaxed) {
+            NO_MEMBER => 0,
+            i => (i + 1) % n,
+        };
+        let mut last = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            match self.connect_member(i, probe_key).await {
                 Ok(client) => {
-                    if attempt > 1 {
-                        tracing::info!(endpoints = %self.endpoints.join(","), "connected to etcd");
-                    }
+                    self.in_use.store(i, Ordering::Relaxed);
                     return Ok(client);
                 }
                 Err(e) if e.is_transient() => {
-                    tracing::warn!(
-                        "etcd at {} unreachable (attempt {attempt}), retrying in {:.1}s: {}",
-                        self.endpoints.join(","),
-                        pause.as_secs_f32(),
-                        error_chain(&e)
-                    );
+                    failed(&self.endpoints[i], &e);
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("at least one endpoint (checked in new)"))
+    }
+
+    /// Connects to the first member that answers, retrying rounds over all members forever with
+    /// a capped exponential backoff, and returns only errors that retrying cannot cure. What is
+    /// logged is bounded by `outage`: each member that does not answer is named once, and while
+    /// none does, one summary line a minute. Success is not logged: the caller knows what was
+    /// resumed.
+    pub async fn connect(&self, probe_key: &str, outage: &mut Outage) -> Result<Client, EtcdError> {
+        let mut pause = BACKOFF_START;
+        loop {
+            let result = self
+                .round(probe_key, &mut |endpoint, e| {
+                    outage.member_failed(endpoint, e)
+                })
+                .await;
+            match result {
+                Ok(client) => return Ok(client),
+                Err(e) if e.is_transient() => {
+                    outage.round_failed(&self.endpoints, &e);
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(BACKOFF_CAP);
-                    attempt += 1;
                 }
                 Err(e) => return Err(e),
             }
         }
     }
+}
+
+/// An etcd outage as the agent lives through it, from the first failed request to the next
+/// working connection: when it began, and what was logged, so that a long one logs a bounded
+/// number of lines.
+#[derive(Debug)]
+pub struct Outage {
+    since: Instant,
+    named: Vec<String>,
+    rounds: u32,
+    last_summary: Instant,
+}
+
+impl Default for Outage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Outage {
+    /// An outage beginning now.
+    pub fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            since: now,
+            named: Vec::new(),
+            rounds: 0,
+            last_summary: now,
+        }
+    }
+
+    /// How long it has lasted, to the second.
+    pub fn lasted(&self) -> Duration {
+        round_secs(self.since.elapsed())
+    }
+
+    /// When it began.
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
+    /// Rounds over all members that none answered.
+    pub fn rounds(&self) -> u32 {
+        self.rounds
+    }
+
+    fn member_failed(&mut self, endpoint: &str, e: &EtcdError) {
+        if !self.named.iter().any(|n| n == endpoint) {
+            tracing::warn!("etcd member {endpoint} unreachable: {}", error_chain(e));
+            self.named.push(endpoint.to_owned());
+        }
+    }
+
+    fn round_failed(&mut self, endpoints: &[String], e: &EtcdError) {
+        self.rounds += 1;
+        if self.rounds == 1 {
+            tracing::warn!(
+                "no etcd member answers ({}); the datapath and the known peers stay as they are; \
+                 retrying, with a summary every {}",
+                endpoints.join(", "),
+                humantime::format_duration(OUTAGE_LOG_EVERY)
+            );
+        } else if self.last_summary.elapsed() >= OUTAGE_LOG_EVERY {
+            tracing::warn!(
+                "etcd still unreachable after {} ({} rounds over {} members), last: {}",
+                humantime::format_duration(self.lasted()),
+                self.rounds,
+                endpoints.len(),
+                error_chain(e)
+            );
+            self.last_summary = Instant::now();
+        }
+    }
+}
+
+/// A duration to the second, for log lines.
+pub fn round_secs(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
 }
 
 /// An error and its sources on one line: tonic's top-level messages ("transport error") say

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::dataplane::contract::Unhealthy;
+use crate::{control::etcd::round_secs, dataplane::contract::Unhealthy};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpListener,
@@ -56,6 +56,10 @@ struct State {
     lease_reason: NoLease,
     /// Why the datapath is not up; `None` when it is.
     datapath: Option<Unhealthy>,
+    /// Since when no etcd member answers; `None` while one does.
+    etcd_lost: Option<Instant>,
+    /// How long peers keep this host after its lease expired (`--expired-peer-grace`).
+    grace: Duration,
 }
 
 impl Health {
@@ -65,7 +69,25 @@ impl Health {
             lease_until: None,
             lease_reason: NoLease::WaitingForEtcd,
             datapath: Some(Unhealthy::Starting),
+            etcd_lost: None,
+            grace: Duration::ZERO,
         })))
+    }
+
+    /// Sets how long peers keep this host's lease after it expired: as long as that lasts, an
+    /// expiry the agent could not prevent (etcd unreachable) does not cut the host off.
+    pub fn set_grace(&self, grace: Duration) {
+        self.state().grace = grace;
+    }
+
+    /// Records that etcd stopped answering at `since`.
+    pub fn etcd_lost(&self, since: Instant) {
+        self.state().etcd_lost.get_or_insert(since);
+    }
+
+    /// Records that etcd answers again.
+    pub fn etcd_back(&self) {
+        self.state().etcd_lost = None;
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -90,19 +112,43 @@ impl Health {
     }
 
     /// `None` when healthy, else the reason.
+    ///
+    /// The lease counts as held until etcd's own expiry of it (the TTL etcd granted, from the
+    /// grant) and, while etcd cannot be reached, for the peers' grace period after that: etcd
+    /// does not expire leases while it has no quorum, and when it does expire ours the peers
+    /// keep this host for the grace period. A liveness probe must not restart an agent whose
+    /// forwarding is fine because etcd is away.
     pub fn reason(&self) -> Option<String> {
         let s = self.state();
-        match s.lease_until {
-            None => return Some(s.lease_reason.to_string()),
-            // Renewal failed for the whole TTL (etcd unreachable): etcd has dropped the lease.
-            Some(t) if t <= Instant::now() => {
-                return Some(
-                    "the lease expired: it could not be renewed (etcd unreachable?)".into(),
-                );
+        let now = Instant::now();
+        match (s.lease_until, s.etcd_lost) {
+            (None, _) => return Some(s.lease_reason.to_string()),
+            (Some(t), None) if t <= now => {
+                return Some("the lease expired before it could be renewed".into());
             }
-            Some(_) => {}
+            (Some(t), Some(since)) if t + s.grace <= now => {
+                return Some(format!(
+                    "etcd unreachable for {}: the lease's TTL ran out {} ago and peers keep an \
+                     expired lease for {}",
+                    humantime::format_duration(round_secs(now - since)),
+                    humantime::format_duration(round_secs(now - t)),
+                    humantime::format_duration(s.grace)
+                ));
+            }
+            _ => {}
         }
         s.datapath.as_ref().map(|u| u.to_string())
+    }
+
+    /// What a healthy agent should still say: etcd is away.
+    pub fn note(&self) -> Option<String> {
+        let s = self.state();
+        s.etcd_lost.map(|since| {
+            format!(
+                "etcd unreachable for {}; forwarding with the known peers",
+                humantime::format_duration(round_secs(since.elapsed()))
+            )
+        })
     }
 }
 
@@ -123,7 +169,10 @@ impl Answer {
     pub fn respond(self, health: &Health) -> (&'static str, String) {
         match (self, health.reason()) {
             (Answer::Flanneld, _) => ("200 OK", FLANNELD_BODY.to_owned()),
-            (Answer::Strict, None) => ("200 OK", "ok\n".to_owned()),
+            (Answer::Strict, None) => match health.note() {
+                None => ("200 OK", "ok\n".to_owned()),
+                Some(note) => ("200 OK", format!("ok: {note}\n")),
+            },
             (Answer::Strict, Some(r)) => ("503 Service Unavailable", format!("{r}\n")),
         }
     }
@@ -194,5 +243,31 @@ mod tests {
         h.datapath(Ok(()));
         assert_eq!(Answer::Strict.respond(&h), ("200 OK", "ok\n".to_owned()));
         assert_eq!(Answer::Flanneld.respond(&h).1, FLANNELD_BODY);
+    }
+
+    #[test]
+    fn an_etcd_outage_is_healthy_until_the_peers_grace_ends() {
+        let h = Health::new();
+        h.datapath(Ok(()));
+        h.set_grace(Duration::from_secs(3600));
+        // etcd's expiry of the lease has passed while etcd answers: the lease is gone.
+        h.lease_held(Instant::now() - Duration::from_secs(1));
+        assert_eq!(Answer::Strict.respond(&h).0, "503 Service Unavailable");
+        // The same with etcd away: etcd may not have expired it (no quorum), and if it did the
+        // peers keep this host for the grace period.
+        h.etcd_lost(Instant::now() - Duration::from_secs(40));
+        let (status, body) = Answer::Strict.respond(&h);
+        assert_eq!(status, "200 OK");
+        assert!(body.starts_with("ok: etcd unreachable for 40s"), "{body}");
+        h.lease_held(Instant::now() - Duration::from_secs(3601));
+        let (status, body) = Answer::Strict.respond(&h);
+        assert_eq!(status, "503 Service Unavailable");
+        assert!(
+            body.contains("peers keep an expired lease for 1h"),
+            "{body}"
+        );
+        h.etcd_back();
+        h.lease_held(Instant::now() + Duration::from_secs(30));
+        assert_eq!(Answer::Strict.respond(&h), ("200 OK", "ok\n".to_owned()));
     }
 }

@@ -114,8 +114,40 @@ impl LeaseAttrs {
 
     /// Parses a lease value. Reservations written by hand may carry only `PublicIP`.
     pub fn from_json(value: &[u8]) -> Option<Self> {
-        serde_json::from_slice(value).ok()
+        Self::read(value).ok()
     }
+
+    /// Parses a lease value, saying what is wrong with one that does not parse. Unknown fields
+    /// are ignored, as flanneld's Go decoder ignores them.
+    pub fn read(value: &[u8]) -> Result<Self, BadValue> {
+        if value.len() > MAX_LEASE_VALUE {
+            return Err(BadValue::TooLarge { len: value.len() });
+        }
+        serde_json::from_slice(value).map_err(|e| BadValue::Invalid {
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Largest lease value read. flanneld's are about 200 bytes; a bigger one is not a lease, and
+/// parsing megabytes of it for every watch event would cost every host.
+pub const MAX_LEASE_VALUE: usize = 64 * 1024;
+
+/// Why a lease value is not read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadValue {
+    /// Larger than [`MAX_LEASE_VALUE`].
+    #[error("a value of {len} bytes (at most {MAX_LEASE_VALUE} are read)")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+    },
+    /// Not flannel's lease JSON.
+    #[error("not a lease: {reason}")]
+    Invalid {
+        /// The JSON decoder's message.
+        reason: String,
+    },
 }
 
 /// The key of `subnet` under `prefix`.
@@ -174,13 +206,15 @@ pub struct LeaseParams {
 }
 
 impl LeaseParams {
-    /// When to renew a lease granted now: `renew_margin` before it ends, as flannel does, or
-    /// half-way through when the TTL is shorter than the margin (test setups).
+    /// When to renew a lease granted now: `renew_margin` before it ends, as flannel does, or a
+    /// third of the way through when the TTL is shorter than the margin (short test TTLs). A
+    /// third leaves a sixth of the TTL for moving to another member before less than half of
+    /// it remains.
     pub fn renew_interval(&self) -> Duration {
         if self.ttl > self.renew_margin {
             self.ttl - self.renew_margin
         } else {
-            self.ttl / 2
+            self.ttl / 3
         }
     }
 
@@ -265,14 +299,17 @@ pub async fn claim(
         };
         // Taken before the grant, so our idea of the expiry is never later than etcd's.
         let granted_at = Instant::now();
-        let new_lease = if reservation {
-            0
+        // etcd may grant another TTL than asked (it raises ones below its minimum); the
+        // expiry is etcd's, not our wish.
+        let (new_lease, granted_ttl) = if reservation {
+            (0, params.ttl)
         } else {
-            client
+            let grant = client
                 .lease_grant(params.ttl_secs(), None)
                 .await
-                .map_err(req("granting a lease"))?
-                .id()
+                .map_err(req("granting a lease"))?;
+            let ttl = u64::try_from(grant.ttl()).map_or(params.ttl, Duration::from_secs);
+            (grant.id(), ttl)
         };
         let put = if reservation {
             TxnOp::put(key.as_str(), value.as_str(), None)
@@ -308,8 +345,8 @@ pub async fn claim(
             (never, never)
         } else {
             (
-                granted_at + params.renew_interval(),
-                granted_at + params.ttl,
+                granted_at + params.renew_interval().min(granted_ttl / 3 * 2),
+                granted_at + granted_ttl,
             )
         };
         return Ok(Claim::Held(HeldLease {
@@ -321,6 +358,19 @@ pub async fn claim(
         }));
     }
     Err(LeaseError::TooManyRaces { attempts: 10 })
+}
+
+/// Whether etcd still has the etcd lease `id`. Asked when a peer's key goes: with its lease
+/// still there the key was deleted, with the lease gone it expired (or was revoked with it).
+pub async fn etcd_lease_alive(client: &mut Client, id: i64) -> Result<bool, EtcdError> {
+    match client.lease_time_to_live(id, None).await {
+        // etcd answers a lease it does not know with TTL -1.
+        Ok(resp) => Ok(resp.ttl() > 0),
+        Err(etcd_client::Error::GRpcStatus(status)) if status.message().contains("not found") => {
+            Ok(false)
+        }
+        Err(e) => Err(req("looking up a peer's etcd lease")(e)),
+    }
 }
 
 async fn revoke(client: &mut Client, lease: i64) {
@@ -337,10 +387,12 @@ async fn revoke(client: &mut Client, lease: i64) {
 pub struct LeaseEntry {
     /// The subnet.
     pub subnet: Subnet,
-    /// The value, when it parses.
-    pub attrs: Option<LeaseAttrs>,
+    /// The value, or why it is not read.
+    pub attrs: Result<LeaseAttrs, BadValue>,
     /// The etcd lease (0: reservation).
     pub etcd_lease: i64,
+    /// The revision that created the key: of two overlapping leases, the older stands.
+    pub created: i64,
 }
 
 /// Reads all leases under `<prefix>/subnets/`, with the revision of the read.
@@ -360,8 +412,9 @@ pub async fn list(client: &mut Client, prefix: &str) -> Result<(Vec<LeaseEntry>,
             let key = kv.key_str().ok()?;
             Some(LeaseEntry {
                 subnet: subnet_of_key(prefix, key)?,
-                attrs: LeaseAttrs::from_json(kv.value()),
+                attrs: LeaseAttrs::read(kv.value()),
                 etcd_lease: kv.lease(),
+                created: kv.create_revision(),
             })
         })
         .collect();
@@ -430,9 +483,7 @@ fn ours<'a>(
 ) -> Vec<&'a LeaseEntry> {
     let mut mine: Vec<&LeaseEntry> = entries
         .iter()
-        .filter(|e| {
-            e.attrs.as_ref().is_some_and(|a| a.public_ip == public_ip) && cfg.fits(&e.subnet)
-        })
+        .filter(|e| e.attrs.as_ref().is_ok_and(|a| a.public_ip == public_ip) && cfg.fits(&e.subnet))
         .collect();
     mine.sort_by_key(|e| (e.etcd_lease != 0, e.subnet));
     mine
@@ -451,7 +502,7 @@ pub async fn published_vtep_mac(
     let (entries, _) = list(client, prefix).await?;
     Ok(ours(&entries, public_ip, cfg)
         .first()
-        .and_then(|e| e.attrs.as_ref())
+        .and_then(|e| e.attrs.as_ref().ok())
         .filter(|a| a.backend_type == "vxlan")
         .and_then(|a| a.backend_data.as_ref())
         .filter(|d| d.get("VNI").and_then(serde_json::Value::as_u64) == Some(u64::from(vni)))
@@ -637,7 +688,7 @@ mod tests {
             params(24 * 3600, 60).renew_interval(),
             Duration::from_secs(23 * 3600)
         );
-        assert_eq!(params(10, 60).renew_interval(), Duration::from_secs(5));
+        assert_eq!(params(30, 60).renew_interval(), Duration::from_secs(10));
         assert_eq!(
             params(24 * 3600, 60).retry_interval(),
             Duration::from_secs(60)
@@ -648,8 +699,9 @@ mod tests {
     fn entry(s: &str) -> LeaseEntry {
         LeaseEntry {
             subnet: s.parse().unwrap(),
-            attrs: None,
+            attrs: Err(BadValue::TooLarge { len: 0 }),
             etcd_lease: 0,
+            created: 0,
         }
     }
 

@@ -10,6 +10,7 @@
 //! re-creates it if it expired meanwhile), and resumes watching.
 
 use std::{
+    collections::HashSet,
     net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
@@ -20,11 +21,11 @@ use crate::{
     cli::{Cli, DecapKind},
     control::{
         config::{Backend, ConfigError, NetworkConfig},
-        etcd::{EtcdError, EtcdSettings, error_chain, req},
+        etcd::{EtcdError, EtcdSettings, Outage, error_chain, req},
         healthz::{self, Health, NoLease},
         lease::{self, Claim, HeldLease, LeaseAttrs, LeaseError, LeaseParams},
         notify,
-        peers::{LeaseChange, LeaseWatch, PeerSet, WatchBatch},
+        peers::{Gone, LeaseChange, LeaseWatch, PeerEvent, PeerRules, PeerSet, WatchBatch},
         subnet_env::{self, SubnetEnv, SubnetEnvError},
     },
     dataplane::{
@@ -226,6 +227,16 @@ struct Agent {
     peers: PeerSet,
     datapath: DatapathThread,
     health: Health,
+    /// The config value last seen in etcd when it differs from the running one, so a change is
+    /// reported once.
+    changed_config: Option<Vec<u8>>,
+}
+
+/// What a resynchronisation after an outage changed, for its one log line.
+#[derive(Debug, Default)]
+struct Resynced {
+    added: usize,
+    removed: usize,
 }
 
 /// The agent's steps, in order; each is a function below.
@@ -233,6 +244,7 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     let prefix = cli.etcd_prefix.trim_end_matches('/').to_owned();
     let config_key = format!("{prefix}/config");
     let settings = etcd_settings(&cli)?;
+    health.set_grace(cli.expired_peer_grace);
     let mut client = connect(&settings, &config_key).await?;
     let config = wait_for_config(&settings, &mut client, &config_key).await?;
     let (underlay, public_ip) = choose_underlay(&cli, &config).await?;
@@ -293,15 +305,20 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
         config_key,
         params,
         held,
-        peers: PeerSet::default(),
+        peers: PeerSet::new(PeerRules {
+            network: config.network,
+            own_ip: public_ip,
+            grace: cli.expired_peer_grace,
+        }),
         datapath,
         health,
+        changed_config: None,
     };
     agent.peers.set_own(agent.held.subnet);
     // The peers known now reach the datapath before READY, so a container started right after
     // can reach every host.
     let (settings, key) = (agent.settings.clone(), agent.config_key.clone());
-    let watch = retrying(&settings, &key, &mut client, "listing peers", async |c| {
+    let (watch, _) = retrying(&settings, &key, &mut client, "listing peers", async |c| {
         agent.sync_peers(c).await
     })
     .await?;
@@ -353,7 +370,11 @@ async fn retrying<T, E: Retryable>(
             Ok(v) => return Ok(v),
             Err(e) => match e.transient() {
                 Some(source) => {
-                    tracing::warn!("{what}: {}; reconnecting", error_chain(source));
+                    tracing::warn!(
+                        "etcd member {}: {what}: {}; trying the next member",
+                        settings.member(),
+                        error_chain(source)
+                    );
                     *client = connect(settings, probe_key).await?;
                 }
                 None => return Err(e.into()),
@@ -486,11 +507,21 @@ fn log_held(held: &HeldLease, params: &LeaseParams, what: &str) {
     }
 }
 
+/// Connects at start-up, saying so once when it took more than one attempt.
 async fn connect(settings: &EtcdSettings, probe_key: &str) -> Result<Client, DaemonError> {
-    settings
-        .connect(probe_key)
+    let mut outage = Outage::new();
+    let client = settings
+        .connect(probe_key, &mut outage)
         .await
-        .map_err(|source| DaemonError::Etcd { source })
+        .map_err(|source| DaemonError::Etcd { source })?;
+    if outage.rounds() > 0 {
+        tracing::info!(
+            "etcd answers after {}: member {}",
+            humantime::format_duration(outage.lasted()),
+            settings.member()
+        );
+    }
+    Ok(client)
 }
 
 /// Reads `<prefix>/config`, waiting while it is absent; validation errors are final.
@@ -532,7 +563,11 @@ async fn wait_for_config(
                 }
             },
             Err(e) => {
-                tracing::warn!("reading {key}: {}; reconnecting", error_chain(&e));
+                tracing::warn!(
+                    "etcd member {}: reading {key}: {}; trying the next member",
+                    settings.member(),
+                    error_chain(&e)
+                );
                 *client = connect(settings, key).await?;
             }
         }
@@ -541,14 +576,49 @@ async fn wait_for_config(
 
 impl Agent {
     /// Lists the leases, sends the differences to the datapath, and starts a watch from the
-    /// listing's revision.
-    async fn sync_peers(&mut self, client: &mut Client) -> Result<LeaseWatch, EtcdError> {
+    /// listing's revision. A peer missing from the listing is asked after: expired, it stays
+    /// for the grace period; deleted, it goes.
+    async fn sync_peers(
+        &mut self,
+        client: &mut Client,
+    ) -> Result<(LeaseWatch, Resynced), EtcdError> {
         let (entries, revision) = lease::list(client, &self.params.prefix).await?;
-        for ev in self.peers.resync(&entries) {
+        let mut expired = HashSet::new();
+        for (subnet, etcd_lease) in self.peers.missing_from(&entries) {
+            if self.gone(client, etcd_lease).await? == Gone::Expired {
+                expired.insert(subnet);
+            }
+        }
+        let events = self.peers.resync(&entries, &expired);
+        let resynced = self.send(events);
+        tracing::debug!("{} peers at revision {revision}", self.peers.len());
+        let watch = LeaseWatch::start(client, &self.params.prefix, revision).await?;
+        Ok((watch, resynced))
+    }
+
+    /// How a peer's lease went, from its etcd lease: still there, the key was deleted.
+    async fn gone(&self, client: &mut Client, etcd_lease: i64) -> Result<Gone, EtcdError> {
+        if etcd_lease == 0 {
+            // A reservation has no TTL to run out: it was deleted.
+            return Ok(Gone::Deleted);
+        }
+        Ok(match lease::etcd_lease_alive(client, etcd_lease).await? {
+            true => Gone::Deleted,
+            false => Gone::Expired,
+        })
+    }
+
+    /// Sends peer changes to the datapath, counting them.
+    fn send(&self, events: Vec<PeerEvent>) -> Resynced {
+        let mut r = Resynced::default();
+        for ev in events {
+            match ev {
+                PeerEvent::Added(_) => r.added += 1,
+                PeerEvent::Removed(_) => r.removed += 1,
+            }
             self.datapath.send(ev);
         }
-        tracing::debug!("{} peers at revision {revision}", self.peers.len());
-        LeaseWatch::start(client, &self.params.prefix, revision).await
+        r
     }
 
     /// Claims our subnet again: renewal, re-creation after a deletion or expiry, both as one
@@ -576,36 +646,65 @@ impl Agent {
         }
     }
 
-    /// After a reconnect: resync the peers, renew the lease (it may have expired meanwhile),
-    /// and watch again.
-    async fn resync(&mut self, client: &mut Client) -> Result<LeaseWatch, LeaseError> {
+    /// After a reconnect: renew the lease (it may have expired meanwhile), resync the peers, and
+    /// watch again.
+    async fn resync(&mut self, client: &mut Client) -> Result<(LeaseWatch, Resynced), LeaseError> {
         self.reclaim(client, "resync").await?;
         Ok(self.sync_peers(client).await?)
     }
 
+    /// The one line for a request that failed on the member in use; the caller then moves to
+    /// the next member.
+    fn member_failed(&self, what: &str, e: &EtcdError, outage: &mut Option<Outage>) {
+        tracing::warn!(
+            "etcd member {}: {what}: {}; trying the next member (the datapath and {} peers \
+             stay as they are)",
+            self.settings.member(),
+            error_chain(e),
+            self.peers.len()
+        );
+        let o = outage.get_or_insert_with(Outage::new);
+        self.health.etcd_lost(o.since());
+    }
+
     async fn run(mut self, client: Client, watch: LeaseWatch) -> Result<(), DaemonError> {
         let mut conn = Some((client, watch));
+        let mut outage: Option<Outage> = None;
         loop {
             let Some((mut client, mut watch)) = conn.take() else {
-                let mut client = connect(&self.settings, &self.config_key).await?;
+                let o = outage.get_or_insert_with(Outage::new);
+                let mut client = self
+                    .settings
+                    .connect(&self.config_key, o)
+                    .await
+                    .map_err(|source| DaemonError::Etcd { source })?;
                 match self.resync(&mut client).await {
-                    Ok(watch) => {
+                    Ok((watch, r)) => {
+                        let lasted = outage.take().map(|o| o.lasted()).unwrap_or_default();
+                        self.health.etcd_back();
                         tracing::info!(
-                            "resynchronised with etcd: subnet {} kept, {} peers",
+                            "etcd is back after {} (member {}): subnet {} renewed; peers \
+                             resynchronised: {} added or changed, {} removed, {} kept while \
+                             their lease is expired, {} in all",
+                            humantime::format_duration(lasted),
+                            self.settings.member(),
                             self.held.subnet,
+                            r.added,
+                            r.removed,
+                            self.peers.stale(),
                             self.peers.len()
                         );
                         conn = Some((client, watch));
                     }
                     Err(LeaseError::Etcd { source }) if source.is_transient() => {
-                        tracing::warn!("resync failed: {}", error_chain(&source));
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        self.member_failed("resynchronising", &source, &mut outage);
                     }
                     Err(e) => return Err(e.into()),
                 }
                 continue;
             };
             let renew_at = tokio::time::Instant::from_std(self.held.renew_at);
+            let grace_end = self.peers.next_grace_end();
             tokio::select! {
                 _ = tokio::time::sleep_until(renew_at) => {
                     match self.reclaim(&mut client, "renewal").await {
@@ -613,24 +712,25 @@ impl Agent {
                             log_held(&self.held, &self.params, "renewed");
                             conn = Some((client, watch));
                         }
+                        // Renewed on the next member at once: waiting on this one could run
+                        // the lease down.
                         Err(LeaseError::Etcd { source }) if source.is_transient() => {
-                            let retry = self.params.retry_interval();
-                            tracing::warn!(
-                                "renewing the lease failed, retrying in {}: {}",
-                                humantime::format_duration(retry),
-                                error_chain(&source)
-                            );
-                            self.held.renew_at = Instant::now() + retry;
+                            self.member_failed("renewing the lease", &source, &mut outage);
                         }
                         Err(e) => return Err(e.into()),
                     }
+                }
+                _ = sleep_until_some(grace_end) => {
+                    let events = self.peers.end_grace(Instant::now());
+                    self.send(events);
+                    conn = Some((client, watch));
                 }
                 batch = watch.next() => match batch {
                     Ok(WatchBatch::Changes(changes)) => {
                         match self.apply_changes(&mut client, changes).await {
                             Ok(()) => conn = Some((client, watch)),
                             Err(LeaseError::Etcd { source }) if source.is_transient() => {
-                                tracing::warn!("re-acquiring the lease: {}", error_chain(&source));
+                                self.member_failed("applying lease changes", &source, &mut outage);
                             }
                             Err(e) => return Err(e.into()),
                         }
@@ -638,18 +738,11 @@ impl Agent {
                     Ok(WatchBatch::Compacted) => {
                         tracing::info!("the watch revision was compacted; listing leases again");
                         match self.sync_peers(&mut client).await {
-                            Ok(w) => conn = Some((client, w)),
-                            Err(e) => tracing::warn!("relisting leases: {}", error_chain(&e)),
+                            Ok((w, _)) => conn = Some((client, w)),
+                            Err(e) => self.member_failed("relisting leases", &e, &mut outage),
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(
-                            "lost etcd ({}); keeping the datapath and {} known peers while \
-                             reconnecting",
-                            error_chain(&e),
-                            self.peers.len()
-                        );
-                    }
+                    Err(e) => self.member_failed("watching leases", &e, &mut outage),
                 },
             }
         }
@@ -674,20 +767,81 @@ impl Agent {
                 }
                 LeaseChange::Put {
                     subnet,
-                    attrs: Some(a),
+                    attrs: Ok(a),
+                    ..
                 } if *subnet == own && a.public_ip == self.params.attrs.public_ip => {}
                 LeaseChange::Put { subnet, .. } if *subnet == own => {
                     // Someone overwrote our key; claim() reports who holds it now.
                     self.reclaim(client, "overwritten").await?;
                 }
-                _ => {
-                    if let Some(ev) = self.peers.apply(&change) {
-                        self.datapath.send(ev);
-                    }
+                LeaseChange::Config { value } => self.config_written(value.as_deref()),
+                LeaseChange::Deleted { subnet } => {
+                    let gone = match self.peers.etcd_lease_of(subnet) {
+                        Some(id) => self.gone(client, id).await?,
+                        None => Gone::Deleted,
+                    };
+                    let events = self.peers.apply(&change, gone);
+                    self.send(events);
+                }
+                LeaseChange::Put { .. } => {
+                    let events = self.peers.apply(&change, Gone::Deleted);
+                    self.send(events);
                 }
             }
         }
         Ok(())
+    }
+
+    /// The config key changed while running. The agent keeps the config it runs with: its
+    /// subnet, devices and subnet.env (docker's --bip) all follow from it, and changing them
+    /// under running containers would cut them off. Leases outside the running Network are
+    /// refused meanwhile. Said once per new value; restarting the agents moves them.
+    fn config_written(&mut self, value: Option<&[u8]>) {
+        let running = &self.params.config;
+        let same = value
+            .and_then(|v| NetworkConfig::parse(v).ok())
+            .is_some_and(|c| c == *running);
+        if same {
+            if self.changed_config.take().is_some() {
+                tracing::info!(
+                    "the network config at {} matches the running one again",
+                    self.config_key
+                );
+            }
+            return;
+        }
+        let value = value.map(<[u8]>::to_vec);
+        if self.changed_config.as_ref() == Some(&value.clone().unwrap_or_default()) {
+            return;
+        }
+        let what = match value.as_deref().map(NetworkConfig::parse) {
+            None => "was deleted".to_owned(),
+            Some(Err(e)) => format!("is now invalid ({e})"),
+            Some(Ok(c)) if c.network != running.network => {
+                format!(
+                    "now says Network {} (running: {})",
+                    c.network, running.network
+                )
+            }
+            Some(Ok(_)) => "changed".to_owned(),
+        };
+        tracing::error!(
+            "the network config at {} {what} while running; this agent keeps running with \
+             Network {} and subnet {} until it is restarted (restart agents host by host to \
+             move them); leases outside the running Network are ignored meanwhile",
+            self.config_key,
+            running.network,
+            self.held.subnet
+        );
+        self.changed_config = Some(value.unwrap_or_default());
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+        None => std::future::pending().await,
     }
 }
 
