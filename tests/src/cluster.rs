@@ -544,10 +544,23 @@ pub fn healthz_flags() -> [String; 3] {
 
 /// `GET /healthz` on `addr` (from the calling thread's namespace): (status code, body).
 pub fn healthz(addr: std::net::SocketAddr) -> std::io::Result<(u16, String)> {
+    http_get(addr, "/healthz")
+}
+
+/// One value of the agent's `/metrics` on `addr` (the listener of `--healthz-port`).
+pub fn metric(addr: std::net::SocketAddr, name: &str) -> std::io::Result<f64> {
+    let (_, body) = http_get(addr, "/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no metric {name} in:\n{body}")))
+}
+
+/// `GET path` on `addr`: (status code, body).
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let code = resp

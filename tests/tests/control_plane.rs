@@ -59,6 +59,34 @@ fn must_env(agent: &Agent, timeout: Duration) -> String {
         .unwrap_or_else(|| panic!("no subnet.env in time; log:\n{}", agent.log_text()))
 }
 
+/// `--healthz-port` on a free loopback port, and the address to read `/metrics` from.
+fn metrics_flags() -> (Vec<String>, std::net::SocketAddr) {
+    let port = free_port();
+    (
+        vec![
+            format!("--healthz-port={port}"),
+            "--healthz-ip=127.0.0.1".into(),
+        ],
+        std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+    )
+}
+
+/// Waits until the agent's `/metrics` value `name` reaches `at_least`.
+fn wait_metric_at_least(agent: &Agent, addr: std::net::SocketAddr, name: &str, at_least: f64) {
+    let deadline = Instant::now() + 60 * SECOND;
+    loop {
+        if overlay_tests::cluster::metric(addr, name).is_ok_and(|v| v >= at_least) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never reached {at_least}:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn alloc_config(network: &str, extra: &str) -> String {
     format!(r#"{{"Network":"{network}"{extra},"Backend":{{"Type":"alloc"}}}}"#)
 }
@@ -355,10 +383,14 @@ fn an_etcd_outage_is_survived_without_restart_and_changes_made_meanwhile_are_see
         &alloc_config("10.55.0.0/16", ""),
     );
     let ttl = ["--subnet-lease-ttl=30s"];
+    let (metrics, addr) = metrics_flags();
     let mut a = Agent::spawn(
         tmp.path(),
         "a",
-        &with(args(&etcd, prefix, tmp.path(), "a", "127.0.5.1"), &ttl),
+        &with(
+            with(args(&etcd, prefix, tmp.path(), "a", "127.0.5.1"), &ttl),
+            &metrics.iter().map(String::as_str).collect::<Vec<_>>(),
+        ),
         &[],
     )
     .unwrap();
@@ -379,32 +411,20 @@ fn an_etcd_outage_is_survived_without_restart_and_changes_made_meanwhile_are_see
 
     etcd.stop();
     b.kill(); // B dies during the outage; its lease must disappear from A's view.
-    // A notices the outage and keeps trying to reconnect. Only its log tells either (the agent
-    // exposes no etcd state yet; `overlay-agent status` will).
-    assert!(
-        a.wait_log("lost etcd", 30 * SECOND),
-        "A never noticed the outage:\n{}",
-        a.log_text()
+    // A notices the outage and keeps trying to reconnect: its metrics say both.
+    wait_metric_at_least(&a, addr, "overlay_etcd_member_failures_total", 1.0);
+    assert_eq!(
+        overlay_tests::cluster::metric(addr, "overlay_etcd_up").unwrap(),
+        0.0
     );
-    let noticed = a.log_text().len();
-    let retrying = Instant::now() + 60 * SECOND;
-    while a.log_text()[noticed..]
-        .matches("unreachable (attempt")
-        .count()
-        < 3
-    {
-        assert!(
-            a.try_wait().is_none(),
-            "A must survive the outage:\n{}",
-            a.log_text()
-        );
-        assert!(
-            Instant::now() < retrying,
-            "A is not retrying:\n{}",
-            a.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let unanswered =
+        overlay_tests::cluster::metric(addr, "overlay_etcd_unanswered_attempts_total").unwrap();
+    wait_metric_at_least(
+        &a,
+        addr,
+        "overlay_etcd_unanswered_attempts_total",
+        unanswered + 3.0,
+    );
     assert!(
         a.try_wait().is_none(),
         "A must survive the outage:\n{}",
@@ -418,7 +438,7 @@ fn an_etcd_outage_is_survived_without_restart_and_changes_made_meanwhile_are_see
         r#"{"PublicIP":"127.0.5.3","PublicIPv6":null,"BackendType":"alloc","BackendData":null}"#,
     );
     assert!(
-        a.wait_log("resynchronised with etcd", 30 * SECOND),
+        a.wait_log("etcd is back after", 30 * SECOND),
         "A must reconnect:\n{}",
         a.log_text()
     );
@@ -540,13 +560,25 @@ fn tls_with_client_certificates() {
     );
 
     // Without a client certificate etcd refuses the agent; it keeps retrying, saying so.
+    let (metrics, addr) = metrics_flags();
     let b = with(
-        args(&etcd, prefix, tmp.path(), "b", "127.0.7.2"),
-        &[&format!("--etcd-cafile={}", tls.ca.display())],
+        with(
+            args(&etcd, prefix, tmp.path(), "b", "127.0.7.2"),
+            &[&format!("--etcd-cafile={}", tls.ca.display())],
+        ),
+        &metrics.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let mut refused = Agent::spawn(tmp.path(), "b", &b, &[]).unwrap();
+    wait_metric_at_least(
+        &refused,
+        addr,
+        "overlay_etcd_unanswered_attempts_total",
+        2.0,
+    );
     assert!(
-        refused.wait_log("(attempt 2)", 20 * SECOND),
+        refused
+            .log_text()
+            .contains(&format!("etcd member {} unreachable", etcd.endpoint())),
         "{}",
         refused.log_text()
     );
@@ -581,13 +613,23 @@ fn username_and_password_authentication() {
         agent.log_text()
     );
 
+    let (metrics, addr) = metrics_flags();
     let b = with(
-        args(&etcd, prefix, tmp.path(), "b", "127.0.8.2"),
-        &["--etcd-username=flannel", "--etcd-password=wrong"],
+        with(
+            args(&etcd, prefix, tmp.path(), "b", "127.0.8.2"),
+            &["--etcd-username=flannel", "--etcd-password=wrong"],
+        ),
+        &metrics.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let refused = Agent::spawn(tmp.path(), "b", &b, &[]).unwrap();
+    wait_metric_at_least(
+        &refused,
+        addr,
+        "overlay_etcd_unanswered_attempts_total",
+        2.0,
+    );
     assert!(
-        refused.wait_log("(attempt 2)", 20 * SECOND),
+        refused.log_text().contains("authentication failed"),
         "{}",
         refused.log_text()
     );
@@ -866,11 +908,17 @@ fn an_agent_started_before_etcd_retries_until_etcd_is_up() {
         &alloc_config("10.62.0.0/16", ""),
     );
     etcd.stop();
-    let a = args(&etcd, prefix, tmp.path(), "a", "127.0.11.1");
+    let (metrics, addr) = metrics_flags();
+    let a = with(
+        args(&etcd, prefix, tmp.path(), "a", "127.0.11.1"),
+        &metrics.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     let mut agent = Agent::spawn(tmp.path(), "a", &a, &[]).unwrap();
-    // One log line per attempt, with a growing pause.
-    assert!(
-        agent.wait_log("(attempt 3)", 20 * SECOND),
+    // It keeps trying, and says so once, not once per attempt.
+    wait_metric_at_least(&agent, addr, "overlay_etcd_unanswered_attempts_total", 3.0);
+    assert_eq!(
+        agent.log_text().matches("unreachable").count(),
+        1,
         "{}",
         agent.log_text()
     );
@@ -880,7 +928,152 @@ fn an_agent_started_before_etcd_retries_until_etcd_is_up() {
     assert!(env.contains("FLANNEL_NETWORK=10.62.0.0/16"), "{env}");
 }
 
+/// Hostile and broken leases and config in etcd: each refused lease gets one log line and one
+/// count, the agent keeps running, the good leases around them stay peers, and a config changed
+/// while running is reported once and does not move the agent.
+fn hostile_data_in_etcd_is_refused_once_each_and_survived() {
+    let etcd = Etcd::start().unwrap();
+    let tmp = TempDir::new("hostile").unwrap();
+    let prefix = "/hostile";
+    let config = alloc_config(
+        "10.57.0.0/16",
+        r#","SubnetMin":"10.57.1.0","SubnetMax":"10.57.50.0""#,
+    );
+    etcd.put(&format!("{prefix}/config"), &config);
+    let port = free_port();
+    let me = "198.18.77.1";
+    let mut a = Agent::spawn(
+        tmp.path(),
+        "a",
+        &with(
+            args(&etcd, prefix, tmp.path(), "a", me),
+            &[&format!("--healthz-port={port}"), "--healthz-ip=127.0.0.1"],
+        ),
+        &[],
+    )
+    .unwrap();
+    let env = must_env(&a, 20 * SECOND);
+    let own = leased_subnet(&env);
+    let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let metric = |name: &str| overlay_tests::cluster::metric(addr, name).unwrap() as u64;
+    let wait_metric = |name: &str, want: u64| {
+        let deadline = Instant::now() + 20 * SECOND;
+        while metric(name) != want {
+            assert!(Instant::now() < deadline, "{name} never reached {want}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let lease = |ip: &str| format!(r#"{{"PublicIP":"{ip}","PublicIPv6":null}}"#);
+    let key = |s: &str| key_of(prefix, s);
+
+    // Good leases: a plain one, one with fields flanneld does not know (Go ignores them, so
+    // do we), and a second subnet of the first host (both routed there, as flanneld does).
+    etcd.put(&key("10.57.100.0/24"), &lease("198.18.77.2"));
+    etcd.put(
+        &key("10.57.103.0/24"),
+        r#"{"PublicIP":"198.18.77.4","PublicIPv6":null,"Future":{"x":[1,2]},"Extra":7}"#,
+    );
+    etcd.put(&key("10.57.109.0/24"), &lease("198.18.77.2"));
+    wait_metric("overlay_peers", 3);
+    assert_eq!(metric("overlay_leases_sharing_public_ip_total"), 1);
+
+    // A 1 MiB value: through the client library, too long for a command line.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut client = rt
+        .block_on(etcd_client::Client::connect([etcd.endpoint()], None))
+        .unwrap();
+    let huge = format!(
+        r#"{{"PublicIP":"198.18.77.3","Pad":"{}"}}"#,
+        "x".repeat(1 << 20)
+    );
+    rt.block_on(client.put(key("10.57.102.0/24"), huge, None))
+        .unwrap();
+    let own_half = own.replace("/24", "/25");
+    let hostile: Vec<(String, String)> = vec![
+        (key("10.57.101.0/24"), "{not json".into()),
+        (key("10.57.104.0/24"), lease(me)),
+        (key("10.57.105.0/24"), lease("0.0.0.0")),
+        (key("10.57.106.0/24"), lease("127.0.0.1")),
+        (key("10.57.107.0/24"), lease("224.0.0.1")),
+        (key("10.57.108.0/24"), lease("255.255.255.255")),
+        (key("10.99.0.0/24"), lease("198.18.77.5")),
+        (key(&own_half), lease("198.18.77.6")),
+        (key("10.57.100.0/23"), lease("198.18.77.7")),
+        (
+            key("10.57.110.0/24"),
+            r#"{"PublicIP":"198.18.77.8","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"01:00:5e:00:00:01"}}"#
+                .into(),
+        ),
+    ];
+    for (k, v) in &hostile {
+        etcd.put(k, v);
+    }
+    let refused = hostile.len() as u64 + 1;
+    wait_metric("overlay_leases_refused_total", refused);
+
+    // The Network changed under the running agent: one ERROR line, the agent keeps its config
+    // and subnet, and a lease of the new Network is refused as outside the running one.
+    etcd.put(
+        &format!("{prefix}/config"),
+        &alloc_config("10.58.0.0/16", ""),
+    );
+    assert!(
+        a.wait_log(
+            "now says Network 10.58.0.0/16 (running: 10.57.0.0/16)",
+            10 * SECOND
+        ),
+        "{}",
+        a.log_text()
+    );
+    etcd.put(&key("10.58.1.0/24"), &lease("198.18.77.9"));
+    wait_metric("overlay_leases_refused_total", refused + 1);
+    etcd.put(&format!("{prefix}/config"), &config);
+    assert!(
+        a.wait_log("matches the running one again", 10 * SECOND),
+        "{}",
+        a.log_text()
+    );
+    // A renewal's Put of a refused lease is not a new refusal.
+    etcd.put(&key("10.57.105.0/24"), &lease("0.0.0.0"));
+    etcd.put(&key("10.57.111.0/24"), &lease("198.18.77.10"));
+    wait_metric("overlay_peers", 4);
+    assert_eq!(metric("overlay_leases_refused_total"), refused + 1);
+
+    assert!(
+        a.try_wait().is_none(),
+        "the agent exited:\n{}",
+        a.log_text()
+    );
+    assert_eq!(must_env(&a, SECOND), env, "subnet.env changed");
+    let log = a.log_text();
+    assert_eq!(
+        log.matches("ignoring the lease of").count() as u64,
+        refused + 1,
+        "one line per refusal:\n{log}"
+    );
+    assert_eq!(log.matches("now says Network").count(), 1, "{log}");
+    for needle in [
+        "not a lease",
+        "a value of 1048",
+        "this host's own address",
+        "unspecified",
+        "a loopback address",
+        "a multicast address",
+        "the broadcast address",
+        "outside the Network",
+        "overlaps this host's",
+        "overlaps the older lease of 10.57.100.0/24",
+        "is not a unicast MAC",
+    ] {
+        assert!(log.contains(needle), "no {needle:?} in:\n{log}");
+    }
+}
+
 overlay_tests::test_main!(
+    plain hostile_data_in_etcd_is_refused_once_each_and_survived,
     plain fifty_agents_get_distinct_subnets_and_the_51st_is_refused,
     plain restart_keeps_the_subnet_and_sigterm_keeps_the_lease,
     plain a_deleted_lease_is_taken_back_while_running,

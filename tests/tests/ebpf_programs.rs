@@ -4,10 +4,12 @@
 
 use std::net::Ipv4Addr;
 
-use overlay_agent::dataplane::ebpf::{EbpfDataplane, PeerRoute};
+use overlay_agent::dataplane::ebpf::{EbpfDataplane, EbpfError, PeerRoute};
 use overlay_common::{
     CounterSlot,
-    maps::{Config, Encap},
+    maps::{
+        Config, ENDPOINTS_MAP, Encap, Endpoint, MAX_ENDPOINTS, MAX_PEERS, PEER_ADDRS_MAP, PEERS_MAP,
+    },
     net::{Mac, Subnet},
     programs,
 };
@@ -417,6 +419,69 @@ fn decap_refuses_to_relay_and_checks_strangers_first() {
     );
 }
 
+/// At and beyond the maps' capacity: the entry that does not fit is refused with
+/// `EbpfError::Full`, naming the map, and every entry already there stays, in the kernel's maps
+/// as in what the agent reads back.
+fn full_maps_refuse_the_newcomer_and_keep_every_entry() {
+    let mut dp = dataplane(Encap::Udp);
+    // dataplane() programmed one peer; fill the rest, each with its own address, so the trie
+    // and the address table fill together.
+    let route = |i: u32| PeerRoute {
+        subnet: Subnet::new(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24).unwrap(),
+        public_ip: Ipv4Addr::from(0xc613_0000 + i),
+        vtep_mac: Mac::default(),
+    };
+    for i in 1..MAX_PEERS {
+        dp.upsert_peer(route(i)).unwrap();
+    }
+    // A new host: its address does not fit.
+    match dp.upsert_peer(route(MAX_PEERS)) {
+        Err(EbpfError::Full { map, capacity, .. }) => {
+            assert_eq!((map, capacity), (PEER_ADDRS_MAP, MAX_PEERS));
+        }
+        other => panic!("a peer beyond capacity: {other:?}"),
+    }
+    // A second subnet of a known host: its address fits (it is there), the subnet does not,
+    // and the address is left as it was.
+    let second = PeerRoute {
+        subnet: net("10.255.255.0/24"),
+        ..route(7)
+    };
+    match dp.upsert_peer(second) {
+        Err(EbpfError::Full { map, .. }) => assert_eq!(map, PEERS_MAP),
+        other => panic!("a subnet beyond capacity: {other:?}"),
+    }
+    let (_, programmed) = dp.programmed().unwrap();
+    assert_eq!(programmed.len(), MAX_PEERS as usize);
+    for i in [1, 7, MAX_PEERS - 1] {
+        assert!(programmed.contains(&route(i)), "peer {i} lost");
+    }
+    assert!(!programmed.iter().any(|p| p.subnet == second.subnet));
+    // Room again, the refused one fits.
+    dp.remove_peer(route(1).subnet).unwrap();
+    dp.upsert_peer(second).unwrap();
+
+    let mut endpoints = dp.take_endpoints().unwrap();
+    let ep = Endpoint {
+        host_ifindex: 1,
+        ..Endpoint::default()
+    };
+    for i in 0..MAX_ENDPOINTS {
+        endpoints
+            .upsert(Ipv4Addr::from(0xac10_0100 + i), ep)
+            .unwrap();
+    }
+    match endpoints.upsert(Ipv4Addr::from(0xac11_0000), ep) {
+        Err(EbpfError::Full { map, capacity, .. }) => {
+            assert_eq!((map, capacity), (ENDPOINTS_MAP, MAX_ENDPOINTS));
+        }
+        other => panic!("an endpoint beyond capacity: {other:?}"),
+    }
+    // Replacing one that is there still works on a full map.
+    endpoints.upsert(Ipv4Addr::from(0xac10_0100), ep).unwrap();
+    assert_eq!(endpoints.entries().unwrap().len(), MAX_ENDPOINTS as usize);
+}
+
 overlay_tests::test_main!(
     root decap_udp_format_checks_sender_and_strips_headers,
     root decap_vxlan_format_checks_vni_and_mac,
@@ -424,4 +489,5 @@ overlay_tests::test_main!(
     root xdp_decap_applies_the_same_checks,
     root peer_updates_keep_the_sender_set_exact,
     root decap_refuses_to_relay_and_checks_strangers_first,
+    root full_maps_refuse_the_newcomer_and_keep_every_entry,
 );

@@ -9,7 +9,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -98,6 +98,8 @@ pub struct EtcdSettings {
     /// Index in `endpoints` of the member the last connection went to; shared by clones so a
     /// reconnect anywhere moves on from the member that failed.
     in_use: Arc<AtomicUsize>,
+    /// Connection attempts no member answered, shared by clones.
+    unanswered: Arc<AtomicU64>,
 }
 
 impl EtcdSettings {
@@ -135,7 +137,14 @@ impl EtcdSettings {
             key_file,
             credentials,
             in_use: Arc::new(AtomicUsize::new(NO_MEMBER)),
+            unanswered: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// The count of connection attempts to a member that did not answer, which keeps growing
+    /// while etcd is away (the log says so only once a minute).
+    pub fn unanswered(&self) -> Arc<AtomicU64> {
+        self.unanswered.clone()
     }
 
     /// The endpoint of the member the current connection goes to.
@@ -231,6 +240,7 @@ impl EtcdSettings {
                     return Ok(client);
                 }
                 Err(e) if e.is_transient() => {
+                    self.unanswered.fetch_add(1, Ordering::Relaxed);
                     failed(&self.endpoints[i], &e);
                     last = Some(e);
                 }

@@ -6,11 +6,17 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use crate::{control::etcd::round_secs, dataplane::contract::Unhealthy};
+use crate::{
+    control::{etcd::round_secs, peers::PeerCounts},
+    dataplane::contract::Unhealthy,
+};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpListener,
@@ -60,6 +66,23 @@ struct State {
     etcd_lost: Option<Instant>,
     /// How long peers keep this host after its lease expired (`--expired-peer-grace`).
     grace: Duration,
+    /// The peer set, as last published.
+    peers: PeerStats,
+    /// Requests that failed on the member in use, each followed by a move to the next member.
+    etcd_member_failures: u64,
+    /// Connection attempts no member answered (counted by the etcd connection).
+    etcd_unanswered: Option<Arc<AtomicU64>>,
+}
+
+/// The peer set as `/metrics` shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Peers the datapath was given, stale ones included.
+    pub known: usize,
+    /// Of those, peers whose lease expired, kept for the grace period.
+    pub stale: usize,
+    /// What was refused and kept so far.
+    pub counts: PeerCounts,
 }
 
 impl Health {
@@ -71,7 +94,112 @@ impl Health {
             datapath: Some(Unhealthy::Starting),
             etcd_lost: None,
             grace: Duration::ZERO,
+            peers: PeerStats::default(),
+            etcd_member_failures: 0,
+            etcd_unanswered: None,
         })))
+    }
+
+    /// Where the etcd connection counts its unanswered attempts.
+    pub fn set_etcd_unanswered(&self, counter: Arc<AtomicU64>) {
+        self.state().etcd_unanswered = Some(counter);
+    }
+
+    /// Records the peer set's numbers.
+    pub fn peers(&self, stats: PeerStats) {
+        self.state().peers = stats;
+    }
+
+    /// Records that a request failed on the member in use.
+    pub fn etcd_member_failed(&self) {
+        self.state().etcd_member_failures += 1;
+    }
+
+    /// The Prometheus text exposition of the agent's state.
+    pub fn metrics(&self) -> String {
+        let healthy = self.reason().is_none();
+        let s = self.state();
+        let now = Instant::now();
+        let lease_left = s
+            .lease_until
+            .map_or(0.0, |t| t.saturating_duration_since(now).as_secs_f64());
+        let c = s.peers.counts;
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        };
+        metric(
+            "overlay_healthy",
+            "gauge",
+            "1 when /healthz --healthz-strict would answer 200.",
+            u8::from(healthy).to_string(),
+        );
+        metric(
+            "overlay_lease_expiry_seconds",
+            "gauge",
+            "Seconds until etcd expires this host's lease, as etcd granted it (0 without one).",
+            format!("{lease_left:.0}"),
+        );
+        metric(
+            "overlay_etcd_up",
+            "gauge",
+            "1 while an etcd member answers.",
+            u8::from(s.etcd_lost.is_none()).to_string(),
+        );
+        metric(
+            "overlay_etcd_member_failures_total",
+            "counter",
+            "Requests that failed on the etcd member in use, each followed by a move to the next.",
+            s.etcd_member_failures.to_string(),
+        );
+        metric(
+            "overlay_etcd_unanswered_attempts_total",
+            "counter",
+            "Connection attempts to an etcd member that did not answer.",
+            s.etcd_unanswered
+                .as_ref()
+                .map_or(0, |c| c.load(Ordering::Relaxed))
+                .to_string(),
+        );
+        metric(
+            "overlay_peers",
+            "gauge",
+            "Peers in the dataplane, stale ones included.",
+            s.peers.known.to_string(),
+        );
+        metric(
+            "overlay_peers_stale",
+            "gauge",
+            "Peers kept for --expired-peer-grace after their lease expired.",
+            s.peers.stale.to_string(),
+        );
+        metric(
+            "overlay_peers_went_stale_total",
+            "counter",
+            "Peers whose lease expired and that were kept for the grace period.",
+            c.went_stale.to_string(),
+        );
+        metric(
+            "overlay_peers_grace_ended_total",
+            "counter",
+            "Stale peers removed when their grace period ended.",
+            c.grace_ended.to_string(),
+        );
+        metric(
+            "overlay_leases_sharing_public_ip_total",
+            "counter",
+            "Times several accepted leases were found naming one PublicIP (all are routed there).",
+            c.shared_public_ip.to_string(),
+        );
+        metric(
+            "overlay_leases_refused_total",
+            "counter",
+            "Leases not made peers (bad value, bad address, outside the Network, overlapping).",
+            c.refused.to_string(),
+        );
+        out
     }
 
     /// Sets how long peers keep this host's lease after it expired: as long as that lasts, an
@@ -207,6 +335,7 @@ pub async fn serve(listener: TcpListener, health: Health, answer: Answer) {
             let mut parts = line.split_whitespace();
             let (status, body) = match (parts.next(), parts.next()) {
                 (Some("GET"), Some("/healthz")) => answer.respond(&health),
+                (Some("GET"), Some("/metrics")) => ("200 OK", health.metrics()),
                 (Some("GET"), Some(_)) => ("404 Not Found", "not found\n".to_owned()),
                 _ => ("400 Bad Request", "bad request\n".to_owned()),
             };

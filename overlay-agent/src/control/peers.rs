@@ -85,7 +85,8 @@ fn peer_of(subnet: Subnet, attrs: &LeaseAttrs, rules: &PeerRules) -> Result<Peer
         Some("this host's own address")
     } else if ip.is_unspecified() {
         Some("unspecified")
-    } else if ip.is_loopback() {
+    } else if ip.is_loopback() && !rules.own_ip.is_loopback() {
+        // Allowed only where this host's own is loopback too: hosts sharing one machine (a lab).
         Some("a loopback address")
     } else if ip.is_multicast() {
         Some("a multicast address")
@@ -141,6 +142,8 @@ pub struct PeerCounts {
     pub went_stale: u64,
     /// Stale peers removed at the end of the grace period.
     pub grace_ended: u64,
+    /// Times two or more accepted leases were found naming one PublicIP.
+    pub shared_public_ip: u64,
 }
 
 /// The other hosts' leases, judged, and the peers the datapath was told of.
@@ -156,6 +159,8 @@ pub struct PeerSet {
     programmed: HashMap<Subnet, Peer>,
     /// The refusals logged, so each is logged once.
     refused: HashMap<Subnet, Refusal>,
+    /// The PublicIPs more than one accepted lease names, as logged, so each is logged once.
+    shared: HashMap<Ipv4Addr, Vec<Subnet>>,
     counts: PeerCounts,
 }
 
@@ -178,6 +183,7 @@ impl PeerSet {
             leases: BTreeMap::new(),
             programmed: HashMap::new(),
             refused: HashMap::new(),
+            shared: HashMap::new(),
             counts: PeerCounts::default(),
         }
     }
@@ -406,6 +412,7 @@ impl PeerSet {
         self.refused = refusals;
         let accepted: HashMap<Subnet, Peer> =
             accepted.into_values().map(|p| (p.subnet, p)).collect();
+        self.note_shared_addresses(&accepted);
         let mut events: Vec<PeerEvent> = self
             .programmed
             .keys()
@@ -419,6 +426,32 @@ impl PeerSet {
         }
         self.programmed = accepted;
         events
+    }
+}
+
+impl PeerSet {
+    /// Two leases naming one PublicIP are both routed there, as flanneld routes them: a host
+    /// that moved to another subnet leaves its old lease until it expires, and its new one must
+    /// work meanwhile. Said once per set of subnets.
+    fn note_shared_addresses(&mut self, accepted: &HashMap<Subnet, Peer>) {
+        let mut by_ip: HashMap<Ipv4Addr, Vec<Subnet>> = HashMap::new();
+        for p in accepted.values() {
+            by_ip.entry(p.public_ip).or_default().push(p.subnet);
+        }
+        by_ip.retain(|_, subnets| subnets.len() > 1);
+        for (ip, subnets) in &mut by_ip {
+            subnets.sort();
+            if self.shared.get(ip) != Some(subnets) {
+                self.counts.shared_public_ip += 1;
+                let list: Vec<String> = subnets.iter().map(Subnet::to_string).collect();
+                tracing::info!(
+                    "leases {} all name PublicIP {ip}: routing each to it, as flanneld does (a \
+                     host that moved subnets keeps its old lease until it expires)",
+                    list.join(", ")
+                );
+            }
+        }
+        self.shared = by_ip;
     }
 }
 

@@ -22,7 +22,7 @@ use crate::{
     control::{
         config::{Backend, ConfigError, NetworkConfig},
         etcd::{EtcdError, EtcdSettings, Outage, error_chain, req},
-        healthz::{self, Health, NoLease},
+        healthz::{self, Health, NoLease, PeerStats},
         lease::{self, Claim, HeldLease, LeaseAttrs, LeaseError, LeaseParams},
         notify,
         peers::{Gone, LeaseChange, LeaseWatch, PeerEvent, PeerRules, PeerSet, WatchBatch},
@@ -245,6 +245,7 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     let config_key = format!("{prefix}/config");
     let settings = etcd_settings(&cli)?;
     health.set_grace(cli.expired_peer_grace);
+    health.set_etcd_unanswered(settings.unanswered());
     let mut client = connect(&settings, &config_key).await?;
     let config = wait_for_config(&settings, &mut client, &config_key).await?;
     let (underlay, public_ip) = choose_underlay(&cli, &config).await?;
@@ -608,8 +609,13 @@ impl Agent {
         })
     }
 
-    /// Sends peer changes to the datapath, counting them.
+    /// Sends peer changes to the datapath, counting them, and publishes the peer set's numbers.
     fn send(&self, events: Vec<PeerEvent>) -> Resynced {
+        self.health.peers(PeerStats {
+            known: self.peers.len(),
+            stale: self.peers.stale(),
+            counts: self.peers.counts(),
+        });
         let mut r = Resynced::default();
         for ev in events {
             match ev {
@@ -665,6 +671,7 @@ impl Agent {
         );
         let o = outage.get_or_insert_with(Outage::new);
         self.health.etcd_lost(o.since());
+        self.health.etcd_member_failed();
     }
 
     async fn run(mut self, client: Client, watch: LeaseWatch) -> Result<(), DaemonError> {

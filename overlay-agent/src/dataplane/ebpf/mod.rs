@@ -32,7 +32,8 @@ use crate::control::subnet::Subnet;
 use overlay_common::{
     COUNTERS_MAP, Counter, CounterSlot,
     maps::{
-        CONFIG_MAP, Config, ENDPOINTS_MAP, Endpoint, PEER_ADDRS_MAP, PEERS_MAP, Peer, PeerAddr,
+        CONFIG_MAP, Config, ENDPOINTS_MAP, Endpoint, MAX_ENDPOINTS, MAX_PEERS, PEER_ADDRS_MAP,
+        PEERS_MAP, Peer, PeerAddr,
     },
     net::Mac,
     programs,
@@ -105,7 +106,20 @@ pub enum EbpfError {
         #[source]
         source: aya::pin::PinError,
     },
-    /// A map operation failed (full map, kernel refusal).
+    /// A map is full: the entry was not added, and every entry it had is still there.
+    #[error(
+        "{operation} in map {map}: the map is full ({capacity} entries); the entries it has are \
+         kept, this one is not programmed"
+    )]
+    Full {
+        /// The map's name.
+        map: &'static str,
+        /// What was being done.
+        operation: &'static str,
+        /// Its capacity.
+        capacity: u32,
+    },
+    /// A map operation failed (kernel refusal).
     #[error("{operation} in map {map}: {source}")]
     Map {
         /// The map's name.
@@ -447,8 +461,11 @@ impl EbpfDataplane {
             vtep_mac: peer.vtep_mac.0,
             _pad: [0; 2],
         };
-        trie.insert(&trie_key(peer.subnet), value, 0)
-            .map_err(map_err(PEERS_MAP, "inserting a peer"))?;
+        if let Err(e) = trie.insert(&trie_key(peer.subnet), value, 0) {
+            // Undo the address: decapsulation must not accept a host with no subnet programmed.
+            self.sync_peer_addr(peer.public_ip)?;
+            return Err(map_err(PEERS_MAP, "inserting a peer")(e));
+        }
         if let Some(old) = self.peers.insert(key, peer)
             && old.public_ip != peer.public_ip
         {
@@ -585,10 +602,26 @@ fn map_err(
     map: &'static str,
     operation: &'static str,
 ) -> impl Fn(aya::maps::MapError) -> EbpfError {
-    move |source| EbpfError::Map {
-        map,
-        operation,
-        source,
+    move |source| {
+        // The kernel says "full" as E2BIG for hash maps and ENOSPC for LPM tries.
+        if let aya::maps::MapError::SyscallError(e) = &source
+            && matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
+        {
+            return EbpfError::Full {
+                map,
+                operation,
+                capacity: if map == ENDPOINTS_MAP {
+                    MAX_ENDPOINTS
+                } else {
+                    MAX_PEERS
+                },
+            };
+        }
+        EbpfError::Map {
+            map,
+            operation,
+            source,
+        }
     }
 }
 
