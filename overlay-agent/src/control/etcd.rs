@@ -9,7 +9,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -24,6 +24,10 @@ pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
 const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(60);
 /// `in_use` before the first connection.
 const NO_MEMBER: usize = usize::MAX;
+/// How often the members not in use are probed.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+/// How long a probe may take before the member counts as not answering.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Errors of setting up or using the etcd connection.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +104,8 @@ pub struct EtcdSettings {
     in_use: Arc<AtomicUsize>,
     /// Connection attempts no member answered, shared by clones.
     unanswered: Arc<AtomicU64>,
+    /// Per member, whether it answered last time it was tried or probed.
+    up: Arc<Vec<AtomicBool>>,
 }
 
 impl EtcdSettings {
@@ -130,6 +136,7 @@ impl EtcdSettings {
         if endpoints.is_empty() {
             return Err(EtcdError::NoEndpoints);
         }
+        let n = endpoints.len();
         Ok(Self {
             endpoints,
             ca_file,
@@ -138,7 +145,67 @@ impl EtcdSettings {
             credentials,
             in_use: Arc::new(AtomicUsize::new(NO_MEMBER)),
             unanswered: Arc::new(AtomicU64::new(0)),
+            up: Arc::new(endpoints_up(n)),
         })
+    }
+
+    /// How many members answered when last tried or probed.
+    pub fn members_up(&self) -> usize {
+        self.up.iter().filter(|u| u.load(Ordering::Relaxed)).count()
+    }
+
+    /// Probes the members not in use, every [`PROBE_EVERY`], until dropped; each change between
+    /// answering and not is logged once. An agent that is not using a member that went down
+    /// still names it, and a reconnect tries the members that answer first.
+    pub async fn probe_members(self, probe_key: String) {
+        let n = self.endpoints.len();
+        if n < 2 {
+            return;
+        }
+        // Kept across probes: with authentication, each new client costs etcd a password
+        // check.
+        let mut clients: Vec<Option<Client>> = (0..n).map(|_| None).collect();
+        loop {
+            tokio::time::sleep(PROBE_EVERY).await;
+            for (i, slot) in clients.iter_mut().enumerate() {
+                if i == self.in_use.load(Ordering::Relaxed) {
+                    // The connection in use reports on its member itself.
+                    continue;
+                }
+                let result = tokio::time::timeout(PROBE_TIMEOUT, async {
+                    if slot.is_none() {
+                        *slot = Some(self.connect_member(i, &probe_key).await?);
+                    } else if let Some(client) = slot {
+                        client
+                            .get(
+                                probe_key.as_str(),
+                                Some(GetOptions::new().with_count_only()),
+                            )
+                            .await
+                            .map_err(req("probe"))?;
+                    }
+                    Ok::<_, EtcdError>(())
+                })
+                .await;
+                let endpoint = &self.endpoints[i];
+                let answered = matches!(result, Ok(Ok(())));
+                let was = self.up[i].swap(answered, Ordering::Relaxed);
+                match (was, result) {
+                    (true, Ok(Err(e))) => {
+                        tracing::warn!("etcd member {endpoint} unreachable: {}", error_chain(&e));
+                    }
+                    (true, Err(_)) => tracing::warn!(
+                        "etcd member {endpoint} unreachable: no answer within {}",
+                        humantime::format_duration(PROBE_TIMEOUT)
+                    ),
+                    (false, Ok(Ok(()))) => tracing::info!("etcd member {endpoint} answers again"),
+                    _ => {}
+                }
+                if !answered {
+                    *slot = None;
+                }
+            }
+        }
     }
 
     /// The count of connection attempts to a member that did not answer, which keeps growing
@@ -231,16 +298,20 @@ impl EtcdSettings {
             NO_MEMBER => 0,
             i => (i + 1) % n,
         };
+        // Members that answered last time first, each group in ring order.
+        let mut order: Vec<usize> = (0..n).map(|k| (first + k) % n).collect();
+        order.sort_by_key(|&i| !self.up[i].load(Ordering::Relaxed));
         let mut last = None;
-        for k in 0..n {
-            let i = (first + k) % n;
+        for i in order {
             match self.connect_member(i, probe_key).await {
                 Ok(client) => {
                     self.in_use.store(i, Ordering::Relaxed);
+                    self.up[i].store(true, Ordering::Relaxed);
                     return Ok(client);
                 }
                 Err(e) if e.is_transient() => {
                     self.unanswered.fetch_add(1, Ordering::Relaxed);
+                    self.up[i].store(false, Ordering::Relaxed);
                     failed(&self.endpoints[i], &e);
                     last = Some(e);
                 }
@@ -347,6 +418,10 @@ impl Outage {
             self.last_summary = Instant::now();
         }
     }
+}
+
+fn endpoints_up(n: usize) -> Vec<AtomicBool> {
+    (0..n).map(|_| AtomicBool::new(true)).collect()
 }
 
 /// A duration to the second, for log lines.

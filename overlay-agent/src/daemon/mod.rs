@@ -247,6 +247,8 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     health.set_grace(cli.expired_peer_grace);
     health.set_etcd_unanswered(settings.unanswered());
     let mut client = connect(&settings, &config_key).await?;
+    // Dropped with the runtime when the agent stops.
+    tokio::spawn(settings.clone().probe_members(config_key.clone()));
     let config = wait_for_config(&settings, &mut client, &config_key).await?;
     let (underlay, public_ip) = choose_underlay(&cli, &config).await?;
     let mtu = overlay_mtu(&config, underlay.as_ref());
