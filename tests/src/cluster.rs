@@ -44,6 +44,28 @@ pub enum ClusterError {
         /// What was waited for, with the relevant log lines.
         what: String,
     },
+    /// The three-member etcd failed.
+    #[error(transparent)]
+    EtcdCluster(#[from] crate::etcd_cluster::EtcdClusterError),
+}
+
+/// The etcd a [`Cluster`] runs its agents against: the one [`NsEtcd`] of the lab, or a
+/// three-member [`crate::etcd_cluster::EtcdCluster`].
+pub trait LabEtcd: std::fmt::Debug {
+    /// The client URLs the agents are given (`--etcd-endpoints`), in order.
+    fn endpoints(&self) -> Vec<String>;
+    /// An etcdctl against it.
+    fn ctl(&self) -> EtcdCtl;
+}
+
+impl LabEtcd for NsEtcd {
+    fn endpoints(&self) -> Vec<String> {
+        vec![self.endpoint()]
+    }
+
+    fn ctl(&self) -> EtcdCtl {
+        NsEtcd::ctl(self)
+    }
 }
 
 /// etcd running inside a namespace, killed on drop: the one etcd of the lab, the bench and
@@ -176,6 +198,14 @@ pub struct EtcdCtl {
 }
 
 impl EtcdCtl {
+    /// etcdctl run in namespace `ns` against `endpoints` (comma-joined into `--endpoints`).
+    pub fn new(ns: &str, endpoints: &[String]) -> Self {
+        Self {
+            ns: ns.to_owned(),
+            endpoint: endpoints.join(","),
+        }
+    }
+
     /// Runs etcdctl with `args`, returning stdout.
     pub fn run(&self, args: &[&str]) -> Result<String, NetNsError> {
         let endpoint = format!("--endpoints={}", self.endpoint);
@@ -231,11 +261,11 @@ impl AgentProcess {
 
 /// A cluster: the lab, etcd and one agent per host. Agents stop before etcd, etcd before the lab.
 #[derive(Debug)]
-pub struct Cluster {
+pub struct Cluster<E = NsEtcd> {
     /// One per host, in host order.
     pub agents: Vec<AgentProcess>,
     /// etcd.
-    pub etcd: NsEtcd,
+    pub etcd: E,
     /// The hosts.
     pub lab: Lab,
     /// The agent binary.
@@ -261,27 +291,8 @@ impl Cluster {
         agent_bin: &Path,
         dir: &Path,
     ) -> Result<Self, ClusterError> {
-        let lab = Lab::new(config)?;
-        lab.switch
-            .ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "ul0"])?;
-        for host in &lab.hosts {
-            host.ns
-                .ip(&["route", "add", "default", "via", &ETCD_IP.to_string()])?;
-        }
-        std::fs::create_dir_all(dir).map_err(|source| ClusterError::Io {
-            path: dir.to_owned(),
-            source,
-        })?;
-        let etcd = NsEtcd::start(&lab.switch, dir)?;
-        etcd.put(&format!("{PREFIX}/config"), network_config)?;
-        let bpffs = BpfFs::new()?;
-        Ok(Self {
-            agents: Vec::new(),
-            etcd,
-            lab,
-            agent_bin: agent_bin.to_owned(),
-            dir: dir.to_owned(),
-            bpffs,
+        Cluster::with_etcd(config, network_config, agent_bin, dir, |lab, dir| {
+            NsEtcd::start(&lab.switch, dir)
         })
     }
 
@@ -302,13 +313,49 @@ impl Cluster {
         };
         Self::new(&config_lab, &config, crate::etcd::agent_binary(), dir)
     }
+}
+
+impl<E: LabEtcd> Cluster<E> {
+    /// [`Cluster::new`] with the etcd `start_etcd` starts once the lab and the switch's address
+    /// ([`ETCD_IP`]) exist.
+    pub fn with_etcd(
+        config: &LabConfig,
+        network_config: &str,
+        agent_bin: &Path,
+        dir: &Path,
+        start_etcd: impl FnOnce(&Lab, &Path) -> Result<E, ClusterError>,
+    ) -> Result<Self, ClusterError> {
+        let lab = Lab::new(config)?;
+        lab.switch
+            .ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "ul0"])?;
+        for host in &lab.hosts {
+            host.ns
+                .ip(&["route", "add", "default", "via", &ETCD_IP.to_string()])?;
+        }
+        std::fs::create_dir_all(dir).map_err(|source| ClusterError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let etcd = start_etcd(&lab, dir)?;
+        etcd.ctl()
+            .run(&["put", "--", &format!("{PREFIX}/config"), network_config])?;
+        let bpffs = BpfFs::new()?;
+        Ok(Self {
+            agents: Vec::new(),
+            etcd,
+            lab,
+            agent_bin: agent_bin.to_owned(),
+            dir: dir.to_owned(),
+            bpffs,
+        })
+    }
 
     /// The flanneld command line for host `index` (0-based): the article's flags, this host's
     /// subnet file, and `extra`.
     pub fn agent_args(&self, index: usize, extra: &[&str]) -> Vec<String> {
         let subnet_file = self.dir.join(format!("h{}", index + 1)).join("subnet.env");
         let mut args = vec![
-            format!("--etcd-endpoints={}", self.etcd.endpoint()),
+            format!("--etcd-endpoints={}", self.etcd.endpoints().join(",")),
             format!("--etcd-prefix={PREFIX}"),
             "--logtostderr=true".into(),
             format!("--iface={UNDERLAY_IF}"),
@@ -628,7 +675,7 @@ pub fn host_run_dir(dir: &Path, index: usize) -> PathBuf {
     dir.join(format!("h{}", index + 1)).join("run")
 }
 
-impl Cluster {
+impl<E: LabEtcd> Cluster<E> {
     /// Starts (or restarts) the agent of host `index` with `args` verbatim, in a mount namespace
     /// of its own where `/run` is this host's own directory ([`host_run_dir`]), as a separate
     /// machine would have: so the article's `--subnet-file=/run/flannel/subnet.env` can be used

@@ -10,6 +10,7 @@
 pub mod bpffs;
 pub mod cluster;
 pub mod etcd;
+pub mod etcd_cluster;
 pub mod flanneld;
 pub mod flow;
 pub mod lab;
