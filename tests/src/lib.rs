@@ -14,6 +14,7 @@ pub mod etcd_cluster;
 pub mod flanneld;
 pub mod flow;
 pub mod lab;
+pub mod lease_watch;
 pub mod migration;
 pub mod netns;
 pub mod receive_cases;
