@@ -210,6 +210,10 @@ impl Flows {
     }
 }
 
+/// What an agent logs when etcd answers again after a failure: while running (`etcd is back
+/// after ... (member ...)`), or at start-up (`etcd answers after ...: member ...`).
+const BACK: [&str; 2] = ["etcd is back", "etcd answers after"];
+
 /// Where each agent's log stood when the outage began.
 struct LogWindow {
     from: Vec<usize>,
@@ -219,6 +223,42 @@ impl LogWindow {
     fn open(c: &Rig) -> Self {
         Self {
             from: c.agents.iter().map(|a| a.log_text().len()).collect(),
+        }
+    }
+
+    /// Checks that each agent of `hosts` that wrote a WARN line about etcd since the window
+    /// opened says, after its last one, that etcd is back ([`BACK`]); waits up to 15 s for that
+    /// line.
+    fn check_back(&self, checks: &mut Checks, c: &Rig, hosts: &[usize]) {
+        for &i in hosts {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let text = c.agents[i].log_text();
+                let from = self.from.get(i).copied().unwrap_or(0).min(text.len());
+                let lines: Vec<&str> = text[from..].lines().collect();
+                let Some(last) = lines.iter().rposition(|l| {
+                    l.split_whitespace().nth(1) == Some("WARN") && l.contains("etcd")
+                }) else {
+                    break;
+                };
+                let back = lines[last + 1..]
+                    .iter()
+                    .any(|l| BACK.iter().any(|b| l.contains(b)));
+                if back {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    checks.check(false, || {
+                        format!(
+                            "h{} never said etcd is back ({BACK:?}) after its last WARN line: {}",
+                            i + 1,
+                            lines[last]
+                        )
+                    });
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 
@@ -639,6 +679,7 @@ fn one_member_down(prefix: &str, kill_leader: bool) {
     check_one_lease_each(&mut checks, &c, &all);
     check_names_the_down_member(&mut checks, &warns, &connected, victim);
     check_warns_bounded(&mut checks, &warns, outage);
+    window.check_back(&mut checks, &c, &hosts);
     checks.done(logs(&c));
 }
 
@@ -759,6 +800,7 @@ fn quorum_lost_for_longer_than_the_ttl_then_restored() {
     }
     check_one_lease_each(&mut checks, &c, &all);
     check_warns_bounded(&mut checks, &warns, outage);
+    window.check_back(&mut checks, &c, &hosts);
     checks.done(logs(&c));
 }
 
@@ -826,6 +868,8 @@ fn a_host_partitioned_from_etcd_keeps_its_traffic_and_its_subnet() {
     check_no_loss(&mut checks, &losses, sent, outage, flows_of(hosts.len()));
     check_one_lease_each(&mut checks, &c, &before.subnets);
     check_warns_bounded(&mut checks, &warns, outage);
+    // Only h3 lost etcd (the others log that h3's lease expired).
+    window.check_back(&mut checks, &c, &[cut]);
     checks.done(logs(&c));
 }
 
@@ -904,6 +948,7 @@ fn members_restarted_in_another_order_than_the_endpoints() {
     check_no_loss(&mut checks, &losses, sent, outage, flows_of(hosts.len()));
     check_one_lease_each(&mut checks, &c, &before.subnets);
     check_warns_bounded(&mut checks, &warns, outage);
+    window.check_back(&mut checks, &c, &hosts);
     checks.done(logs(&c));
 }
 
