@@ -211,8 +211,9 @@ impl Flows {
 }
 
 /// What an agent logs when etcd answers again after a failure: while running (`etcd is back
-/// after ... (member ...)`), or at start-up (`etcd answers after ...: member ...`).
-const BACK: [&str; 2] = ["etcd is back", "etcd answers after"];
+/// after ... (member ...)`), at start-up (`etcd answers after ...: member ...`), or when a member
+/// it named unreachable answers its probe (`etcd member ... answers again`).
+const BACK: [&str; 3] = ["etcd is back", "etcd answers after", "answers again"];
 
 /// Where each agent's log stood when the outage began.
 struct LogWindow {
