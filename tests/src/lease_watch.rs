@@ -208,12 +208,17 @@ impl LeaseWatch {
         let (h, s, prefix) = (history.clone(), stop.clone(), prefix.to_owned());
         let (first_tx, first_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
+            // The member that answered last is asked first: a dead one first in line would
+            // cost every poll its dial timeout and leave renewals unseen between polls.
+            let mut first = 0;
             while !s.load(Ordering::Relaxed) {
                 let mut result = Err(String::from("no member to ask"));
-                for ctl in &ctls {
-                    match poll(ctl, &prefix) {
+                for k in 0..ctls.len() {
+                    let i = (first + k) % ctls.len();
+                    match poll(&ctls[i], &prefix) {
                         Ok(samples) => {
                             result = Ok(samples);
+                            first = i;
                             break;
                         }
                         Err(e) => result = Err(e.to_string()),

@@ -79,6 +79,20 @@ impl EtcdError {
     pub fn is_transient(&self) -> bool {
         matches!(self, EtcdError::Request { .. })
     }
+
+    /// True when a member answered but could not serve the request for want of a leader (an
+    /// election in progress, or no quorum): the member is reachable, the cluster is not ready.
+    pub fn is_no_leader(&self) -> bool {
+        match self {
+            EtcdError::Request {
+                source: etcd_client::Error::GRpcStatus(status),
+                ..
+            } => ["no leader", "leader changed", "request timed out"]
+                .iter()
+                .any(|m| status.message().contains(m)),
+            _ => false,
+        }
+    }
 }
 
 /// Shorthand for mapping an `etcd_client` error of one operation.
@@ -191,6 +205,11 @@ impl EtcdSettings {
                 let answered = matches!(result, Ok(Ok(())));
                 let was = self.up[i].swap(answered, Ordering::Relaxed);
                 match (was, result) {
+                    (true, Ok(Err(e))) if e.is_no_leader() => tracing::warn!(
+                        "etcd member {endpoint} answers but cannot serve: the cluster has no \
+                         leader ({})",
+                        error_chain(&e)
+                    ),
                     (true, Ok(Err(e))) => {
                         tracing::warn!("etcd member {endpoint} unreachable: {}", error_chain(&e));
                     }
@@ -393,7 +412,16 @@ impl Outage {
 
     fn member_failed(&mut self, endpoint: &str, e: &EtcdError) {
         if !self.named.iter().any(|n| n == endpoint) {
-            tracing::warn!("etcd member {endpoint} unreachable: {}", error_chain(e));
+            if e.is_no_leader() {
+                // Named for what it is: an election or a lost quorum, not a member down.
+                tracing::warn!(
+                    "etcd member {endpoint} answers but cannot serve: the cluster has no \
+                     leader ({}); waiting for one",
+                    error_chain(e)
+                );
+            } else {
+                tracing::warn!("etcd member {endpoint} unreachable: {}", error_chain(e));
+            }
             self.named.push(endpoint.to_owned());
         }
     }
@@ -402,8 +430,8 @@ impl Outage {
         self.rounds += 1;
         if self.rounds == 1 {
             tracing::warn!(
-                "no etcd member answers ({}); the datapath and the known peers stay as they are; \
-                 retrying, with a summary every {}",
+                "no etcd member serves requests ({}); the datapath and the known peers stay as \
+                 they are; retrying, with a summary every {}",
                 endpoints.join(", "),
                 humantime::format_duration(OUTAGE_LOG_EVERY)
             );
