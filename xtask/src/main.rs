@@ -5,6 +5,7 @@ mod build;
 mod cmd;
 mod run;
 mod setup;
+mod soak;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,8 @@ enum Command {
     Run(run::Options),
     /// Benchmark every datapath against bare routes and flannel's backends on one rig.
     Bench(bench::Options),
+    /// Three hosts under traffic for N minutes while peers, agents and etcd members come and go.
+    Soak(soak::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test(opts) => test::test(&opts),
         Command::Run(opts) => run::run(&opts),
         Command::Bench(opts) => bench::bench(&opts),
+        Command::Soak(opts) => soak::soak(&opts),
     }
 }
