@@ -278,6 +278,19 @@ pub struct Cluster<E = NsEtcd> {
     pub bpffs: BpfFs,
 }
 
+/// The lab of [`Cluster::with_backend`]: `hosts` on a 1500-byte underlay, and the network config
+/// with the Network 172.16.0.0/12 and `Backend.Type` `backend`.
+pub fn backend_lab(prefix: &str, hosts: usize, backend: &str) -> (LabConfig, String) {
+    (
+        LabConfig {
+            prefix: prefix.into(),
+            hosts,
+            underlay_mtu: 1500,
+        },
+        format!(r#"{{"Network": "172.16.0.0/12", "Backend": {{"Type": "{backend}"}}}}"#),
+    )
+}
+
 /// The etcd prefix the cluster uses (the article's).
 pub const PREFIX: &str = "/flannel";
 
@@ -304,13 +317,7 @@ impl Cluster {
         backend: &str,
         dir: &Path,
     ) -> Result<Self, ClusterError> {
-        let config =
-            format!(r#"{{"Network": "172.16.0.0/12", "Backend": {{"Type": "{backend}"}}}}"#);
-        let config_lab = LabConfig {
-            prefix: prefix.into(),
-            hosts,
-            underlay_mtu: 1500,
-        };
+        let (config_lab, config) = backend_lab(prefix, hosts, backend);
         Self::new(&config_lab, &config, crate::etcd::agent_binary(), dir)
     }
 }

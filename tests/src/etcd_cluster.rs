@@ -558,13 +558,7 @@ impl Cluster<EtcdCluster> {
         backend: &str,
         dir: &Path,
     ) -> Result<Self, ClusterError> {
-        let config =
-            format!(r#"{{"Network": "172.16.0.0/12", "Backend": {{"Type": "{backend}"}}}}"#);
-        let config_lab = crate::lab::LabConfig {
-            prefix: prefix.into(),
-            hosts,
-            underlay_mtu: 1500,
-        };
+        let (config_lab, config) = crate::cluster::backend_lab(prefix, hosts, backend);
         Cluster::with_etcd(
             &config_lab,
             &config,

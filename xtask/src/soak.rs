@@ -15,10 +15,12 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use overlay_tests::{
-    cluster::{Cluster, HEALTHZ_PORT, LabEtcd as _, healthz_flags, metric, tcp_transfer},
+    cluster::{
+        Cluster, HEALTHZ_PORT, LabEtcd as _, backend_lab, healthz_flags, metric, tcp_transfer,
+    },
     etcd_cluster::EtcdCluster,
     flow::{self, PingFlow},
-    lab::{Container, LabConfig},
+    lab::Container,
     netns::NetNs,
 };
 
@@ -130,18 +132,10 @@ struct Tally {
 
 fn run(binary: &Path, dir: &Path, run_for: Duration, seed: u64) -> anyhow::Result<()> {
     let mut rng = Rng(seed);
-    let lab = LabConfig {
-        prefix: PREFIX.into(),
-        hosts: 3,
-        underlay_mtu: 1500,
-    };
-    let mut cluster = Cluster::with_etcd(
-        &lab,
-        r#"{"Network": "172.16.0.0/12", "Backend": {"Type": "vxlan"}}"#,
-        binary,
-        dir,
-        |lab, dir| Ok(EtcdCluster::new(&lab.switch, PREFIX, dir)?),
-    )
+    let (lab, config) = backend_lab(PREFIX, 3, "vxlan");
+    let mut cluster = Cluster::with_etcd(&lab, &config, binary, dir, |lab, dir| {
+        Ok(EtcdCluster::new(&lab.switch, PREFIX, dir)?)
+    })
     .context("building the lab")?;
     let mut extra: Vec<String> = healthz_flags().to_vec();
     extra.extend([TTL.to_owned(), GRACE.to_owned()]);
@@ -248,6 +242,7 @@ fn run(binary: &Path, dir: &Path, run_for: Duration, seed: u64) -> anyhow::Resul
                     }
                     fakes.push(FakePeer { key, delete_at });
                 }
+                // Those left to expire need nothing more; the others go when due.
                 let mut kept = Vec::new();
                 for f in fakes.drain(..) {
                     match f.delete_at {
@@ -255,11 +250,11 @@ fn run(binary: &Path, dir: &Path, run_for: Duration, seed: u64) -> anyhow::Resul
                             ctl.run(&["del", &f.key])?;
                             tally.peers_deleted += 1;
                         }
-                        _ => kept.push(f),
+                        Some(_) => kept.push(f),
+                        None => {}
                     }
                 }
                 fakes = kept;
-                fakes.retain(|f| f.delete_at.is_some());
                 // An agent of a host other than the steady one is killed and restarted.
                 if now >= next_agent_restart {
                     next_agent_restart = now + rng.secs(30, 60);

@@ -227,9 +227,9 @@ struct Agent {
     peers: PeerSet,
     datapath: DatapathThread,
     health: Health,
-    /// The config value last seen in etcd when it differs from the running one, so a change is
-    /// reported once.
-    changed_config: Option<Vec<u8>>,
+    /// The config value (`None`: deleted) last reported as differing from the running one, so
+    /// each change is reported once.
+    changed_config: Option<Option<Vec<u8>>>,
 }
 
 /// What a resynchronisation after an outage changed, for its one log line.
@@ -820,7 +820,7 @@ impl Agent {
             return;
         }
         let value = value.map(<[u8]>::to_vec);
-        if self.changed_config.as_ref() == Some(&value.clone().unwrap_or_default()) {
+        if self.changed_config.as_ref() == Some(&value) {
             return;
         }
         let what = match value.as_deref().map(NetworkConfig::parse) {
@@ -842,7 +842,7 @@ impl Agent {
             running.network,
             self.held.subnet
         );
-        self.changed_config = Some(value.unwrap_or_default());
+        self.changed_config = Some(value);
     }
 }
 
