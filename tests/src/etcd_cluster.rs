@@ -293,6 +293,11 @@ impl EtcdCluster {
         (0..MEMBERS).filter(|&i| self.is_running(i)).collect()
     }
 
+    /// The namespace observers reach every member from (where etcdctl runs).
+    pub fn ctl_ns(&self) -> &str {
+        &self.ctl_ns
+    }
+
     /// etcdctl against member `index` alone.
     pub fn ctl_for(&self, index: usize) -> EtcdCtl {
         EtcdCtl::new(&self.ctl_ns, &[member_url(index)])

@@ -1,9 +1,11 @@
 //! What etcd itself says about the agents' leases while a fault runs: a thread that polls the
-//! subnet leases (`etcdctl get --prefix <prefix>/subnets/ -w json`) and each one's remaining
-//! lifetime (`etcdctl lease timetolive <id> -w json`), and keeps, per host (the lease's
-//! PublicIP), the lowest remaining TTL etcd reported, every etcd lease the key was attached to
-//! (a renewal moves the key to a new one), the subnets it held, and the polls in which the host
-//! held no key or more than one.
+//! subnet leases and each one's remaining lifetime through a reader the caller gives (the fault
+//! tests read with the etcd client library, in-process: one poll takes milliseconds where four
+//! etcdctl processes took seconds on a loaded machine and left renewals unseen), and keeps, per
+//! host (the lease's PublicIP), the lowest remaining TTL etcd reported, every etcd lease the key
+//! was attached to (a renewal moves the key to a new one), the subnets it held, the polls in
+//! which the host held no key or more than one, and the longest time without an answered poll,
+//! which says how far the other figures can be trusted.
 //!
 //! Plus the log counting the tests need: the WARN lines an agent wrote in a window of its log.
 
@@ -16,8 +18,6 @@ use std::{
     },
     time::{Duration, Instant},
 };
-
-use crate::cluster::EtcdCtl;
 
 /// Pause between two polls.
 const POLL_EVERY: Duration = Duration::from_millis(250);
@@ -71,6 +71,11 @@ pub struct LeaseHistory {
     pub unanswered: usize,
     /// The last poll's leases, when it was answered.
     pub last: Vec<LeaseSample>,
+    /// The longest time from the watch's start or an answered poll to the next answered poll
+    /// (or to now, while none answers): a lease could have come and gone unseen within it.
+    pub longest_silence: Duration,
+    /// When the last poll was answered (the watch's start before any).
+    pub last_answer: Option<Instant>,
     /// The last error of an unanswered poll.
     pub last_error: Option<String>,
 }
@@ -81,7 +86,15 @@ impl LeaseHistory {
         self.hosts.get(&ip).cloned().unwrap_or_default()
     }
 
-    fn record(&mut self, expected: &BTreeSet<Ipv4Addr>, samples: Vec<LeaseSample>) {
+    /// The time since the last answered poll, counted into [`LeaseHistory::longest_silence`].
+    fn silence_until(&mut self, now: Instant) {
+        let since = self.last_answer.get_or_insert(now);
+        self.longest_silence = self.longest_silence.max(now.duration_since(*since));
+    }
+
+    fn record(&mut self, expected: &BTreeSet<Ipv4Addr>, samples: Vec<LeaseSample>, at: Instant) {
+        self.silence_until(at);
+        self.last_answer = Some(at);
         self.answered += 1;
         let mut held: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
         for s in &samples {
@@ -112,83 +125,6 @@ impl LeaseHistory {
     }
 }
 
-/// Errors of one poll.
-#[derive(Debug, thiserror::Error)]
-pub enum PollError {
-    /// etcdctl failed (member down, no quorum, timeout).
-    #[error(transparent)]
-    Etcdctl(#[from] crate::netns::NetNsError),
-    /// etcdctl printed something that is not what `-w json` prints.
-    #[error("unreadable etcdctl output: {0}")]
-    Unreadable(String),
-}
-
-/// Reads every subnet lease under `prefix` and its remaining TTL through `ctl`, as one member
-/// sees them.
-pub fn poll(ctl: &EtcdCtl, prefix: &str) -> Result<Vec<LeaseSample>, PollError> {
-    let timeouts = ["--command-timeout=2s", "--dial-timeout=1s"];
-    let dir = format!("{prefix}/subnets/");
-    let out = ctl.run(&[
-        timeouts[0],
-        timeouts[1],
-        "get",
-        "--prefix",
-        "-w",
-        "json",
-        &dir,
-    ])?;
-    let bad = || PollError::Unreadable(out.clone());
-    let v: serde_json::Value = serde_json::from_str(&out).map_err(|_| bad())?;
-    let mut samples = Vec::new();
-    for kv in v["kvs"].as_array().map(Vec::as_slice).unwrap_or_default() {
-        let text = |field: &str| {
-            kv[field]
-                .as_str()
-                .and_then(base64_decode)
-                .and_then(|b| String::from_utf8(b).ok())
-        };
-        let (Some(key), Some(value)) = (text("key"), text("value")) else {
-            return Err(bad());
-        };
-        let Some(subnet) = key.strip_prefix(&dir).map(|s| s.replacen('-', "/", 1)) else {
-            continue;
-        };
-        let Some(public_ip) = serde_json::from_str::<serde_json::Value>(&value)
-            .ok()
-            .and_then(|v| v["PublicIP"].as_str().and_then(|s| s.parse().ok()))
-        else {
-            // Not a lease (written by hand?): nobody's.
-            continue;
-        };
-        let etcd_lease = kv["lease"].as_i64().unwrap_or(0);
-        let remaining = if etcd_lease == 0 {
-            None
-        } else {
-            let out = ctl.run(&[
-                timeouts[0],
-                timeouts[1],
-                "lease",
-                "timetolive",
-                &format!("{etcd_lease:x}"),
-                "-w",
-                "json",
-            ])?;
-            let v: serde_json::Value =
-                serde_json::from_str(&out).map_err(|_| PollError::Unreadable(out.clone()))?;
-            // -1: no such lease any more (revoked by a renewal since the get, or expired).
-            v["ttl"].as_i64().filter(|&t| t >= 0)
-        };
-        samples.push(LeaseSample {
-            key,
-            subnet,
-            public_ip,
-            etcd_lease,
-            remaining,
-        });
-    }
-    Ok(samples)
-}
-
 /// A thread polling the leases (see the module) until stopped; stopped on drop.
 #[derive(Debug)]
 pub struct LeaseWatch {
@@ -198,36 +134,32 @@ pub struct LeaseWatch {
 }
 
 impl LeaseWatch {
-    /// Starts polling the leases under `prefix`, each poll through the first of `ctls` (one per
-    /// member, so a dead member costs a refused connection) that answers; `expected` are hosts
-    /// that must hold a lease from the first poll on. Returns once the first poll is done.
-    pub fn start(ctls: Vec<EtcdCtl>, prefix: &str, expected: &[Ipv4Addr]) -> Self {
-        let history = Arc::new(Mutex::new(LeaseHistory::default()));
+    /// Starts polling on a thread of its own: `make` builds the reader there (so it may enter a
+    /// namespace or own a runtime), and each call of the reader is one poll, `Err` naming why
+    /// no member answered. `expected` are hosts that must hold a lease from the first poll on.
+    /// Returns once the first poll is done.
+    pub fn start<M, R>(make: M, expected: &[Ipv4Addr]) -> Self
+    where
+        M: FnOnce() -> R + Send + 'static,
+        R: FnMut() -> Result<Vec<LeaseSample>, String>,
+    {
+        let history = Arc::new(Mutex::new(LeaseHistory {
+            last_answer: Some(Instant::now()),
+            ..LeaseHistory::default()
+        }));
         let stop = Arc::new(AtomicBool::new(false));
         let expected: BTreeSet<Ipv4Addr> = expected.iter().copied().collect();
-        let (h, s, prefix) = (history.clone(), stop.clone(), prefix.to_owned());
+        let (h, s) = (history.clone(), stop.clone());
         let (first_tx, first_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
-            // The member that answered last is asked first: a dead one first in line would
-            // cost every poll its dial timeout and leave renewals unseen between polls.
-            let mut first = 0;
+            let mut read = make();
             while !s.load(Ordering::Relaxed) {
-                let mut result = Err(String::from("no member to ask"));
-                for k in 0..ctls.len() {
-                    let i = (first + k) % ctls.len();
-                    match poll(&ctls[i], &prefix) {
-                        Ok(samples) => {
-                            result = Ok(samples);
-                            first = i;
-                            break;
-                        }
-                        Err(e) => result = Err(e.to_string()),
-                    }
-                }
+                let result = read();
+                let at = Instant::now();
                 {
                     let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
                     match result {
-                        Ok(samples) => h.record(&expected, samples),
+                        Ok(samples) => h.record(&expected, samples, at),
                         Err(e) => {
                             h.unanswered += 1;
                             h.last_error = Some(e);
@@ -238,7 +170,10 @@ impl LeaseWatch {
                 std::thread::sleep(POLL_EVERY);
             }
         });
-        let _ = first_rx.recv();
+        // A watch that never polled would pass every check on an empty history.
+        first_rx
+            .recv()
+            .expect("the lease watch's thread died before its first poll");
         Self {
             history,
             stop,
@@ -246,12 +181,15 @@ impl LeaseWatch {
         }
     }
 
-    /// What the polls saw so far.
+    /// What the polls saw so far (the silence running now included).
     pub fn history(&self) -> LeaseHistory {
-        self.history
+        let mut h = self
+            .history
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone();
+        h.silence_until(Instant::now());
+        h
     }
 
     /// Waits until `done` holds for what the polls saw, and returns that; `Err` with the last
@@ -301,54 +239,9 @@ pub fn warn_lines(log: &str) -> Vec<&str> {
         .collect()
 }
 
-/// Standard base64 (etcdctl's JSON encodes keys and values so); `None` if `s` is not.
-pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let value = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let s = s.trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    for chunk in s.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            acc |= value(c)? << (18 - 6 * i);
-        }
-        let bytes = acc.to_be_bytes();
-        match chunk.len() {
-            4 => out.extend_from_slice(&bytes[1..4]),
-            3 => out.extend_from_slice(&bytes[1..3]),
-            2 => out.push(bytes[1]),
-            _ => return None,
-        }
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn decodes_etcdctl_base64() {
-        assert_eq!(
-            base64_decode("L2ZsYW5uZWwvc3VibmV0cy8xNzIuMTYuNS4wLTI0").unwrap(),
-            b"/flannel/subnets/172.16.5.0-24"
-        );
-        assert_eq!(
-            base64_decode("eyJQdWJsaWNJUCI6IjE5OC4xOC4wLjEiLCJQdWJsaWNJUHY2IjpudWxsfQ==").unwrap(),
-            br#"{"PublicIP":"198.18.0.1","PublicIPv6":null}"#
-        );
-        assert_eq!(base64_decode("YQ==").unwrap(), b"a");
-        assert_eq!(base64_decode("YWI=").unwrap(), b"ab");
-        assert!(base64_decode("a!b").is_none());
-    }
 
     fn sample(ip: u8, lease: i64, remaining: i64) -> LeaseSample {
         LeaseSample {
@@ -361,15 +254,35 @@ mod tests {
     }
 
     #[test]
-    fn history_keeps_the_minimum_renewals_and_gaps_per_host() {
+    fn history_keeps_the_minimum_renewals_gaps_and_silences() {
         let h1 = Ipv4Addr::new(198, 18, 0, 1);
         let h2 = Ipv4Addr::new(198, 18, 0, 2);
         let expected: BTreeSet<_> = [h1, h2].into();
-        let mut h = LeaseHistory::default();
-        h.record(&expected, vec![sample(1, 10, 19), sample(2, 20, 15)]);
-        h.record(&expected, vec![sample(1, 10, 11), sample(2, 21, 20)]);
-        h.record(&expected, vec![sample(1, 11, 20)]);
-        h.record(&expected, vec![sample(1, 11, 19), sample(1, 12, 19)]);
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut h = LeaseHistory {
+            last_answer: Some(t0),
+            ..LeaseHistory::default()
+        };
+        h.record(
+            &expected,
+            vec![sample(1, 10, 19), sample(2, 20, 15)],
+            at(100),
+        );
+        h.record(
+            &expected,
+            vec![sample(1, 10, 11), sample(2, 21, 20)],
+            at(300),
+        );
+        h.record(&expected, vec![sample(1, 11, 20)], at(2300));
+        h.record(
+            &expected,
+            vec![sample(1, 11, 19), sample(1, 12, 19)],
+            at(2400),
+        );
+        assert_eq!(h.longest_silence, Duration::from_millis(2000));
+        h.silence_until(at(5400));
+        assert_eq!(h.longest_silence, Duration::from_millis(3000));
         let one = h.host(h1);
         assert_eq!(one.min_remaining, Some(11));
         assert_eq!(one.etcd_leases, [10, 11, 12]);
@@ -381,8 +294,8 @@ mod tests {
         // A host expected but never seen counts as absent from the first poll on.
         let h3 = Ipv4Addr::new(198, 18, 0, 3);
         let mut h = LeaseHistory::default();
-        h.record(&[h3].into(), vec![]);
-        h.record(&[h3].into(), vec![]);
+        h.record(&[h3].into(), vec![], t0);
+        h.record(&[h3].into(), vec![], t0);
         assert_eq!(h.host(h3).absent_polls, 2);
     }
 

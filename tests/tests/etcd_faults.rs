@@ -25,7 +25,8 @@ use overlay_tests::{
     etcd_cluster::{EtcdCluster, MEMBERS, member_url},
     flow::{PingFlow, lost},
     lab::SubnetEnv,
-    lease_watch::{LeaseHistory, LeaseSample, LeaseWatch, poll, warn_lines},
+    lease_watch::{LeaseHistory, LeaseSample, LeaseWatch, warn_lines},
+    netns::NetNs,
 };
 
 /// The agents' `--subnet-lease-ttl`.
@@ -352,16 +353,153 @@ fn logs(c: &Rig) -> String {
         .collect()
 }
 
-/// The leases as etcd holds them now, asked of the first member that answers.
-fn leases_now(c: &Rig) -> Vec<LeaseSample> {
-    let mut errors = Vec::new();
-    for ctl in c.etcd.member_ctls() {
-        match poll(&ctl, PREFIX) {
-            Ok(samples) => return samples,
-            Err(e) => errors.push(e.to_string()),
+/// Longest a poll may wait on one member before the next is asked: a dead member must not hold
+/// up the watch for long, as the watch must see every renewal.
+const ASK_WITHIN: Duration = Duration::from_secs(1);
+/// Longest the lease watch may go without an answer while quorum holds. An election after the
+/// leader's death (etcd's 1 s election timeout, then the vote) silences every member for about
+/// 2.5 s here; anything up to this bound is shorter than a renewal interval (a third of the TTL),
+/// so no etcd lease can come and go unseen.
+const MAX_SILENCE: Duration = Duration::from_secs(5);
+const _: () = assert!(MAX_SILENCE.as_secs() < TTL.as_secs() / 3);
+
+/// Reads the subnet leases and each one's remaining TTL with the etcd client library, from the
+/// namespace etcdctl runs in, one member at a time: the one that answered last first, so a dead
+/// member costs at most one [`ASK_WITHIN`] per fault.
+struct LeaseReader {
+    rt: tokio::runtime::Runtime,
+    members: Vec<(String, Option<etcd_client::Client>)>,
+    first: usize,
+}
+
+impl LeaseReader {
+    /// A reader for the calling thread, which it moves into `ns` for good.
+    fn on_this_thread(ns: &str) -> Self {
+        NetNs::attach(ns)
+            .enter_current_thread()
+            .expect("entering the etcd clients' namespace");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        Self {
+            rt,
+            members: (0..MEMBERS).map(|i| (member_url(i), None)).collect(),
+            first: 0,
         }
     }
-    panic!("no member answered: {errors:?}");
+
+    /// A [`LeaseWatch`] fed by a reader on the watch's thread.
+    fn watch(c: &Rig, expected: &[Ipv4Addr]) -> LeaseWatch {
+        let ns = c.etcd.ctl_ns().to_owned();
+        LeaseWatch::start(
+            move || {
+                let mut reader = Self::on_this_thread(&ns);
+                move || reader.read()
+            },
+            expected,
+        )
+    }
+
+    /// One poll: the leases as the first member that answers holds them.
+    fn read(&mut self) -> Result<Vec<LeaseSample>, String> {
+        let n = self.members.len();
+        let mut errors = Vec::new();
+        for k in 0..n {
+            let i = (self.first + k) % n;
+            let (url, client) = &mut self.members[i];
+            let asked = async { tokio::time::timeout(ASK_WITHIN, read_member(url, client)).await };
+            match self.rt.block_on(asked) {
+                Ok(Ok(samples)) => {
+                    self.first = i;
+                    return Ok(samples);
+                }
+                Ok(Err(e)) => errors.push(format!("m{}: {e}", i + 1)),
+                Err(_) => errors.push(format!("m{}: no answer within {ASK_WITHIN:?}", i + 1)),
+            }
+            // A fresh connection next time: the old one may be to a process that is gone.
+            *client = None;
+        }
+        Err(errors.join("; "))
+    }
+}
+
+/// The leases under [`PREFIX`] as member `url` holds them (a linearizable read: a member
+/// without a leader does not answer), connecting first when `client` is `None`.
+async fn read_member(
+    url: &str,
+    client: &mut Option<etcd_client::Client>,
+) -> Result<Vec<LeaseSample>, etcd_client::Error> {
+    let client = match client {
+        Some(c) => c,
+        None => client.insert(etcd_client::Client::connect([url], None).await?),
+    };
+    let dir = format!("{PREFIX}/subnets/");
+    let resp = client
+        .get(
+            dir.as_str(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await?;
+    let mut samples = Vec::new();
+    for kv in resp.kvs() {
+        let (Ok(key), Ok(value)) = (kv.key_str(), kv.value_str()) else {
+            continue;
+        };
+        let Some(subnet) = key.strip_prefix(&dir).map(|s| s.replacen('-', "/", 1)) else {
+            continue;
+        };
+        let Some(public_ip) = serde_json::from_str::<serde_json::Value>(value)
+            .ok()
+            .and_then(|v| v["PublicIP"].as_str().and_then(|s| s.parse().ok()))
+        else {
+            // Not a lease (written by hand?): nobody's.
+            continue;
+        };
+        let remaining = if kv.lease() == 0 {
+            None
+        } else {
+            let ttl = client.lease_time_to_live(kv.lease(), None).await?.ttl();
+            // -1: no such lease any more (revoked by a renewal since the get, or expired).
+            (ttl >= 0).then_some(ttl)
+        };
+        samples.push(LeaseSample {
+            key: key.to_owned(),
+            subnet,
+            public_ip,
+            etcd_lease: kv.lease(),
+            remaining,
+        });
+    }
+    Ok(samples)
+}
+
+/// The leases as etcd holds them now, asked of the first member that answers.
+fn leases_now(c: &Rig) -> Vec<LeaseSample> {
+    let ns = c.etcd.ctl_ns().to_owned();
+    std::thread::spawn(move || LeaseReader::on_this_thread(&ns).read())
+        .join()
+        .expect("the lease reader's thread")
+        .unwrap_or_else(|e| panic!("no member answered: {e}"))
+}
+
+/// While quorum held, the watch answered often enough to have seen every renewal and every
+/// lapse.
+fn check_watch_dense(checks: &mut Checks, history: &LeaseHistory, phase: &str) {
+    eprintln!(
+        "lease watch {phase}: {} polls answered, {} not, longest silence {:.1} s",
+        history.answered,
+        history.unanswered,
+        history.longest_silence.as_secs_f64()
+    );
+    checks.check(history.longest_silence <= MAX_SILENCE, || {
+        format!(
+            "the lease watch went {:.1} s without an answer {phase} while quorum held (at most \
+             {MAX_SILENCE:?}): what it saw of the leases has gaps; last error: {:?}",
+            history.longest_silence.as_secs_f64(),
+            history.last_error
+        )
+    });
 }
 
 /// At the end: every host of `subnets` (host index -> the subnet it had before) holds exactly
@@ -617,7 +755,7 @@ fn one_member_down(prefix: &str, kill_leader: bool) {
     );
 
     let mut flows = Flows::start(&c, &hosts);
-    let watch = LeaseWatch::start(c.etcd.member_ctls(), PREFIX, &before.ips);
+    let watch = LeaseReader::watch(&c, &before.ips);
     let window = LogWindow::open(&c);
     let leader_before = c.etcd.leader().unwrap();
     flows.mark_fault();
@@ -674,6 +812,7 @@ fn one_member_down(prefix: &str, kill_leader: bool) {
         &[0, 1, 2, 3],
         "with a member down",
     );
+    check_watch_dense(&mut checks, &history, "with a member down");
     check_no_loss(&mut checks, &losses, sent, outage, flows_of(hosts.len()));
     let mut all = before.subnets.clone();
     all.insert(3, new_subnet);
@@ -705,7 +844,7 @@ fn quorum_lost_for_longer_than_the_ttl_then_restored() {
     let hosts = before.hosts.clone();
 
     let mut flows = Flows::start(&c, &hosts);
-    let watch = LeaseWatch::start(c.etcd.member_ctls(), PREFIX, &before.ips);
+    let watch = LeaseReader::watch(&c, &before.ips);
     let window = LogWindow::open(&c);
     flows.mark_fault();
     let killed = c.etcd.stop_quorum().unwrap();
@@ -743,7 +882,7 @@ fn quorum_lost_for_longer_than_the_ttl_then_restored() {
     c.etcd
         .wait_healthy(&[0, 1, 2], Duration::from_secs(30))
         .unwrap();
-    let after = LeaseWatch::start(c.etcd.member_ctls(), PREFIX, &before.ips);
+    let after = LeaseReader::watch(&c, &before.ips);
     // The new agent gets its lease now, and the others learn of it.
     let new_subnet = match c.wait_subnet_env(3, Duration::from_secs(30)) {
         Ok(env) => {
@@ -794,6 +933,7 @@ fn quorum_lost_for_longer_than_the_ttl_then_restored() {
         });
     }
     check_leases_kept(&mut checks, &c, &after, &hosts, "after quorum returned");
+    check_watch_dense(&mut checks, &after, "after quorum returned");
     check_no_loss(&mut checks, &losses, sent, outage, flows_of(hosts.len()));
     let mut all = before.subnets.clone();
     if let Some(s) = new_subnet {
@@ -818,7 +958,7 @@ fn a_host_partitioned_from_etcd_keeps_its_traffic_and_its_subnet() {
     let cut_ip = ip(&c, cut);
 
     let mut flows = Flows::start(&c, &hosts);
-    let watch = LeaseWatch::start(c.etcd.member_ctls(), PREFIX, &before.ips);
+    let watch = LeaseReader::watch(&c, &before.ips);
     let window = LogWindow::open(&c);
     flows.mark_fault();
     let partition = c.etcd.partition(&c.lab.hosts[cut].ns).unwrap();
@@ -866,6 +1006,7 @@ fn a_host_partitioned_from_etcd_keeps_its_traffic_and_its_subnet() {
         format!("h3 held several subnets: {:?}", h3.subnets)
     });
     check_leases_kept(&mut checks, &c, &history, &others, "with h3 cut off");
+    check_watch_dense(&mut checks, &history, "with h3 cut off");
     check_no_loss(&mut checks, &losses, sent, outage, flows_of(hosts.len()));
     check_one_lease_each(&mut checks, &c, &before.subnets);
     check_warns_bounded(&mut checks, &warns, outage);
@@ -884,7 +1025,7 @@ fn members_restarted_in_another_order_than_the_endpoints() {
     let hosts = before.hosts.clone();
 
     let mut flows = Flows::start(&c, &hosts);
-    let watch = LeaseWatch::start(c.etcd.member_ctls(), PREFIX, &before.ips);
+    let watch = LeaseReader::watch(&c, &before.ips);
     let window = LogWindow::open(&c);
     flows.mark_fault();
     let started = Instant::now();
@@ -946,6 +1087,7 @@ fn members_restarted_in_another_order_than_the_endpoints() {
         &hosts,
         "while the members restarted",
     );
+    check_watch_dense(&mut checks, &history, "while the members restarted");
     check_no_loss(&mut checks, &losses, sent, outage, flows_of(hosts.len()));
     check_one_lease_each(&mut checks, &c, &before.subnets);
     check_warns_bounded(&mut checks, &warns, outage);
