@@ -128,6 +128,37 @@ struct Tally {
     peers_left_to_expire: usize,
     tcp_ok: usize,
     tcp_failed: Vec<String>,
+    /// The soak's own etcd writes that had to be repeated (see [`patiently`]).
+    rig_retries: usize,
+}
+
+/// How long the soak's own etcd writes (the joining and leaving peers) are repeated: through an
+/// election after a member's death, and under load, etcd answers "request timed out" or "no
+/// leader" for a few seconds, which the agents ride out and so must the rig. Past this, etcd is
+/// broken for everyone and the soak fails.
+const RIG_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Runs `op` until it succeeds, for at most [`RIG_PATIENCE`], counting each repetition.
+fn patiently<T>(
+    retries: &mut usize,
+    what: &str,
+    mut op: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + RIG_PATIENCE;
+    loop {
+        match op() {
+            Ok(v) => return Ok(v),
+            Err(_) if Instant::now() < deadline => {
+                *retries += 1;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "{what}: etcd refused for {RIG_PATIENCE:?}, with quorum"
+                )));
+            }
+        }
+    }
 }
 
 fn run(binary: &Path, dir: &Path, run_for: Duration, seed: u64) -> anyhow::Result<()> {
@@ -229,12 +260,17 @@ fn run(binary: &Path, dir: &Path, run_for: Duration, seed: u64) -> anyhow::Resul
                         r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:fa:c6:12:01:{:02x}"}}}}"#,
                         (next_fake % 250) + 1
                     );
-                    let lease = ctl.run(&["lease", "grant", "20"])?;
-                    let id = lease
-                        .split_whitespace()
-                        .nth(1)
-                        .context("lease grant's answer")?;
-                    ctl.run(&["put", "--lease", id, "--", &key, &value])?;
+                    // Granted and written as one: a lease granted before a failed put expires
+                    // unused.
+                    patiently(&mut tally.rig_retries, "a peer joining", || {
+                        let lease = ctl.run(&["lease", "grant", "20"])?;
+                        let id = lease
+                            .split_whitespace()
+                            .nth(1)
+                            .context("lease grant's answer")?;
+                        ctl.run(&["put", "--lease", id, "--", &key, &value])?;
+                        Ok(())
+                    })?;
                     tally.peers_joined += 1;
                     let delete_at = (rng.below(2) == 0).then(|| now + rng.secs(3, 15));
                     if delete_at.is_none() {
@@ -247,7 +283,9 @@ fn run(binary: &Path, dir: &Path, run_for: Duration, seed: u64) -> anyhow::Resul
                 for f in fakes.drain(..) {
                     match f.delete_at {
                         Some(t) if now >= t => {
-                            ctl.run(&["del", &f.key])?;
+                            patiently(&mut tally.rig_retries, "a peer leaving", || {
+                                Ok(ctl.run(&["del", &f.key])?)
+                            })?;
                             tally.peers_deleted += 1;
                         }
                         Some(_) => kept.push(f),
@@ -366,12 +404,13 @@ fn summarise(
     lost_lines: &[String],
 ) -> anyhow::Result<()> {
     step(format!(
-        "soak: {} agent restarts, {} etcd member restarts, {} peers joined ({} deleted, {} left to expire)",
+        "soak: {} agent restarts, {} etcd member restarts, {} peers joined ({} deleted, {} left to expire); the soak's own etcd writes repeated {} times",
         tally.agent_restarts,
         tally.member_restarts,
         tally.peers_joined,
         tally.peers_deleted,
-        tally.peers_left_to_expire
+        tally.peers_left_to_expire,
+        tally.rig_retries
     ));
     step(format!(
         "soak: pings: {sent} sent, {lost} lost{}",

@@ -116,6 +116,18 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
         "--no-setup",
     ]))?;
 
+    // A short soak: the long one (`cargo xtask soak --minutes 30`) is a command of its own; this
+    // keeps its rig, its fault schedule and its checks (no lost ping, no failed transfer, no agent
+    // exit) working. Its random seed is printed, so a failure can be repeated.
+    step("test: a one-minute soak (cargo xtask soak --minutes 1)");
+    run(std::process::Command::new(std::env::current_exe()?).args([
+        "soak",
+        "--minutes",
+        "1",
+        "--debug-agent",
+        "--no-setup",
+    ]))?;
+
     // The plain closing line CI reads, summing every test binary above; a skipped (ignored) test
     // fails the run as a failed one does.
     println!("{}", totals.line());
