@@ -153,6 +153,11 @@ pub fn judge<D: Datagram + ?Sized, P: Peers>(
     }
     let inner = match Encap::from_u8(cfg.encap) {
         Encap::Vxlan => {
+            // Length first: a datagram too short for the header is malformed whatever bytes lie
+            // past its end (in the kernel's packet they are still there to read).
+            if payload.len() < wire::VXLAN_FORMAT_HEADER {
+                return Err(Refusal::Malformed);
+            }
             let Some(vx) = payload.read::<{ wire::VXLAN_FORMAT_HEADER }>(0) else {
                 return Err(Refusal::Malformed);
             };

@@ -73,6 +73,11 @@ impl<P: Packet> Datagram for Payload<'_, P> {
 
     #[inline(always)]
     fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        // The packet goes on past the datagram (padding, bytes past the UDP length): those are
+        // not the datagram's, as `Datagram::read` promises.
+        if offset + N > self.len {
+            return None;
+        }
         self.pkt.read::<[u8; N]>(self.start + offset).ok()
     }
 }
@@ -144,8 +149,8 @@ pub fn classify<P: Packet>(pkt: &P, pkt_len: usize, gso: bool) -> Verdict {
         return Verdict::Pass;
     }
     let start = udp_at + wire::UDP_LEN;
-    // The datagram as a UDP socket would get it: the kernel drops a packet whose outer header
-    // checksum or lengths are wrong, and trims what follows the UDP length (Ethernet padding, or
+    // The datagram as a UDP socket would get it: the kernel drops a packet whose outer version,
+    // header checksum or lengths are wrong, and trims what follows the UDP length (Ethernet padding, or
     // bytes smuggled past the datagram). A super-packet is taken whole. An outer header the
     // kernel would drop leaves nothing to judge: a stranger is still refused as one, a peer's
     // packet as malformed.
@@ -153,7 +158,8 @@ pub fn classify<P: Packet>(pkt: &P, pkt_len: usize, gso: bool) -> Verdict {
     let udp_len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
     let end = if gso {
         pkt_len
-    } else if wire::ipv4_header_checksum(&ip) == 0
+    } else if ip[0] >> 4 == 4
+        && wire::ipv4_header_checksum(&ip) == 0
         && wire::ETH_LEN + tot_len <= pkt_len
         && udp_len >= wire::UDP_LEN
         && udp_at + udp_len <= wire::ETH_LEN + tot_len

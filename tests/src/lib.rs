@@ -13,6 +13,7 @@ pub mod etcd;
 pub mod etcd_cluster;
 pub mod flanneld;
 pub mod flow;
+pub mod fuzz;
 pub mod lab;
 pub mod lease_watch;
 pub mod migration;

@@ -69,7 +69,11 @@ impl Case {
         let ip = &self.frame[wire::ETH_LEN..];
         let ihl = usize::from(ip[0] & 0x0f) * 4;
         let tot_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-        if checksum(&ip[..ihl]) != 0 || tot_len > ip.len() || tot_len < ihl + wire::UDP_LEN {
+        if ip[0] >> 4 != 4
+            || checksum(&ip[..ihl]) != 0
+            || tot_len > ip.len()
+            || tot_len < ihl + wire::UDP_LEN
+        {
             return None;
         }
         let udp = &ip[ihl..tot_len];
@@ -326,6 +330,30 @@ pub fn cases(encap: Encap) -> Vec<Case> {
         bad[wire::ETH_LEN + 10] ^= 0xff;
         add(&format!("a bad outer IP checksum from {who}"), bad, expect);
     }
+    // Found by the eBPF fuzzer (tests/tests/ebpf_fuzz.rs): an outer version other than 4 under
+    // an IPv4 ethertype is dropped by the kernel, so the eBPF decap must not judge its payload
+    // (it accepted it when the rest was valid).
+    for (who, sender, expect) in [
+        ("a peer", PEER, Expect::Refuse(Refusal::Malformed)),
+        ("a stranger", STRANGER, Expect::Refuse(Refusal::NotPeer)),
+    ] {
+        let mut v5 = frame(encap, sender, &wrap(&good));
+        edit_outer(&mut v5, |f| f[wire::ETH_LEN] = 0x55);
+        add(&format!("an outer IP version 5 from {who}"), v5, expect);
+    }
+    // Found by the eBPF fuzzer: a datagram shorter than its format's header, with bytes past
+    // its UDP length, is malformed; the eBPF decap read those bytes as the rest of the header.
+    let mut cut = frame(encap, PEER, &wrap(&good));
+    if encap == Encap::Vxlan {
+        cut[wire::ETH_LEN + wire::IPV4_MIN_LEN + wire::UDP_LEN + wire::vxlan::FLAGS] = 0;
+    }
+    let udp_len = (wire::UDP_LEN + 4) as u16;
+    cut[wire::ETH_LEN + wire::IPV4_MIN_LEN + 4..][..2].copy_from_slice(&udp_len.to_be_bytes());
+    add(
+        "a datagram of 4 bytes, a bad header past its UDP length",
+        cut,
+        Expect::Refuse(Refusal::Malformed),
+    );
     // Bigger than the MTU: accepted (see overlay_common::policy: a GSO super-packet looks the same).
     let big = ipv4(PEER_CONTAINER, MY_CONTAINER, 17, &vec![0u8; MTU + 100]);
     add(

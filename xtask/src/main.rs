@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod cmd;
+mod fuzz;
 mod run;
 mod setup;
 mod soak;
@@ -29,6 +30,8 @@ enum Command {
     Run(run::Options),
     /// Benchmark every datapath against bare routes and flannel's backends on one rig.
     Bench(bench::Options),
+    /// Fuzz the codec and parsers (cargo-fuzz) and the eBPF programs against the TUN datapath.
+    Fuzz(fuzz::Options),
     /// Three hosts under traffic for N minutes while peers, agents and etcd members come and go.
     Soak(soak::Options),
 }
@@ -41,5 +44,6 @@ fn main() -> anyhow::Result<()> {
         Command::Run(opts) => run::run(&opts),
         Command::Bench(opts) => bench::bench(&opts),
         Command::Soak(opts) => soak::soak(&opts),
+        Command::Fuzz(opts) => fuzz::fuzz(&opts),
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::{
     cmd::{TestTotals, cargo, is_root, run, run_tests, step, workspace_root},
-    setup,
+    fuzz, setup,
 };
 
 #[derive(Debug, clap::Args)]
@@ -49,22 +49,13 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
         &mut totals,
     )?;
 
-    // The codec's fuzz target (fuzz/, its own workspace, built by the nightly with sanitizers) for
-    // a bounded time; libFuzzer exits non-zero when it finds a crash, leaving the input in
-    // fuzz/artifacts/codec/.
-    step("test: fuzzing the codec for 30 s (cargo +nightly fuzz run codec)");
-    run(std::process::Command::new("cargo")
-        .current_dir(&root)
-        .env_remove("CARGO")
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .args([
-            "+nightly",
-            "fuzz",
-            "run",
-            "codec",
-            "--",
-            "-max_total_time=30",
-        ]))?;
+    // The cargo-fuzz targets (fuzz/, its own workspace, built by the nightly with sanitizers),
+    // each for a bounded time; libFuzzer exits non-zero when it finds a crash, leaving the input
+    // in fuzz/artifacts/<target>/. The eBPF fuzzer (tests/tests/ebpf_fuzz.rs) runs with the
+    // integration tests below, for its default 15 s.
+    for (target, seconds) in fuzz::TARGETS {
+        fuzz::run_target(target, seconds)?;
+    }
 
     // Single-threaded: the tests share the kernel's namespaces, links and BPF state.
     // OVERLAY_TESTS_REQUIRE_ROOT turns a skipped root test into a failure, and any test reported
