@@ -8,6 +8,7 @@
 //! instead, naming it.
 
 pub mod bpffs;
+pub mod capture;
 pub mod cluster;
 pub mod etcd;
 pub mod etcd_cluster;

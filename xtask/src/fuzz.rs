@@ -1,11 +1,15 @@
 //! `cargo xtask fuzz`: the cargo-fuzz targets (`fuzz/`: the codec, the lease and network config
 //! parsers, the peer set) for a bounded time each, then the eBPF programs against the TUN
 //! datapath under `BPF_PROG_TEST_RUN` (`tests/tests/ebpf_fuzz.rs`). `--long` runs the eBPF
-//! fuzzer until every program has judged `LONG_RUNS` frames of each format.
+//! fuzzer until every program has judged `LONG_RUNS` frames of each format. `--capture-corpus`
+//! writes the seed corpus from real traffic instead (`corpus`).
 
 use std::{path::Path, process::Command};
 
+mod corpus;
+
 use crate::{
+    build,
     cmd::{cargo, is_root, run, step, workspace_root},
     setup,
 };
@@ -39,11 +43,23 @@ pub struct Options {
     /// Skip `setup`.
     #[arg(long)]
     pub no_setup: bool,
+    /// Instead of fuzzing: capture real traffic of both formats (flanneld stand-ins and the
+    /// agent's eBPF datapath in a lab) and write the seed corpus (`tests/corpus/`,
+    /// `fuzz/seeds/codec/`) from it.
+    #[arg(long, conflicts_with_all = ["long", "ebpf_only", "targets_only", "seconds"])]
+    pub capture_corpus: bool,
 }
 
 pub fn fuzz(opts: &Options) -> anyhow::Result<()> {
     if !opts.no_setup {
         setup::setup(&setup::Options::default())?;
+    }
+    if opts.capture_corpus {
+        if !is_root() {
+            anyhow::bail!("the capture builds a lab of network namespaces: run as root");
+        }
+        let binary = build::build(&build::Options { debug: false })?;
+        return corpus::capture_corpus(&binary);
     }
     if !opts.ebpf_only {
         for (target, seconds) in TARGETS {
