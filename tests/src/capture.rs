@@ -94,7 +94,7 @@ impl Capture {
                 let mut kept = f.lock().unwrap_or_else(|e| e.into_inner());
                 if kept.len() < MAX_FRAMES {
                     kept.push(Frame {
-                        outgoing: from.sll_pkttype == libc::PACKET_OUTGOING as u8,
+                        outgoing: from.sll_pkttype == libc::PACKET_OUTGOING,
                         bytes: bytes.to_vec(),
                     });
                 }
