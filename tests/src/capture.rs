@@ -262,7 +262,7 @@ pub fn readdress(encap: Encap, frame: &[u8]) -> Option<(Vec<u8>, Shape)> {
     f[..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2]);
     f[ip + 12..ip + 16].copy_from_slice(&PEER.octets());
     f[ip + 16..ip + 20].copy_from_slice(&ME.octets());
-    set_ip_checksum(&mut f[ip..ip + ihl]);
+    receive_cases::set_ipv4_checksum(&mut f[ip..ip + ihl]);
     if be16(&f, udp + 6)? != 0 {
         let sum = l4_checksum(PEER, ME, wire::IPPROTO_UDP, &mut f[udp..], 6);
         // 0 means "no checksum" in UDP: a computed 0 is sent as all ones.
@@ -286,7 +286,7 @@ fn readdress_inner(p: &mut [u8]) -> Option<Shape> {
     };
     p[12..16].copy_from_slice(&o(PEER_SUBNET, src));
     p[16..20].copy_from_slice(&o(MY_SUBNET, dst));
-    set_ip_checksum(&mut p[..ihl]);
+    receive_cases::set_ipv4_checksum(&mut p[..ihl]);
     let protocol = p[9];
     let whole = be16(p, 6)? & 0x3fff == 0;
     let (s, d) = (
@@ -313,12 +313,6 @@ fn readdress_inner(p: &mut [u8]) -> Option<Shape> {
         inner_len: total,
         tcp_flags,
     })
-}
-
-fn set_ip_checksum(header: &mut [u8]) {
-    header[10..12].fill(0);
-    let c = receive_cases::checksum(header);
-    header[10..12].copy_from_slice(&c.to_be_bytes());
 }
 
 /// The TCP/UDP checksum of `segment` (its checksum field, at `at`, counted as zero) under the

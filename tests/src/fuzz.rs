@@ -155,9 +155,7 @@ pub fn fix_outer(frame: &mut [u8]) {
         let udp_len = (ip.len() - ihl).min(usize::from(u16::MAX)) as u16;
         ip[ihl + 4..ihl + 6].copy_from_slice(&udp_len.to_be_bytes());
     }
-    ip[10..12].copy_from_slice(&[0, 0]);
-    let c = checksum(&ip[..ihl]);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    receive_cases::set_ipv4_checksum(&mut ip[..ihl]);
 }
 
 /// Addresses worth writing into a packet: the hosts, their containers, and the edges of the
@@ -317,11 +315,7 @@ pub fn overlay_packet(rng: &mut Rng) -> Vec<u8> {
         .collect();
     let mut p = receive_cases::ipv4(src, dst, rng.bits() as u8, &payload);
     p[1] = rng.bits() as u8;
-    let c = {
-        p[10..12].copy_from_slice(&[0, 0]);
-        checksum(&p[..wire::IPV4_MIN_LEN])
-    };
-    p[10..12].copy_from_slice(&c.to_be_bytes());
+    receive_cases::set_ipv4_checksum(&mut p[..wire::IPV4_MIN_LEN]);
     if rng.below(2) == 0 {
         for _ in 0..1 + rng.below(4) {
             match rng.below(3) {

@@ -99,9 +99,7 @@ fn edit_outer(frame: &mut Vec<u8>, edit: impl FnOnce(&mut Vec<u8>)) {
     let ihl = usize::from(ip[0] & 0x0f) * 4;
     let total = ip.len() as u16;
     ip[2..4].copy_from_slice(&total.to_be_bytes());
-    ip[10..12].copy_from_slice(&[0, 0]);
-    let c = checksum(&ip[..ihl]);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    set_ipv4_checksum(&mut ip[..ihl]);
 }
 
 /// This host's program config for `encap`, as `OverlaySpec::program_config` builds it.
@@ -136,14 +134,20 @@ pub fn checksum(bytes: &[u8]) -> u16 {
     !(sum as u16)
 }
 
+/// Sets the checksum of the IPv4 `header` (all of it, options included) to what its bytes hold.
+pub fn set_ipv4_checksum(header: &mut [u8]) {
+    header[10..12].fill(0);
+    let c = checksum(header);
+    header[10..12].copy_from_slice(&c.to_be_bytes());
+}
+
 /// An IPv4 packet with a valid header.
 pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
     let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
     ip[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
     ip.extend_from_slice(&src.octets());
     ip.extend_from_slice(&dst.octets());
-    let c = checksum(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    set_ipv4_checksum(&mut ip);
     ip.extend_from_slice(payload);
     ip
 }
@@ -288,9 +292,7 @@ pub fn cases(encap: Encap) -> Vec<Case> {
     opts.splice(20..20, [1, 1, 1, 1]);
     let total = opts.len() as u16;
     opts[2..4].copy_from_slice(&total.to_be_bytes());
-    opts[10..12].copy_from_slice(&[0, 0]);
-    let c = checksum(&opts[..24]);
-    opts[10..12].copy_from_slice(&c.to_be_bytes());
+    set_ipv4_checksum(&mut opts[..24]);
     add(
         "inner IP options",
         frame(encap, PEER, &wrap(&opts)),
