@@ -23,6 +23,9 @@ pub mod programs {
     pub const TC_DECAP: &str = "tc_decap";
     /// XDP program on the underlay interface: the same checks and decapsulation, opt-in.
     pub const XDP_DECAP: &str = "xdp_decap";
+    /// TC classifier on the finishing device's ingress (udp only): encapsulates what the kernel
+    /// finished for a receiver that needs finished packets.
+    pub const TC_ENCAP_FINISHED: &str = "tc_encap_finished";
 }
 
 /// Version of the maps' layout and the programs' contract. Pinned objects of another version are
@@ -30,4 +33,4 @@ pub mod programs {
 /// again: so it moves only when a layout does. (Counter slot 10 changed its meaning from "passed,
 /// unparsed" to "dropped, unparsed" without moving; its count survives an upgrade under the new
 /// name.)
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;

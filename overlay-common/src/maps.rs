@@ -92,6 +92,10 @@ pub struct Config {
     /// This host's leased subnet: decapsulated packets must be addressed inside it, so a peer
     /// (or someone spoofing one) cannot use this host as a relay to anywhere else.
     pub subnet: [u8; 4],
+    /// Interface index of the finishing device (udp only; 0: none): where `tc_encap` sends a
+    /// packet whose checksum or segmentation was left to offload when its receiver needs it done
+    /// (see [`PEER_KERNEL_DECAP`]).
+    pub finish_ifindex: u32,
 }
 
 /// Where a peer subnet lives.
@@ -102,9 +106,19 @@ pub struct Peer {
     pub public_ip: [u8; 4],
     /// The peer's VTEP MAC (vxlan only): the inner destination MAC.
     pub vtep_mac: [u8; 6],
+    /// `PEER_*` bits.
+    pub flags: u8,
     /// Explicit padding to the 4-byte alignment.
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 1],
 }
+
+/// [`Peer::flags`]: the peer decapsulates in its kernel, which keeps a packet's offload state
+/// (a TCP/UDP checksum left to the NIC, a GSO batch) across the tunnel. Without it (flanneld's
+/// udp proxy, which copies each datagram to its TUN device as it is), such a packet must be
+/// finished before it is encapsulated: over veth or virtio no NIC ever finishes it, and the
+/// receiving container drops the segment. (vxlan receivers are kernels, or the TUN datapath,
+/// which finishes what it receives: only udp needs this.)
+pub const PEER_KERNEL_DECAP: u8 = 1;
 
 /// Value of the peer address set. Counts references so two subnets of one host can share it.
 #[repr(C)]
@@ -141,7 +155,7 @@ mod tests {
 
     #[test]
     fn sizes_match_the_kernel_side() {
-        assert_eq!(core::mem::size_of::<Config>(), 28);
+        assert_eq!(core::mem::size_of::<Config>(), 32);
         assert_eq!(core::mem::size_of::<Peer>(), 12);
         assert_eq!(core::mem::size_of::<Endpoint>(), 16);
     }

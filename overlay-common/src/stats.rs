@@ -57,10 +57,14 @@ slots! {
     /// Overlay packet from a peer whose inner destination is not in this host's subnet: dropped
     /// (this host is no relay).
     DropNotLocal = 12,
+    /// A packet whose checksum or segmentation was left to offload, for a peer that cannot take
+    /// that (see [`crate::maps::PEER_KERNEL_DECAP`]): sent through the finishing device, where
+    /// the kernel completes it, then encapsulated.
+    EncapFinishing = 13,
 }
 
 /// Number of entries in the counters map.
-pub const COUNTER_SLOTS: u32 = 13;
+pub const COUNTER_SLOTS: u32 = 14;
 
 impl CounterSlot {
     /// Index of this slot in the counters map.

@@ -1,7 +1,10 @@
 //! eBPF programs of the overlay dataplane.
 //!
 //! - `tc_encap` (TC egress on the overlay TUN device): wraps container packets for peers in
-//!   flannel's `udp` or `vxlan` format and redirects them out of the underlay interface.
+//!   flannel's `udp` or `vxlan` format and redirects them out of the underlay interface; a packet
+//!   left to offload for a receiver that needs it finished goes through the finishing device.
+//! - `tc_encap_finished` (TC ingress on the finishing device's peer, udp only): the same
+//!   encapsulation for what the kernel finished there.
 //! - `tc_decap` (TC ingress on the underlay interface): accepts overlay packets from known peers
 //!   only, strips the outer headers and delivers the inner packet straight into the container
 //!   (`bpf_redirect_peer`) or to the host stack.
@@ -65,7 +68,21 @@ impl Outcome {
 pub fn tc_encap(ctx: TcContext) -> i32 {
     // Lengths are counted as the packet arrived, before any rewrite.
     let len = u64::from(ctx.len());
-    finish(len, encap::try_encap(&ctx), CounterSlot::EncapError)
+    finish(
+        len,
+        encap::try_encap(&ctx, encap::Start::Ip),
+        CounterSlot::EncapError,
+    )
+}
+
+#[classifier]
+pub fn tc_encap_finished(ctx: TcContext) -> i32 {
+    let len = u64::from(ctx.len());
+    finish(
+        len,
+        encap::try_encap(&ctx, encap::Start::Ethernet),
+        CounterSlot::EncapError,
+    )
 }
 
 #[classifier]

@@ -299,7 +299,8 @@ pub const TEST_RUN_MIN_IPV4: usize = wire::ETH_LEN + wire::IPV4_MIN_LEN;
 /// Its bytes 12 and 13 (the source's first two octets) are always 08 00: `BPF_PROG_TEST_RUN`
 /// takes the packet's first 14 bytes for an Ethernet header and sets the skb's protocol from
 /// them, and `bpf_skb_adjust_room` refuses any protocol but IPv4 and IPv6; on the real device
-/// the TUN sets ETH_P_IP. The encap program does not read the source. It is never shorter than
+/// the TUN sets ETH_P_IP. The encap program reads the source only for a TCP/UDP pseudo-header
+/// sum (whether a udp peer's packet needs finishing). It is never shorter than
 /// `TEST_RUN_MIN_IPV4`.
 pub fn overlay_packet(rng: &mut Rng) -> Vec<u8> {
     let src = Ipv4Addr::new(8, 0, rng.bits() as u8, rng.bits() as u8);

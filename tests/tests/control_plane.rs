@@ -714,11 +714,15 @@ fn the_articles_command_line_starts_the_agent() {
             &format!("/flannel/subnets/{net}-{len}"),
         ])
         .unwrap();
-    // Byte for byte what flanneld's udp backend writes: no BackendType, no BackendData.
+    // What flanneld's udp backend writes (no BackendType), and the one BackendData key its udp
+    // backend ignores: this host decapsulates in the kernel (the eBPF datapath, which `auto`
+    // picks here), so its peers need not finish what they send it.
     let public_ip = &cluster.lab.hosts[0].underlay_ip;
     assert_eq!(
         value.trim_end(),
-        format!(r#"{{"PublicIP":"{public_ip}","PublicIPv6":null}}"#)
+        format!(
+            r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendData":{{"KernelDecap":true}}}}"#
+        )
     );
     // As in the article: flannel0 holds the lease's network address with the Network's length.
     let flannel0 = cluster.lab.hosts[0]

@@ -117,6 +117,7 @@ fn peer_route(host: &Host) -> PeerRoute {
         subnet: lease_of(host),
         public_ip: host.underlay_ip,
         vtep_mac: Mac::vtep_for(host.underlay_ip),
+        kernel_decap: true,
     }
 }
 
@@ -377,6 +378,7 @@ fn mixed_cluster_with_flannel_kernel_vxlan_host() {
         dp.upsert_peer(peer_route(&ours[1 - i])).unwrap();
         dp.upsert_peer(PeerRoute {
             vtep_mac: Mac(flannel_mac),
+            kernel_decap: true,
             ..peer_route(flannel_host)
         })
         .unwrap();
@@ -426,6 +428,7 @@ fn restart_with_pinned_programs_loses_no_packet_and_drops_stale_peers() {
         subnet: Subnet::new(Ipv4Addr::new(172, 16, 77, 0), 24).unwrap(),
         public_ip: Ipv4Addr::new(198, 18, 0, 77),
         vtep_mac: Mac::default(),
+        kernel_decap: true,
     };
     dps[0].upsert_peer(departed).unwrap();
     for host in &mut lab.hosts {

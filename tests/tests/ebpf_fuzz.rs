@@ -109,6 +109,7 @@ fn routes() -> BTreeMap<Subnet, PeerRoute> {
                 subnet,
                 public_ip: ip,
                 vtep_mac: Mac(mac),
+                kernel_decap: true,
             },
         )
     })

@@ -29,7 +29,19 @@ const PEER_VTEP: [u8; 6] = [0x0e, 0xfa, 198, 18, 0, 2];
 
 fn dataplane(encap: Encap) -> EbpfDataplane {
     let mut dp = EbpfDataplane::load(None).unwrap();
-    dp.configure(&Config {
+    dp.configure(&config(encap)).unwrap();
+    dp.upsert_peer(PeerRoute {
+        subnet: net("172.16.2.0/24"),
+        public_ip: PEER,
+        vtep_mac: Mac(PEER_VTEP),
+        kernel_decap: true,
+    })
+    .unwrap();
+    dp
+}
+
+fn config(encap: Encap) -> Config {
+    Config {
         encap: encap as u8,
         local_ip: ME.octets(),
         subnet: [172, 16, 1, 0],
@@ -39,15 +51,7 @@ fn dataplane(encap: Encap) -> EbpfDataplane {
         vni: 1,
         vtep_mac: MY_VTEP,
         ..Config::default()
-    })
-    .unwrap();
-    dp.upsert_peer(PeerRoute {
-        subnet: net("172.16.2.0/24"),
-        public_ip: PEER,
-        vtep_mac: Mac(PEER_VTEP),
-    })
-    .unwrap();
-    dp
+    }
 }
 
 fn net(s: &str) -> Subnet {
@@ -347,6 +351,7 @@ fn peer_updates_keep_the_sender_set_exact() {
         subnet: net("172.16.2.0/24"),
         public_ip: PEER,
         vtep_mac: Mac([2, 0, 0, 0, 0, 9]),
+        kernel_decap: true,
     })
     .unwrap();
     assert_eq!(verdict_of(&mut dp, &to_me(PEER_CONTAINER)), TC_ACT_OK);
@@ -356,6 +361,7 @@ fn peer_updates_keep_the_sender_set_exact() {
         subnet: second,
         public_ip: PEER,
         vtep_mac: Mac(PEER_VTEP),
+        kernel_decap: true,
     })
     .unwrap();
     dp.remove_peer(net("172.16.2.0/24")).unwrap();
@@ -371,6 +377,7 @@ fn peer_updates_keep_the_sender_set_exact() {
         subnet: second,
         public_ip: STRANGER,
         vtep_mac: Mac(PEER_VTEP),
+        kernel_decap: true,
     })
     .unwrap();
     let before = dp.counters().unwrap();
@@ -430,6 +437,7 @@ fn full_maps_refuse_the_newcomer_and_keep_every_entry() {
         subnet: Subnet::new(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24).unwrap(),
         public_ip: Ipv4Addr::from(0xc613_0000 + i),
         vtep_mac: Mac::default(),
+        kernel_decap: true,
     };
     for i in 1..MAX_PEERS {
         dp.upsert_peer(route(i)).unwrap();
@@ -482,7 +490,122 @@ fn full_maps_refuse_the_newcomer_and_keep_every_entry() {
     assert_eq!(endpoints.entries().unwrap().len(), MAX_ENDPOINTS as usize);
 }
 
+/// A TCP segment to a peer's container, its checksum complete, or left to offload (the field
+/// holds the pseudo-header sum, as a veth-attached container sends it). From 8.0.0.2: the
+/// harness takes the packet's bytes 12..14 for an ethertype (see `fuzz::overlay_packet`).
+fn tcp_segment(unfinished: bool) -> Vec<u8> {
+    const SRC: Ipv4Addr = Ipv4Addr::new(8, 0, 0, 2);
+    let mut tcp = vec![0u8; 20];
+    tcp[12] = 0x50;
+    tcp[13] = 0x18;
+    tcp.extend_from_slice(&[0x5a; 40]);
+    let pseudo = overlay_common::wire::pseudo_header_sum(
+        SRC.octets(),
+        PEER_CONTAINER.octets(),
+        6,
+        tcp.len() as u16,
+    );
+    let field = if unfinished {
+        pseudo
+    } else {
+        let mut sum = u32::from(pseudo);
+        for w in tcp.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    };
+    tcp[16..18].copy_from_slice(&field.to_be_bytes());
+    ipv4(SRC, PEER_CONTAINER, 6, &tcp)
+}
+
+/// `program` on `packet`: its verdict and the slots it counted in.
+fn run(dp: &mut EbpfDataplane, program: &'static str, packet: &[u8]) -> (i32, Vec<CounterSlot>) {
+    let before = dp.counters().unwrap();
+    let verdict = dp.test_run(program, packet).unwrap().0;
+    let after = dp.counters().unwrap();
+    let moved = before
+        .iter()
+        .zip(&after)
+        .filter(|((_, b), (_, a))| a.packets != b.packets)
+        .map(|((s, _), _)| *s)
+        .collect();
+    (verdict, moved)
+}
+
+/// udp towards flanneld's proxy, which copies datagrams to its TUN as they are: a segment whose
+/// checksum was left to offload is redirected to the finishing device (EncapFinishing), a
+/// finished one is encapsulated at once; towards a peer that decapsulates in its kernel, or
+/// without a finishing device, everything is encapsulated at once. After the detour,
+/// `tc_encap_finished` encapsulates what comes in with its Ethernet header, and drops what it
+/// cannot send (nothing may reach the finishing device's stack).
+fn encap_finishes_offloaded_segments_for_flanneld_only() {
+    const TC_ACT_REDIRECT: i32 = 7;
+    let mut dp = dataplane(Encap::Udp);
+    dp.configure(&Config {
+        finish_ifindex: 1,
+        ..config(Encap::Udp)
+    })
+    .unwrap();
+    let flanneld = |dp: &mut EbpfDataplane, kernel_decap| {
+        dp.upsert_peer(PeerRoute {
+            subnet: net("172.16.2.0/24"),
+            public_ip: PEER,
+            vtep_mac: Mac::default(),
+            kernel_decap,
+        })
+        .unwrap()
+    };
+    flanneld(&mut dp, false);
+    let unfinished = tcp_segment(true);
+    let finished = tcp_segment(false);
+    assert_eq!(
+        run(&mut dp, programs::TC_ENCAP, &unfinished),
+        (TC_ACT_REDIRECT, vec![CounterSlot::EncapFinishing])
+    );
+    assert_eq!(
+        run(&mut dp, programs::TC_ENCAP, &finished),
+        (TC_ACT_REDIRECT, vec![CounterSlot::Encapsulated])
+    );
+    // ICMP carries no offloaded checksum (40 bytes: the harness's shortest frame).
+    let ping = ipv4(Ipv4Addr::new(8, 0, 0, 2), PEER_CONTAINER, 1, &[0; 40]);
+    assert_eq!(
+        run(&mut dp, programs::TC_ENCAP, &ping),
+        (TC_ACT_REDIRECT, vec![CounterSlot::Encapsulated])
+    );
+    flanneld(&mut dp, true);
+    assert_eq!(
+        run(&mut dp, programs::TC_ENCAP, &unfinished),
+        (TC_ACT_REDIRECT, vec![CounterSlot::Encapsulated])
+    );
+    flanneld(&mut dp, false);
+    dp.configure(&config(Encap::Udp)).unwrap();
+    assert_eq!(
+        run(&mut dp, programs::TC_ENCAP, &unfinished),
+        (TC_ACT_REDIRECT, vec![CounterSlot::Encapsulated]),
+        "no finishing device: nothing to redirect to"
+    );
+    // After the detour: the packet with the Ethernet header tc_encap pushed.
+    let (verdict, out) = dp
+        .test_run(programs::TC_ENCAP_FINISHED, &ether(&finished))
+        .unwrap();
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        &out[14 + 20 + 8..],
+        &finished[..],
+        "the inner packet, whole"
+    );
+    let stranger = ipv4(MY_CONTAINER, Ipv4Addr::new(172, 16, 9, 2), 6, &[0; 20]);
+    assert_eq!(
+        run(&mut dp, programs::TC_ENCAP_FINISHED, &ether(&stranger)),
+        (TC_ACT_SHOT, vec![CounterSlot::EncapNoPeer])
+    );
+}
+
 overlay_tests::test_main!(
+    root encap_finishes_offloaded_segments_for_flanneld_only,
     root decap_udp_format_checks_sender_and_strips_headers,
     root decap_vxlan_format_checks_vni_and_mac,
     root random_packets_never_fail_a_program,

@@ -2,6 +2,10 @@
 //! to overlay-agent on the eBPF datapath, with every container pinging every other at 20/s: no
 //! ping may be lost. Then rolled back host by host, measured the same way: none lost either.
 
+use std::time::{Duration, Instant};
+
+use overlay_agent::dataplane::ebpf::{pinned_counters, pinned_peers};
+use overlay_common::CounterSlot;
 use overlay_tests::{
     etcd::{TempDir, agent_binary},
     flanneld::Backend,
@@ -139,6 +143,96 @@ fn back_to_a_running_flanneld_udp() {
     back_while_flanneld_runs(Backend::Udp, "ovt-bu");
 }
 
+/// TCP across a cluster mid-migration, between every pair of datapaths: flanneld (stand-ins),
+/// the eBPF datapath and the TUN datapath. Pings alone would not show it: a container's TCP
+/// segments leave their checksum to offload, which a kernel receiver takes as it is and
+/// flanneld's udp proxy does not. With udp, the eBPF host sends such segments to flanneld's hosts
+/// (and to the TUN datapath's) through the finishing device, and to another eBPF host directly.
+fn tcp_mixed(backend: Backend, prefix: &str) {
+    let tmp = TempDir::new(prefix).unwrap();
+    let mut m = flannel_cluster(backend, prefix, false, &tmp);
+    // A baseline between the stand-ins: the lab itself carries TCP.
+    tcp_between(&m, 1, 2, 5400);
+    let swap = m.to_agent(0).unwrap();
+    eprintln!("{swap} {:?}", swap.lost);
+    let h1 = m.cluster.bpffs.path().join("h1");
+    let before = counters(&h1);
+    tcp_between(&m, 0, 1, 5401);
+    tcp_between(&m, 1, 0, 5402);
+    let after = counters(&h1);
+    let finished = moved(&before, &after, CounterSlot::EncapFinishing);
+    eprintln!("h1 <-> flanneld's h2: {finished} packets finished before encapsulation");
+    match backend {
+        Backend::Udp => assert!(finished > 0, "no segment for flanneld's proxy was finished"),
+        Backend::Vxlan => assert_eq!(finished, 0, "vxlan receivers take offloaded packets"),
+    }
+    // h2 on the TUN datapath (its sender finishes what it sends; it does not publish KernelDecap).
+    let tun = m.replace_with_agent(1, &["--datapath=tun"]).unwrap();
+    eprintln!("{tun} {:?}", tun.lost);
+    tcp_between(&m, 1, 2, 5403);
+    tcp_between(&m, 2, 1, 5404);
+    tcp_between(&m, 0, 1, 5405);
+    tcp_between(&m, 1, 0, 5406);
+    // h3 on the eBPF datapath too: between two kernels nothing needs finishing, once h1 has read
+    // h3's new lease.
+    let ebpf = m.to_agent(2).unwrap();
+    eprintln!("{ebpf} {:?}", ebpf.lost);
+    let h3_subnet = m.cluster.lab.hosts[2]
+        .container
+        .as_ref()
+        .expect("the cluster started it")
+        .ip
+        .octets();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pinned_peers(&h1)
+        .unwrap()
+        .iter()
+        .any(|p| p.kernel_decap && p.subnet.addr().octets()[..3] == h3_subnet[..3])
+    {
+        assert!(Instant::now() < deadline, "h1 never saw h3's KernelDecap");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = counters(&h1);
+    tcp_between(&m, 0, 2, 5407);
+    tcp_between(&m, 2, 0, 5408);
+    let after = counters(&h1);
+    assert_eq!(
+        moved(&before, &after, CounterSlot::EncapFinishing),
+        0,
+        "h1 -> h3 took the finishing path"
+    );
+    assert!(moved(&before, &after, CounterSlot::Encapsulated) > 0);
+}
+
+fn tcp_between(m: &Migration, from: usize, to: usize, port: u16) {
+    let hosts = &m.cluster.lab.hosts;
+    let c = |h: usize| hosts[h].container.as_ref().expect("the cluster started it");
+    if let Err(e) = overlay_tests::cluster::tcp_transfer(c(from), c(to), port, 4 << 20) {
+        panic!("TCP h{} -> h{}: {e}", from + 1, to + 1);
+    }
+}
+
+fn counters(bpffs: &std::path::Path) -> Vec<(CounterSlot, u64)> {
+    pinned_counters(bpffs)
+        .unwrap()
+        .into_iter()
+        .map(|(slot, c)| (slot, c.packets))
+        .collect()
+}
+
+fn moved(before: &[(CounterSlot, u64)], after: &[(CounterSlot, u64)], slot: CounterSlot) -> u64 {
+    let at = |v: &[(CounterSlot, u64)]| v.iter().find(|(s, _)| *s == slot).map_or(0, |c| c.1);
+    at(after) - at(before)
+}
+
+fn tcp_mixed_udp() {
+    tcp_mixed(Backend::Udp, "ovt-tu");
+}
+
+fn tcp_mixed_vxlan() {
+    tcp_mixed(Backend::Vxlan, "ovt-tv");
+}
+
 fn migration_udp_loses_nothing() {
     migrate(Backend::Udp, "ovt-mu");
 }
@@ -155,4 +249,6 @@ overlay_tests::test_main!(
     root restart_vxlan_loses_nothing,
     root restart_udp_is_measured,
     root back_to_a_running_flanneld_udp,
+    root tcp_mixed_udp,
+    root tcp_mixed_vxlan,
 );

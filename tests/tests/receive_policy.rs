@@ -24,6 +24,7 @@ fn peer_route() -> PeerRoute {
         subnet: Subnet::new(PEER_SUBNET.0, PEER_SUBNET.1).unwrap(),
         public_ip: PEER,
         vtep_mac: Mac(PEER_VTEP),
+        kernel_decap: true,
     }
 }
 

@@ -76,6 +76,9 @@ fn teardown_removes_what_the_agent_left(backend: &str, device: &str) {
         .unwrap()
         .stop(std::time::Duration::from_secs(5));
     assert!(h1.ip(&["link", "show", device]).is_ok());
+    // udp: the finishing device (a veth pair) too; vxlan has none.
+    let finishing = device == "flannel0";
+    assert_eq!(h1.ip(&["link", "show", "flannel-csum"]).is_ok(), finishing);
     let links: Vec<String> = pinned_links(&pins)
         .iter()
         .map(|l| l.link_id.to_string())
@@ -119,6 +122,16 @@ fn teardown_removes_what_the_agent_left(backend: &str, device: &str) {
         "{device} still there"
     );
     assert!(h1.ip(&["link", "show", "flannel.77"]).is_ok());
+    assert!(
+        h1.ip(&["link", "show", "flannel-csum-in"]).is_err(),
+        "the finishing device still there"
+    );
+    assert_eq!(
+        stdout.contains("removed the finishing device flannel-csum / flannel-csum-in"),
+        finishing,
+        "{}",
+        text(&out)
+    );
     let routes = String::from_utf8_lossy(&h1.ip(&["route"]).unwrap().stdout).into_owned();
     assert!(!routes.contains("172.16.0.0/12"), "route left: {routes}");
     assert!(!pins.exists(), "pins left under {}", pins.display());

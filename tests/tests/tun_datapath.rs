@@ -251,6 +251,7 @@ fn hostile_datagrams_are_dropped_and_counted() {
             subnet: peer_subnet,
             public_ip: Ipv4Addr::new(198, 18, 0, 2),
             vtep_mac: Mac::default(),
+            kernel_decap: true,
         },
     );
     peers.publish(PeerTable::new(&routes));

@@ -440,7 +440,8 @@ fn overlay_mtu(config: &NetworkConfig, underlay: Option<&Underlay>) -> u32 {
     }
 }
 
-/// What our lease says: the same BackendData whichever datapath runs (the contract derives it).
+/// What our lease says: the contract's BackendData (vxlan's the same whichever datapath runs; udp
+/// says whether the datapath decapsulates in the kernel).
 fn lease_params(
     cli: &Cli,
     prefix: String,
@@ -454,7 +455,7 @@ fn lease_params(
             public_ip,
             public_ipv6: None,
             backend_type: config.backend.type_name().to_owned(),
-            backend_data: overlay.and_then(|o| o.spec().backend_data()),
+            backend_data: overlay.and_then(Overlay::backend_data),
         },
         config: config.clone(),
         ttl: cli.subnet_lease_ttl,

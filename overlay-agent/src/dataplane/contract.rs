@@ -29,7 +29,12 @@ use crate::{
 pub enum PeerBackend {
     /// flannel's udp backend. flanneld writes its udp leases without a `BackendType` (it is
     /// `omitempty` and the udp backend leaves it empty), so an absent or empty type is udp too.
-    Udp,
+    Udp {
+        /// `BackendData.KernelDecap`, which our eBPF datapath publishes (flanneld's udp backend
+        /// ignores BackendData): the peer takes packets whose checksum or segmentation was left
+        /// to offload; flanneld's proxy does not ([`overlay_common::maps::PEER_KERNEL_DECAP`]).
+        kernel_decap: bool,
+    },
     /// flannel's vxlan backend, with the VtepMAC its frames must be addressed to.
     Vxlan {
         /// `BackendData.VtepMAC`.
@@ -45,7 +50,12 @@ impl PeerBackend {
     /// Reads a lease's `BackendType` and `BackendData`.
     pub fn from_lease(backend_type: &str, backend_data: Option<&serde_json::Value>) -> Self {
         match backend_type {
-            "" | "udp" => PeerBackend::Udp,
+            "" | "udp" => PeerBackend::Udp {
+                kernel_decap: backend_data
+                    .and_then(|d| d.get(KERNEL_DECAP))
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(false),
+            },
             "vxlan" => backend_data
                 .and_then(|d| d.get("VtepMAC"))
                 .and_then(|m| m.as_str())
@@ -60,12 +70,15 @@ impl PeerBackend {
     /// The backend's type name, as logs and `BackendType` spell it.
     pub fn type_name(&self) -> &str {
         match self {
-            PeerBackend::Udp => "udp",
+            PeerBackend::Udp { .. } => "udp",
             PeerBackend::Vxlan { .. } | PeerBackend::VxlanWithoutMac => "vxlan",
             PeerBackend::Other(t) => t,
         }
     }
 }
+
+/// The `BackendData` key of a udp lease saying the host decapsulates in its kernel.
+const KERNEL_DECAP: &str = "KernelDecap";
 
 /// Another host, as its lease describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +100,8 @@ pub struct PeerRoute {
     pub public_ip: Ipv4Addr,
     /// The peer's VtepMAC (vxlan; zero for udp): the inner destination MAC.
     pub vtep_mac: Mac,
+    /// The peer decapsulates in its kernel (udp; see [`PeerBackend::Udp`]).
+    pub kernel_decap: bool,
 }
 
 /// Why a peer's lease cannot be forwarded to.
@@ -227,9 +242,11 @@ impl OverlaySpec {
         self.vtep_mac
     }
 
-    /// The `BackendData` to publish in our lease: vxlan's VNI and VtepMAC, nothing for udp.
-    pub fn backend_data(&self) -> Option<serde_json::Value> {
+    /// The `BackendData` to publish in our lease: vxlan's VNI and VtepMAC; for udp nothing (as
+    /// flanneld), or `{"KernelDecap":true}` when this host's datapath decapsulates in the kernel.
+    pub fn backend_data(&self, kernel_decap: bool) -> Option<serde_json::Value> {
         match self.format {
+            Format::Udp { .. } if kernel_decap => Some(serde_json::json!({ KERNEL_DECAP: true })),
             Format::Udp { .. } => None,
             Format::Vxlan { vni, .. } => Some(serde_json::json!({
                 "VNI": vni,
@@ -283,6 +300,7 @@ impl OverlaySpec {
             subnet_prefix_len: lease.subnet.prefix(),
             _pad: [0],
             subnet: lease.subnet.addr().octets(),
+            finish_ifindex: 0,
         }
     }
 
@@ -310,9 +328,11 @@ impl OverlaySpec {
         if !lease.network.contains(&peer.subnet) || lease.subnet.overlaps(&peer.subnet) {
             return Err(Unusable::OutsideNetwork);
         }
-        let vtep_mac = match (self.format, &peer.backend) {
-            (Format::Udp { .. }, PeerBackend::Udp) => Mac::default(),
-            (Format::Vxlan { .. }, PeerBackend::Vxlan { vtep_mac }) => *vtep_mac,
+        let (vtep_mac, kernel_decap) = match (self.format, &peer.backend) {
+            (Format::Udp { .. }, PeerBackend::Udp { kernel_decap }) => {
+                (Mac::default(), *kernel_decap)
+            }
+            (Format::Vxlan { .. }, PeerBackend::Vxlan { vtep_mac }) => (*vtep_mac, true),
             (Format::Vxlan { .. }, PeerBackend::VxlanWithoutMac) => return Err(Unusable::VtepMac),
             (_, theirs) => {
                 return Err(Unusable::Backend {
@@ -325,6 +345,7 @@ impl OverlaySpec {
             subnet: peer.subnet,
             public_ip: peer.public_ip,
             vtep_mac,
+            kernel_decap,
         })
     }
 }
@@ -388,6 +409,13 @@ pub enum DatapathError {
         /// Why.
         #[source]
         source: Box<super::ebpf::EbpfError>,
+    },
+    /// The finishing device (udp, eBPF) could not be set up.
+    #[error("setting up the finishing device: {source}")]
+    Finishing {
+        /// Why.
+        #[source]
+        source: crate::host::finishing::FinishingError,
     },
     /// The endpoint learner (direct delivery into containers) could not start.
     #[error("starting the endpoint learner: {source}")]
@@ -489,6 +517,12 @@ pub trait Datapath: Send {
     fn poll(&mut self) -> Result<(), DatapathError> {
         Ok(())
     }
+
+    /// Whether received packets are decapsulated in the kernel, which takes a sender's offload
+    /// state (a checksum left to do, a GSO batch) as it is; published in a udp lease.
+    fn kernel_decap(&self) -> bool {
+        false
+    }
 }
 
 /// How often [`Datapath::poll`] runs.
@@ -512,6 +546,12 @@ impl Overlay {
             lease: None,
             failing: BTreeMap::new(),
         }
+    }
+
+    /// The `BackendData` our lease publishes: the spec's, with what the datapath says of its
+    /// receive path.
+    pub fn backend_data(&self) -> Option<serde_json::Value> {
+        self.spec.backend_data(self.datapath.kernel_decap())
     }
 
     /// This host's side of the overlay.
@@ -631,8 +671,24 @@ mod tests {
 
     #[test]
     fn flanneld_udp_leases_have_no_backend_type() {
-        assert_eq!(PeerBackend::from_lease("", None), PeerBackend::Udp);
-        assert_eq!(PeerBackend::from_lease("udp", None), PeerBackend::Udp);
+        let flanneld = PeerBackend::Udp {
+            kernel_decap: false,
+        };
+        assert_eq!(PeerBackend::from_lease("", None), flanneld);
+        assert_eq!(PeerBackend::from_lease("udp", None), flanneld);
+        // Ours, on the eBPF datapath, says it decapsulates in the kernel; anything else is not.
+        let ours = serde_json::json!({"KernelDecap": true});
+        assert_eq!(
+            PeerBackend::from_lease("", Some(&ours)),
+            PeerBackend::Udp { kernel_decap: true }
+        );
+        for odd in [
+            serde_json::json!({"KernelDecap": "yes"}),
+            serde_json::json!({"KernelDecap": false}),
+            serde_json::json!([1]),
+        ] {
+            assert_eq!(PeerBackend::from_lease("", Some(&odd)), flanneld, "{odd}");
+        }
         let data = serde_json::json!({"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"});
         assert_eq!(
             PeerBackend::from_lease("vxlan", Some(&data)),
@@ -657,16 +713,49 @@ mod tests {
             OverlaySpec::new(&Backend::Udp { port: 8285 }, Ipv4Addr::new(198, 18, 0, 1)).unwrap();
         let vxlan = vxlan_spec(1);
         let l = lease();
-        assert!(
-            udp.route_for(&l, &peer("10.5.2.0/24", PeerBackend::Udp))
-                .is_ok()
+        assert_eq!(
+            udp.route_for(
+                &l,
+                &peer(
+                    "10.5.2.0/24",
+                    PeerBackend::Udp {
+                        kernel_decap: false
+                    }
+                )
+            )
+            .map(|r| r.kernel_decap),
+            Ok(false)
         );
         assert_eq!(
-            udp.route_for(&l, &peer("10.6.2.0/24", PeerBackend::Udp)),
+            udp.route_for(
+                &l,
+                &peer("10.5.2.0/24", PeerBackend::Udp { kernel_decap: true })
+            )
+            .map(|r| r.kernel_decap),
+            Ok(true)
+        );
+        assert_eq!(
+            udp.route_for(
+                &l,
+                &peer(
+                    "10.6.2.0/24",
+                    PeerBackend::Udp {
+                        kernel_decap: false
+                    }
+                )
+            ),
             Err(Unusable::OutsideNetwork)
         );
         assert_eq!(
-            udp.route_for(&l, &peer("10.5.0.0/23", PeerBackend::Udp)),
+            udp.route_for(
+                &l,
+                &peer(
+                    "10.5.0.0/23",
+                    PeerBackend::Udp {
+                        kernel_decap: false
+                    }
+                )
+            ),
             Err(Unusable::OutsideNetwork),
             "a lease over our own subnet"
         );
@@ -693,7 +782,15 @@ mod tests {
         );
         // An unusable update withdraws what the subnet had.
         assert!(matches!(
-            vxlan.route_change(&l, &PeerEvent::Added(peer("10.5.2.0/24", PeerBackend::Udp))),
+            vxlan.route_change(
+                &l,
+                &PeerEvent::Added(peer(
+                    "10.5.2.0/24",
+                    PeerBackend::Udp {
+                        kernel_decap: false
+                    }
+                ))
+            ),
             RouteChange::Withdraw {
                 unusable: Some(Unusable::Backend { .. }),
                 ..
@@ -711,12 +808,16 @@ mod tests {
             (d.name.as_str(), d.addr_prefix_len, d.mtu),
             ("flannel0", 16, 1472)
         );
-        assert_eq!(udp.backend_data(), None);
+        assert_eq!(udp.backend_data(false), None);
+        assert_eq!(
+            udp.backend_data(true),
+            Some(serde_json::json!({"KernelDecap": true}))
+        );
         let vxlan = vxlan_spec(7);
         assert_eq!(vxlan.device(&l).name, "flannel.7");
         assert_eq!(vxlan.device(&l).addr_prefix_len, 32);
         assert_eq!(
-            vxlan.backend_data(),
+            vxlan.backend_data(true),
             Some(serde_json::json!({"VNI": 7, "VtepMAC": "0e:fa:c6:12:00:01"}))
         );
         assert_eq!(vxlan.overhead(), 50);

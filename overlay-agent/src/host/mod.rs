@@ -1,7 +1,8 @@
 //! Host setup and host facts: the underlay interface, the overlay device, its addresses and routes
-//! (netlink and the TUN driver), and the netfilter rules.
+//! (netlink and the TUN driver), the finishing device, and the netfilter rules.
 //! Everything here acts in the calling thread's network namespace.
 
+pub mod finishing;
 pub mod iface;
 pub mod iptables;
 pub mod netlink;

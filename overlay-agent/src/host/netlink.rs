@@ -529,6 +529,23 @@ impl Netlink {
         Ok(n)
     }
 
+    /// Creates the veth pair `name` / `peer`, both with MTU `mtu`, down. Returns their indexes.
+    pub async fn add_veth(
+        &self,
+        name: &str,
+        peer: &str,
+        mtu: u32,
+    ) -> Result<(u32, u32), NetlinkError> {
+        let message = rtnetlink::LinkVeth::new(name, peer).mtu(mtu).build();
+        self.handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(request(format!("creating the veth pair {name} / {peer}")))?;
+        Ok((self.link(name).await?.index, self.link(peer).await?.index))
+    }
+
     /// Creates flanneld's kind of vxlan device: `name`, VNI `vni`, on `underlay` from `local`,
     /// UDP `port`, no learning, MAC `mac`, MTU `mtu`, up.
     #[allow(clippy::too_many_arguments)]

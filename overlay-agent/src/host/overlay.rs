@@ -258,6 +258,13 @@ pub enum RemoveDevicesError {
         #[source]
         source: OverlayDeviceError,
     },
+    /// Removing the finishing device failed.
+    #[error("removing the finishing device: {source}")]
+    Finishing {
+        /// Why it failed.
+        #[source]
+        source: super::finishing::FinishingError,
+    },
 }
 
 /// What [`remove_all`] did.
@@ -285,7 +292,8 @@ pub fn is_overlay_name(name: &str) -> bool {
 /// TUN devices named `flannel0`, `flannel.<VNI>` or [`HANDOVER_DEVICE`], each's routes first (so
 /// another route takes their traffic at once), then the device with its addresses. A device of
 /// such a name that is not a persistent TUN (flanneld's vxlan device, or the `flannel0` a running
-/// flanneld holds) was not made by the agent and is left alone. Every failure is collected.
+/// flanneld holds) was not made by the agent and is left alone. The finishing device (a veth
+/// pair, [`super::finishing`]) goes too. Every failure is collected.
 pub async fn remove_all() -> Removed {
     let mut report = Removed::default();
     let netlink = match Netlink::connect() {
@@ -341,6 +349,16 @@ pub async fn remove_all() -> Removed {
                 .errors
                 .push(RemoveDevicesError::Delete { name, source }),
         }
+    }
+    // After the overlay devices: tc_encap redirects into it while flannel0 carries traffic.
+    match super::finishing::remove(&netlink).await {
+        Ok(true) => report.removed.push(format!(
+            "the finishing device {} / {}",
+            super::finishing::FINISH_DEVICE,
+            super::finishing::FINISH_PEER
+        )),
+        Ok(false) => {}
+        Err(source) => report.errors.push(RemoveDevicesError::Finishing { source }),
     }
     report
 }

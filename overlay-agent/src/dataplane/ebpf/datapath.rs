@@ -7,9 +7,12 @@ use std::path::PathBuf;
 use super::{DecapHook, EbpfDataplane, EbpfError, pins::Pins};
 use crate::{
     control::subnet::Subnet,
-    dataplane::contract::{Datapath, DatapathError, LocalLease, OverlaySpec, PeerRoute, Unhealthy},
+    dataplane::contract::{
+        Datapath, DatapathError, Format, LocalLease, OverlaySpec, PeerRoute, Unhealthy,
+    },
     host::{
         Netlink,
+        finishing::{self, FINISH_PEER},
         overlay::{HANDOVER_DEVICE, Occupant, OverlayDevice, OverlayDeviceError},
     },
 };
@@ -242,6 +245,10 @@ impl Datapath for EbpfDatapath {
         "eBPF"
     }
 
+    fn kernel_decap(&self) -> bool {
+        true
+    }
+
     fn start(&mut self, spec: &OverlaySpec, lease: &LocalLease) -> Result<(), DatapathError> {
         let device = spec.device(lease);
         let underlay = &lease.underlay;
@@ -262,8 +269,20 @@ impl Datapath for EbpfDatapath {
             Ok::<_, DatapathError>((index, occupant))
         })?;
         relax_rp_filter(&underlay.name);
+        let mut config = spec.program_config(lease, underlay_index, self.options.deliver_via_stack);
+        if matches!(spec.format, Format::Udp { .. }) {
+            // Before the config names it, so tc_encap never redirects into nothing.
+            let finishing = self
+                .runtime
+                .block_on(finishing::ensure(&netlink, device.mtu))
+                .map_err(|source| DatapathError::Finishing { source })?;
+            self.dataplane
+                .attach_finishing(FINISH_PEER)
+                .map_err(ebpf("attaching the finishing program"))?;
+            config.finish_ifindex = finishing.device;
+        }
         self.dataplane
-            .configure(&spec.program_config(lease, underlay_index, self.options.deliver_via_stack))
+            .configure(&config)
             .map_err(ebpf("configuring the eBPF programs"))?;
         match occupant {
             Occupant::Free | Occupant::OwnTun => {

@@ -33,7 +33,7 @@ use overlay_common::{
     COUNTERS_MAP, Counter, CounterSlot,
     maps::{
         CONFIG_MAP, Config, ENDPOINTS_MAP, Endpoint, MAX_ENDPOINTS, MAX_PEERS, PEER_ADDRS_MAP,
-        PEERS_MAP, Peer, PeerAddr,
+        PEER_KERNEL_DECAP, PEERS_MAP, Peer, PeerAddr,
     },
     net::Mac,
     programs,
@@ -212,7 +212,11 @@ impl EbpfDataplane {
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|source| EbpfError::Load { source })?;
-        for name in [programs::TC_ENCAP, programs::TC_DECAP] {
+        for name in [
+            programs::TC_ENCAP,
+            programs::TC_DECAP,
+            programs::TC_ENCAP_FINISHED,
+        ] {
             classifier(&mut ebpf, name)?
                 .load()
                 .map_err(|source| EbpfError::Program {
@@ -343,6 +347,15 @@ impl EbpfDataplane {
         Ok(())
     }
 
+    /// Attaches `tc_encap_finished` to the finishing device's ingress (udp: see
+    /// [`crate::host::finishing`]).
+    pub fn attach_finishing(&mut self, peer_if: &str) -> Result<(), EbpfError> {
+        self.attach_tc(programs::TC_ENCAP_FINISHED, peer_if, TcAttachType::Ingress)?;
+        self.attached
+            .push((programs::TC_ENCAP_FINISHED, peer_if.to_owned()));
+        Ok(())
+    }
+
     /// Forgets the encapsulation on `overlay_if`, a device that is gone (its link went with it),
     /// and removes that link's pin.
     pub fn forget_encap(&mut self, overlay_if: &str) {
@@ -428,16 +441,7 @@ impl EbpfDataplane {
             .iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(map_err(PEERS_MAP, "listing peers"))?;
-        let peers = entries
-            .into_iter()
-            .filter_map(|(key, peer)| {
-                Some(PeerRoute {
-                    subnet: Subnet::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)?,
-                    public_ip: Ipv4Addr::from(peer.public_ip),
-                    vtep_mac: Mac(peer.vtep_mac),
-                })
-            })
-            .collect();
+        let peers = entries.into_iter().filter_map(peer_route).collect();
         Ok((config, peers))
     }
 
@@ -459,7 +463,12 @@ impl EbpfDataplane {
         let value = Peer {
             public_ip: peer.public_ip.octets(),
             vtep_mac: peer.vtep_mac.0,
-            _pad: [0; 2],
+            flags: if peer.kernel_decap {
+                PEER_KERNEL_DECAP
+            } else {
+                0
+            },
+            _pad: [0],
         };
         if let Err(e) = trie.insert(&trie_key(peer.subnet), value, 0) {
             // Undo the address: decapsulation must not accept a host with no subnet programmed.
@@ -596,6 +605,50 @@ impl EbpfDataplane {
             .ok_or(EbpfError::Missing { kind: "map", name })?;
         M::try_from(map).map_err(map_err(name, "opening"))
     }
+}
+
+/// The packet counters of the dataplane pinned under `root` (a running agent's, or one that left
+/// its programs attached), summed over the CPUs: for `status` and tests, without loading anything.
+pub fn pinned_counters(root: &std::path::Path) -> Result<Vec<(CounterSlot, Counter)>, EbpfError> {
+    let path = pins::maps_dir(root).join(COUNTERS_MAP);
+    let data = MapData::from_pin(&path).map_err(map_err(COUNTERS_MAP, "opening the pin"))?;
+    let counters: PerCpuArray<_, Counter> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+            .map_err(map_err(COUNTERS_MAP, "opening"))?;
+    CounterSlot::ALL
+        .iter()
+        .map(|&slot| {
+            let per_cpu = counters
+                .get(&slot.index(), 0)
+                .map_err(map_err(COUNTERS_MAP, "reading"))?;
+            let total = per_cpu.iter().fold(Counter::default(), |a, b| a.merged(*b));
+            Ok((slot, total))
+        })
+        .collect()
+}
+
+/// The peer routes programmed in the dataplane pinned under `root`, as [`EbpfDataplane::programmed`]
+/// reads them from a loaded one.
+pub fn pinned_peers(root: &std::path::Path) -> Result<Vec<PeerRoute>, EbpfError> {
+    let path = pins::maps_dir(root).join(PEERS_MAP);
+    let data = MapData::from_pin(&path).map_err(map_err(PEERS_MAP, "opening the pin"))?;
+    let trie: LpmTrie<_, [u8; 4], Peer> =
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(map_err(PEERS_MAP, "opening"))?;
+    let entries = trie
+        .iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err(PEERS_MAP, "listing peers"))?;
+    Ok(entries.into_iter().filter_map(peer_route).collect())
+}
+
+/// A PEERS entry as the route it was programmed from.
+fn peer_route((key, peer): (Key<[u8; 4]>, Peer)) -> Option<PeerRoute> {
+    Some(PeerRoute {
+        subnet: Subnet::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)?,
+        public_ip: Ipv4Addr::from(peer.public_ip),
+        vtep_mac: Mac(peer.vtep_mac),
+        kernel_decap: peer.flags & PEER_KERNEL_DECAP != 0,
+    })
 }
 
 fn map_err(

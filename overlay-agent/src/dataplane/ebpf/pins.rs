@@ -47,6 +47,11 @@ pub struct Pins {
     root: PathBuf,
 }
 
+/// Where this version's maps are pinned under `root`.
+pub fn maps_dir(root: &Path) -> PathBuf {
+    root.join(format!("maps-v{}", overlay_common::ABI_VERSION))
+}
+
 impl Pins {
     /// Prepares `root`: mounts bpffs on /sys/fs/bpf when `root` is below it and nothing is
     /// mounted, then creates the directories (mode 0700).
@@ -83,8 +88,7 @@ impl Pins {
 
     /// Where this version's maps are pinned.
     pub fn maps_dir(&self) -> PathBuf {
-        self.root
-            .join(format!("maps-v{}", overlay_common::ABI_VERSION))
+        maps_dir(&self.root)
     }
 
     /// Where a map is pinned.

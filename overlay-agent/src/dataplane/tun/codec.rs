@@ -401,7 +401,7 @@ fn l4_sum(packet: &[u8], info: &Ipv4Summary, pseudo: u16) -> u16 {
 /// as some senders leave it): a checksum left to offload and never finished.
 fn holds_pseudo_header_sum(packet: &[u8], at: usize, pseudo: u16) -> bool {
     let stored = u16::from_be_bytes([packet[at], packet[at + 1]]);
-    stored == pseudo || stored == !pseudo
+    overlay_common::wire::is_unfinished_checksum(stored, pseudo)
 }
 
 /// Where an unfragmented IPv4 TCP/UDP packet keeps its L4 checksum: the summary, the field's
@@ -419,11 +419,7 @@ fn l4_checksum_site(packet: &[u8]) -> Option<(Ipv4Summary, usize, u16)> {
 fn l4_checksum_field(packet: &[u8]) -> Option<(Ipv4Summary, usize)> {
     let info = parse_ipv4(packet).ok()?;
     let frag = u16::from_be_bytes([packet[6], packet[7]]);
-    let field = match info.protocol {
-        6 => 16,
-        17 => 6,
-        _ => return None,
-    };
+    let field = overlay_common::wire::l4_checksum_offset(info.protocol)?;
     // Fragments (MF or an offset) carry part of the segment only.
     if frag & 0x3fff != 0 || info.total_len < info.header_len + field + 2 {
         return None;
@@ -435,7 +431,10 @@ fn l4_checksum_field(packet: &[u8]) -> Option<(Ipv4Summary, usize)> {
 /// protocol `protocol`: what a TCP/UDP checksum field holds while the checksum is left to
 /// offload (`CHECKSUM_PARTIAL`). `ip` must hold at least the first 20 bytes of the header.
 pub fn pseudo_header_checksum(ip: &[u8], protocol: u8, l4_len: usize) -> u16 {
-    fold(sum16(&ip[12..20], u32::from(protocol) + l4_len as u32))
+    // An IPv4 packet's, or a coalesced run's (bounded by the IPv4 total length), so it fits.
+    debug_assert!(l4_len <= usize::from(u16::MAX));
+    let addr = |r: core::ops::Range<usize>| -> [u8; 4] { ip[r].try_into().expect("4 bytes") };
+    overlay_common::wire::pseudo_header_sum(addr(12..16), addr(16..20), protocol, l4_len as u16)
 }
 
 /// Completes the TCP/UDP checksum of a decapsulated IPv4 packet whose sender left it to

@@ -146,6 +146,7 @@ mod tests {
                 subnet,
                 public_ip: Ipv4Addr::new(198, 18, 0, last),
                 vtep_mac: Default::default(),
+                kernel_decap: false,
             },
         )
     }
