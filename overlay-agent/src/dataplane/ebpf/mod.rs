@@ -557,16 +557,7 @@ impl EbpfDataplane {
         })?;
         let counters: PerCpuArray<_, Counter> =
             PerCpuArray::try_from(map).map_err(map_err(COUNTERS_MAP, "opening"))?;
-        CounterSlot::ALL
-            .iter()
-            .map(|&slot| {
-                let per_cpu = counters
-                    .get(&slot.index(), 0)
-                    .map_err(map_err(COUNTERS_MAP, "reading"))?;
-                let total = per_cpu.iter().fold(Counter::default(), |a, b| a.merged(*b));
-                Ok((slot, total))
-            })
-            .collect()
+        summed(&counters)
     }
 
     /// Runs one of the programs on a crafted packet (starting with its Ethernet header) with
@@ -615,6 +606,13 @@ pub fn pinned_counters(root: &std::path::Path) -> Result<Vec<(CounterSlot, Count
     let counters: PerCpuArray<_, Counter> =
         PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
             .map_err(map_err(COUNTERS_MAP, "opening"))?;
+    summed(&counters)
+}
+
+/// Every slot of the counters map, summed over the CPUs.
+fn summed<T: std::borrow::Borrow<MapData>>(
+    counters: &PerCpuArray<T, Counter>,
+) -> Result<Vec<(CounterSlot, Counter)>, EbpfError> {
     CounterSlot::ALL
         .iter()
         .map(|&slot| {
