@@ -83,14 +83,14 @@ pub fn try_encap(ctx: &TcContext, start: Start) -> Result<Outcome, i64> {
         if ret != 0 {
             return Err(ret);
         }
-        // The Ethernet header bpf_skb_change_head left zeroed needs its ethertype, for the
-        // finishing device's receive path and for adjust_room's idea of the packet.
-        ctx.store(12, &ETH_P_IP.to_be_bytes(), 0)?;
         if encap == Encap::Udp
             && cfg.finish_ifindex != 0
             && peer.flags & PEER_KERNEL_DECAP == 0
-            && needs_finishing(ctx, ETH_LEN)?
+            && needs_finishing(ctx, ETH_LEN, ver_ihl, dst)?
         {
+            // The finishing device's receive path reads the ethertype of the header
+            // bpf_skb_change_head left zeroed (the direct path writes it with the outer headers).
+            ctx.store(12, &ETH_P_IP.to_be_bytes(), 0)?;
             // SAFETY: as above.
             let action = unsafe { bpf_redirect(cfg.finish_ifindex, 0) };
             return Ok(Outcome::new(CounterSlot::EncapFinishing, action as i32));
@@ -128,16 +128,16 @@ pub fn try_encap(ctx: &TcContext, start: Start) -> Result<Outcome, i64> {
     Ok(Outcome::new(CounterSlot::Encapsulated, action as i32))
 }
 
-/// Whether the IPv4 packet at `l3` is a GSO batch, or TCP/UDP whose checksum was left to offload
-/// (the field holds the pseudo-header sum, [`is_unfinished_checksum`]). Fragments carry a
-/// finished checksum or none; UDP may have none (0).
+/// Whether the IPv4 packet at `l3` (whose first byte and destination the caller read already) is
+/// a GSO batch, or TCP/UDP whose checksum was left to offload (the field holds the pseudo-header
+/// sum, [`is_unfinished_checksum`]). Fragments carry a finished checksum or none; UDP may have
+/// none (0).
 #[inline(always)]
-fn needs_finishing(ctx: &TcContext, l3: usize) -> Result<bool, i64> {
+fn needs_finishing(ctx: &TcContext, l3: usize, ver_ihl: u8, dst: [u8; 4]) -> Result<bool, i64> {
     // SAFETY: the program's own context; gso_size is a readable __sk_buff field.
     if unsafe { (*ctx.skb.skb).gso_size } != 0 {
         return Ok(true);
     }
-    let ver_ihl: u8 = ctx.load(l3)?;
     let ihl = usize::from(ver_ihl & 0x0f) * 4;
     let protocol: u8 = ctx.load(l3 + 9)?;
     let Some(field_at) = l4_checksum_offset(protocol) else {
@@ -160,7 +160,6 @@ fn needs_finishing(ctx: &TcContext, l3: usize) -> Result<bool, i64> {
         return Ok(false);
     }
     let src: [u8; 4] = ctx.load(l3 + 12)?;
-    let dst: [u8; 4] = ctx.load(l3 + 16)?;
     Ok(is_unfinished_checksum(
         field,
         pseudo_header_sum(src, dst, protocol, l4_len),
