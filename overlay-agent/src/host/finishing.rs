@@ -39,18 +39,10 @@ pub enum FinishingError {
     },
 }
 
-/// The pair's interface indexes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Finishing {
-    /// [`FINISH_DEVICE`]'s index: the programs' redirect target.
-    pub device: u32,
-    /// [`FINISH_PEER`]'s index: where `tc_encap_finished` is attached.
-    pub peer: u32,
-}
-
 /// Creates the pair (or keeps the one a previous run left), MTU `mtu` (the overlay's: the packets
-/// are inner packets), transmit checksumming off on [`FINISH_DEVICE`], both up.
-pub async fn ensure(netlink: &Netlink, mtu: u32) -> Result<Finishing, FinishingError> {
+/// are inner packets), transmit checksumming off on [`FINISH_DEVICE`], both up. Returns
+/// [`FINISH_DEVICE`]'s index: the programs' redirect target.
+pub async fn ensure(netlink: &Netlink, mtu: u32) -> Result<u32, FinishingError> {
     let existing = match netlink.link(FINISH_DEVICE).await {
         Ok(link) => Some(link),
         Err(NetlinkError::NoSuchLink { .. }) => None,
@@ -85,7 +77,7 @@ pub async fn ensure(netlink: &Netlink, mtu: u32) -> Result<Finishing, FinishingE
     }
     netlink.set_mtu_up(device, mtu).await?;
     netlink.set_mtu_up(peer, mtu).await?;
-    Ok(Finishing { device, peer })
+    Ok(device)
 }
 
 /// Removes the pair (deleting one side deletes both). Absent is fine.

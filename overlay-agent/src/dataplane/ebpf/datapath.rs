@@ -272,14 +272,13 @@ impl Datapath for EbpfDatapath {
         let mut config = spec.program_config(lease, underlay_index, self.options.deliver_via_stack);
         if matches!(spec.format, Format::Udp { .. }) {
             // Before the config names it, so tc_encap never redirects into nothing.
-            let finishing = self
+            config.finish_ifindex = self
                 .runtime
                 .block_on(finishing::ensure(&netlink, device.mtu))
                 .map_err(|source| DatapathError::Finishing { source })?;
             self.dataplane
                 .attach_finishing(FINISH_PEER)
                 .map_err(ebpf("attaching the finishing program"))?;
-            config.finish_ifindex = finishing.device;
         }
         self.dataplane
             .configure(&config)

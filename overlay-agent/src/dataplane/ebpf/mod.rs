@@ -437,12 +437,7 @@ impl EbpfDataplane {
             .get(&0, 0)
             .map_err(map_err(CONFIG_MAP, "reading the config"))?;
         let trie: LpmTrie<&mut MapData, [u8; 4], Peer> = self.map_mut(PEERS_MAP)?;
-        let entries = trie
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err(PEERS_MAP, "listing peers"))?;
-        let peers = entries.into_iter().filter_map(peer_route).collect();
-        Ok((config, peers))
+        Ok((config, routes(&trie)?))
     }
 
     /// Programs a peer subnet (replacing what the subnet had).
@@ -601,12 +596,16 @@ impl EbpfDataplane {
 /// The packet counters of the dataplane pinned under `root` (a running agent's, or one that left
 /// its programs attached), summed over the CPUs: for `status` and tests, without loading anything.
 pub fn pinned_counters(root: &std::path::Path) -> Result<Vec<(CounterSlot, Counter)>, EbpfError> {
-    let path = pins::maps_dir(root).join(COUNTERS_MAP);
-    let data = MapData::from_pin(&path).map_err(map_err(COUNTERS_MAP, "opening the pin"))?;
+    let data = pinned_map(root, COUNTERS_MAP)?;
     let counters: PerCpuArray<_, Counter> =
         PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
             .map_err(map_err(COUNTERS_MAP, "opening"))?;
     summed(&counters)
+}
+
+/// This version's map `name` pinned under `root`.
+fn pinned_map(root: &std::path::Path, name: &'static str) -> Result<MapData, EbpfError> {
+    MapData::from_pin(pins::maps_dir(root).join(name)).map_err(map_err(name, "opening the pin"))
 }
 
 /// Every slot of the counters map, summed over the CPUs.
@@ -628,25 +627,31 @@ fn summed<T: std::borrow::Borrow<MapData>>(
 /// The peer routes programmed in the dataplane pinned under `root`, as [`EbpfDataplane::programmed`]
 /// reads them from a loaded one.
 pub fn pinned_peers(root: &std::path::Path) -> Result<Vec<PeerRoute>, EbpfError> {
-    let path = pins::maps_dir(root).join(PEERS_MAP);
-    let data = MapData::from_pin(&path).map_err(map_err(PEERS_MAP, "opening the pin"))?;
+    let data = pinned_map(root, PEERS_MAP)?;
     let trie: LpmTrie<_, [u8; 4], Peer> =
         LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(map_err(PEERS_MAP, "opening"))?;
+    routes(&trie)
+}
+
+/// Every PEERS entry as the route it was programmed from.
+fn routes<T: std::borrow::Borrow<MapData>>(
+    trie: &LpmTrie<T, [u8; 4], Peer>,
+) -> Result<Vec<PeerRoute>, EbpfError> {
     let entries = trie
         .iter()
         .collect::<Result<Vec<_>, _>>()
         .map_err(map_err(PEERS_MAP, "listing peers"))?;
-    Ok(entries.into_iter().filter_map(peer_route).collect())
-}
-
-/// A PEERS entry as the route it was programmed from.
-fn peer_route((key, peer): (Key<[u8; 4]>, Peer)) -> Option<PeerRoute> {
-    Some(PeerRoute {
-        subnet: Subnet::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)?,
-        public_ip: Ipv4Addr::from(peer.public_ip),
-        vtep_mac: Mac(peer.vtep_mac),
-        kernel_decap: peer.flags & PEER_KERNEL_DECAP != 0,
-    })
+    Ok(entries
+        .into_iter()
+        .filter_map(|(key, peer)| {
+            Some(PeerRoute {
+                subnet: Subnet::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)?,
+                public_ip: Ipv4Addr::from(peer.public_ip),
+                vtep_mac: Mac(peer.vtep_mac),
+                kernel_decap: peer.flags & PEER_KERNEL_DECAP != 0,
+            })
+        })
+        .collect())
 }
 
 fn map_err(
