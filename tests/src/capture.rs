@@ -264,7 +264,7 @@ pub fn readdress(encap: Encap, frame: &[u8]) -> Option<(Vec<u8>, Shape)> {
     f[ip + 16..ip + 20].copy_from_slice(&ME.octets());
     receive_cases::set_ipv4_checksum(&mut f[ip..ip + ihl]);
     if be16(&f, udp + 6)? != 0 {
-        let sum = l4_checksum(PEER, ME, wire::IPPROTO_UDP, &mut f[udp..], 6);
+        let sum = receive_cases::l4_checksum(PEER, ME, wire::IPPROTO_UDP, &mut f[udp..], 6);
         // 0 means "no checksum" in UDP: a computed 0 is sent as all ones.
         let sum = if sum == 0 { 0xffff } else { sum };
         f[udp + 6..udp + 8].copy_from_slice(&sum.to_be_bytes());
@@ -298,11 +298,11 @@ fn readdress_inner(p: &mut [u8]) -> Option<Shape> {
     match protocol {
         6 if whole && l4.len() >= 20 => {
             tcp_flags = l4[13];
-            let sum = l4_checksum(s, d, 6, l4, 16);
+            let sum = receive_cases::l4_checksum(s, d, 6, l4, 16);
             l4[16..18].copy_from_slice(&sum.to_be_bytes());
         }
         17 if whole && l4.len() >= 8 && be16(l4, 6)? != 0 => {
-            let sum = l4_checksum(s, d, 17, l4, 6);
+            let sum = receive_cases::l4_checksum(s, d, 17, l4, 6);
             let sum = if sum == 0 { 0xffff } else { sum };
             l4[6..8].copy_from_slice(&sum.to_be_bytes());
         }
@@ -313,19 +313,6 @@ fn readdress_inner(p: &mut [u8]) -> Option<Shape> {
         inner_len: total,
         tcp_flags,
     })
-}
-
-/// The TCP/UDP checksum of `segment` (its checksum field, at `at`, counted as zero) under the
-/// IPv4 pseudo-header.
-fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, segment: &mut [u8], at: usize) -> u16 {
-    segment[at..at + 2].fill(0);
-    let mut buf = Vec::with_capacity(12 + segment.len());
-    buf.extend_from_slice(&src.octets());
-    buf.extend_from_slice(&dst.octets());
-    buf.extend_from_slice(&[0, protocol]);
-    buf.extend_from_slice(&(segment.len() as u16).to_be_bytes());
-    buf.extend_from_slice(segment);
-    receive_cases::checksum(&buf)
 }
 
 #[cfg(test)]
@@ -341,7 +328,7 @@ mod tests {
             tcp[13] = 0x18;
             tcp.extend_from_slice(b"payload");
             let (a, b) = (Ipv4Addr::new(10, 5, 3, 2), Ipv4Addr::new(10, 5, 4, 7));
-            let sum = l4_checksum(a, b, 6, &mut tcp, 16);
+            let sum = receive_cases::l4_checksum(a, b, 6, &mut tcp, 16);
             tcp[16..18].copy_from_slice(&sum.to_be_bytes());
             let inner = receive_cases::ipv4(a, b, 6, &tcp);
             let payload = receive_cases::payload(encap, 77, [2; 6], &inner);
@@ -370,7 +357,7 @@ mod tests {
             let mut seg = new[20..].to_vec();
             let want = u16::from_be_bytes([seg[16], seg[17]]);
             let (s, d) = (Ipv4Addr::new(172, 16, 2, 2), Ipv4Addr::new(172, 16, 1, 7));
-            assert_eq!(l4_checksum(s, d, 6, &mut seg, 16), want);
+            assert_eq!(receive_cases::l4_checksum(s, d, 6, &mut seg, 16), want);
             assert_eq!(&new[40..], b"payload");
             // Another port, or a truncated frame, is not one.
             assert!(readdress(encap, &frame[..frame.len() - 1]).is_none());

@@ -122,6 +122,25 @@ pub fn port(encap: Encap) -> u16 {
     if encap == Encap::Vxlan { 8472 } else { 8285 }
 }
 
+/// The TCP/UDP checksum of `segment` (its checksum field, at `at`, counted as zero) under the
+/// IPv4 pseudo-header.
+pub fn l4_checksum(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    segment: &mut [u8],
+    at: usize,
+) -> u16 {
+    segment[at..at + 2].fill(0);
+    let mut buf = Vec::with_capacity(12 + segment.len());
+    buf.extend_from_slice(&src.octets());
+    buf.extend_from_slice(&dst.octets());
+    buf.extend_from_slice(&[0, protocol]);
+    buf.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+    buf.extend_from_slice(segment);
+    checksum(&buf)
+}
+
 /// RFC 1071 checksum.
 pub fn checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes

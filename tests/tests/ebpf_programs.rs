@@ -13,7 +13,7 @@ use overlay_common::{
     net::{Mac, Subnet},
     programs,
 };
-use overlay_tests::receive_cases::{inner_ping, ipv4};
+use overlay_tests::receive_cases::{inner_ping, ipv4, l4_checksum};
 
 const TC_ACT_OK: i32 = 0;
 /// Ethernet + IPv6 header: shorter IP frames are refused by BPF_PROG_TEST_RUN, not by our code.
@@ -499,23 +499,15 @@ fn tcp_segment(unfinished: bool) -> Vec<u8> {
     tcp[12] = 0x50;
     tcp[13] = 0x18;
     tcp.extend_from_slice(&[0x5a; 40]);
-    let pseudo = overlay_common::wire::pseudo_header_sum(
-        SRC.octets(),
-        PEER_CONTAINER.octets(),
-        6,
-        tcp.len() as u16,
-    );
     let field = if unfinished {
-        pseudo
+        overlay_common::wire::pseudo_header_sum(
+            SRC.octets(),
+            PEER_CONTAINER.octets(),
+            6,
+            tcp.len() as u16,
+        )
     } else {
-        let mut sum = u32::from(pseudo);
-        for w in tcp.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
+        l4_checksum(SRC, PEER_CONTAINER, 6, &mut tcp, 16)
     };
     tcp[16..18].copy_from_slice(&field.to_be_bytes());
     ipv4(SRC, PEER_CONTAINER, 6, &tcp)
