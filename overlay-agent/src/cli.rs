@@ -356,6 +356,11 @@ pub enum Command {
     /// (flannel0, flannel.<VNI>) with their routes, and the pinned programs and maps under
     /// --bpffs. Stop the agent first. Idempotent; lists every failure and exits non-zero on any.
     Teardown(crate::teardown::TeardownArgs),
+    /// Show what the agent and its dataplane are doing: the lease, etcd, the datapath with its
+    /// programs and links, every peer with its traffic, the drops by reason, local endpoints.
+    /// Asks the running agent; without one, reads the pinned dataplane under --bpffs. Exits 0
+    /// when the agent is healthy, 1 when it is not, 3 when no agent answers.
+    Status(crate::status::show::StatusArgs),
     /// Write docker's daemon options from subnet.env, as flannel's mk-docker-opts.sh does:
     /// DOCKER_OPTS=" --bip=... --ip-masq=... --mtu=...", byte for byte as the script writes it.
     DockerOpts(crate::docker_opts::DockerOptsArgs),

@@ -11,4 +11,5 @@ pub mod daemon;
 pub mod dataplane;
 pub mod docker_opts;
 pub mod host;
+pub mod status;
 pub mod teardown;

@@ -9,6 +9,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse_args();
     match &cli.command {
         Some(Command::Teardown(args)) => return teardown::main(&cli.bpffs, args),
+        Some(Command::Status(args)) => return overlay_agent::status::show::main(&cli.bpffs, args),
         Some(Command::DockerOpts(args)) => return docker_opts::main(args, &cli.subnet_file),
         None => {}
     }

@@ -13,7 +13,9 @@ pub mod policy;
 pub mod stats;
 pub mod wire;
 
-pub use stats::{COUNTER_SLOTS, COUNTERS_MAP, Counter, CounterSlot};
+pub use stats::{
+    COUNTER_SLOTS, COUNTERS_MAP, Counter, CounterSlot, PEER_COUNTERS_MAP, PeerCount, PeerCounters,
+};
 
 /// Names of the programs in the eBPF object, shared so the loader and the object cannot drift.
 pub mod programs {
@@ -33,4 +35,5 @@ pub mod programs {
 /// again: so it moves only when a layout does. (Counter slot 10 changed its meaning from "passed,
 /// unparsed" to "dropped, unparsed" without moving; its count survives an upgrade under the new
 /// name.)
-pub const ABI_VERSION: u32 = 3;
+/// 4: `PEER_COUNTERS`.
+pub const ABI_VERSION: u32 = 4;

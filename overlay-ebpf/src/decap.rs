@@ -101,11 +101,15 @@ impl Peers for MapPeers {
 pub enum Verdict {
     /// Not an overlay packet of ours: pass, uncounted.
     Pass,
-    /// Ours and refused by the receive policy: drop and count.
-    Drop(CounterSlot),
-    /// Ours and accepted: strip `strip` bytes after the Ethernet header; the inner packet is for
-    /// `inner_dst`.
-    Decap { strip: usize, inner_dst: [u8; 4] },
+    /// Ours and refused by the receive policy: drop and count (for `sender`, when it is a peer).
+    Drop { slot: CounterSlot, sender: [u8; 4] },
+    /// Ours and accepted from `sender`: strip `strip` bytes after the Ethernet header; the inner
+    /// packet is for `inner_dst`.
+    Decap {
+        strip: usize,
+        inner_dst: [u8; 4],
+        sender: [u8; 4],
+    },
 }
 
 /// The mechanics of the hook: is this an overlay packet addressed to us, and where is its UDP
@@ -179,11 +183,15 @@ pub fn classify<P: Packet>(pkt: &P, pkt_len: usize, gso: bool) -> Verdict {
     };
     let sender = [ip[12], ip[13], ip[14], ip[15]];
     match policy::judge(cfg, &MapPeers, sender, outer, &payload) {
-        Err(refusal) => Verdict::Drop(refusal.counter()),
+        Err(refusal) => Verdict::Drop {
+            slot: refusal.counter(),
+            sender,
+        },
         // No options (the policy refused them), so the payload starts at a fixed offset.
         Ok(accepted) => Verdict::Decap {
             strip: wire::IPV4_MIN_LEN + wire::UDP_LEN + accepted.inner,
             inner_dst: accepted.dst,
+            sender,
         },
     }
 }
@@ -194,11 +202,17 @@ const DROP: i32 = TC_ACT_SHOT as i32;
 pub fn try_tc_decap(ctx: &TcContext) -> Result<Outcome, i64> {
     // SAFETY: the program's own skb; gso_size is a plain field of __sk_buff.
     let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-    let (strip, inner_dst) = match classify(ctx, ctx.len() as usize, gso) {
+    let len = ctx.len();
+    let (strip, inner_dst, sender) = match classify(ctx, len as usize, gso) {
         Verdict::Pass => return Ok(Outcome::not_ours(PASS)),
-        Verdict::Drop(slot) => return Ok(Outcome::new(slot, DROP)),
-        Verdict::Decap { strip, inner_dst } => (strip, inner_dst),
+        Verdict::Drop { slot, sender } => return Ok(Outcome::new(slot, DROP).for_peer(sender, len)),
+        Verdict::Decap {
+            strip,
+            inner_dst,
+            sender,
+        } => (strip, inner_dst, sender),
     };
+    let inner_len = len.saturating_sub((wire::ETH_LEN + strip) as u32);
     // FIXED_GSO keeps gso_size: it counts payload, which decapsulation does not change.
     ctx.adjust_room(
         -(strip as i32),
@@ -219,23 +233,29 @@ pub fn try_tc_decap(ctx: &TcContext) -> Result<Outcome, i64> {
         // SAFETY: plain helper call; the kernel checks the ifindex.
         let action = unsafe { bpf_redirect_peer(ep.host_ifindex, 0) };
         if action != i64::from(TC_ACT_REDIRECT) {
-            return Ok(Outcome::new(CounterSlot::DecapError, DROP));
+            return Ok(Outcome::new(CounterSlot::DecapError, DROP).for_peer(sender, len));
         }
-        return Ok(Outcome::new(CounterSlot::DecapDelivered, action as i32));
+        return Ok(
+            Outcome::new(CounterSlot::DecapDelivered, action as i32).for_peer(sender, inner_len)
+        );
     }
     // The outer frame was addressed to this host, so the stack takes the inner packet as its own
     // and routes it (to the docker bridge).
-    Ok(Outcome::new(CounterSlot::DecapToStack, PASS))
+    Ok(Outcome::new(CounterSlot::DecapToStack, PASS).for_peer(sender, inner_len))
 }
 
 pub fn try_xdp_decap(ctx: &XdpContext) -> Result<Outcome, i64> {
     const PASS: i32 = xdp_action::XDP_PASS as i32;
     const DROP: i32 = xdp_action::XDP_DROP as i32;
-    let strip = match classify(ctx, ctx.data_end() - ctx.data(), false) {
+    let len = ctx.data_end() - ctx.data();
+    let (strip, sender) = match classify(ctx, len, false) {
         Verdict::Pass => return Ok(Outcome::not_ours(PASS)),
-        Verdict::Drop(slot) => return Ok(Outcome::new(slot, DROP)),
-        Verdict::Decap { strip, .. } => strip,
+        Verdict::Drop { slot, sender } => {
+            return Ok(Outcome::new(slot, DROP).for_peer(sender, len as u32));
+        }
+        Verdict::Decap { strip, sender, .. } => (strip, sender),
     };
+    let inner_len = len.saturating_sub(wire::ETH_LEN + strip) as u32;
     // Move the Ethernet header forward over the outer headers, then drop what is in front.
     let mut eth: [u8; wire::ETH_LEN] = ctx.read(0)?;
     // SAFETY: helpers on the program's own context; they check bounds.
@@ -255,5 +275,5 @@ pub fn try_xdp_decap(ctx: &XdpContext) -> Result<Outcome, i64> {
         }
     }
     // Before GRO, so the stack aggregates the inner flows; it routes them to the bridge.
-    Ok(Outcome::new(CounterSlot::DecapToStack, PASS))
+    Ok(Outcome::new(CounterSlot::DecapToStack, PASS).for_peer(sender, inner_len))
 }

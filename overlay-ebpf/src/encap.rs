@@ -76,6 +76,8 @@ pub fn try_encap(ctx: &TcContext, start: Start) -> Result<Outcome, i64> {
         return Ok(Outcome::new(CounterSlot::EncapNoPeer, pass));
     };
     let peer = *peer;
+    // The inner packet as the container sent it, before any header is pushed.
+    let inner_len = ctx.len() - l3 as u32;
 
     if start == Start::Ip {
         // SAFETY: the helper takes the program's own skb pointer.
@@ -93,11 +95,11 @@ pub fn try_encap(ctx: &TcContext, start: Start) -> Result<Outcome, i64> {
             ctx.store(12, &ETH_P_IP.to_be_bytes(), 0)?;
             // SAFETY: as above.
             let action = unsafe { bpf_redirect(cfg.finish_ifindex, 0) };
+            // Charged to the peer when tc_encap_finished sends the finished segments.
             return Ok(Outcome::new(CounterSlot::EncapFinishing, action as i32));
         }
     }
 
-    let inner_len = ctx.len() - ETH_LEN as u32;
     let overhead = encap.overhead();
     let ip_len = (inner_len + overhead).min(u32::from(u16::MAX)) as u16;
     // SAFETY: the helpers take the program's own skb pointer.
@@ -123,9 +125,10 @@ pub fn try_encap(ctx: &TcContext, start: Start) -> Result<Outcome, i64> {
 
     let action = unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) };
     if action != i64::from(TC_ACT_REDIRECT) {
-        return Ok(Outcome::new(CounterSlot::EncapError, TC_ACT_SHOT as i32));
+        return Ok(Outcome::new(CounterSlot::EncapError, TC_ACT_SHOT as i32)
+            .for_peer(peer.public_ip, inner_len));
     }
-    Ok(Outcome::new(CounterSlot::Encapsulated, action as i32))
+    Ok(Outcome::new(CounterSlot::Encapsulated, action as i32).for_peer(peer.public_ip, inner_len))
 }
 
 /// Whether the IPv4 packet at `l3` (whose first byte and destination the caller read already) is

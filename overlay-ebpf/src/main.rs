@@ -21,17 +21,22 @@ mod wire;
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, xdp_action},
     macros::{classifier, map, xdp},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
     programs::{TcContext, XdpContext},
 };
 use overlay_common::{
-    COUNTER_SLOTS, Counter, CounterSlot,
+    COUNTER_SLOTS, Counter, CounterSlot, PeerCounters,
     maps::{Config, Endpoint, MAX_ENDPOINTS, MAX_PEERS, Peer, PeerAddr},
 };
 
 /// Per-CPU packet counters, one slot per [`CounterSlot`]: no atomics, no shared cache lines.
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Per-CPU traffic per peer host, keyed by its public address; entries are the agent's to make.
+#[map(name = "PEER_COUNTERS")]
+static PEER_COUNTERS: PerCpuHashMap<[u8; 4], PeerCounters> =
+    PerCpuHashMap::with_max_entries(MAX_PEERS, 0);
 
 #[map(name = "CONFIG")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -45,10 +50,19 @@ static PEER_ADDRS: HashMap<[u8; 4], PeerAddr> = HashMap::with_max_entries(MAX_PE
 #[map(name = "ENDPOINTS")]
 static ENDPOINTS: HashMap<[u8; 4], Endpoint> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
 
-/// What a program decided: the counter to bump (None for traffic that is not ours) and the verdict.
+/// What a program decided: the counter to bump (None for traffic that is not ours), the verdict,
+/// and the peer host the packet was for or from, if one is known.
 pub struct Outcome {
     pub slot: Option<CounterSlot>,
     pub action: i32,
+    pub peer: Option<PeerHit>,
+}
+
+/// The peer a packet concerns, and the bytes to charge it (see [`PeerCounters`]).
+#[derive(Clone, Copy)]
+pub struct PeerHit {
+    pub addr: [u8; 4],
+    pub len: u32,
 }
 
 impl Outcome {
@@ -56,11 +70,22 @@ impl Outcome {
         Self {
             slot: Some(slot),
             action,
+            peer: None,
         }
     }
 
     pub const fn not_ours(action: i32) -> Self {
-        Self { slot: None, action }
+        Self {
+            slot: None,
+            action,
+            peer: None,
+        }
+    }
+
+    /// The same outcome, charged to the peer at `addr`.
+    pub const fn for_peer(mut self, addr: [u8; 4], len: u32) -> Self {
+        self.peer = Some(PeerHit { addr, len });
+        self
     }
 }
 
@@ -100,7 +125,7 @@ pub fn xdp_decap(ctx: XdpContext) -> u32 {
         CounterSlot::DecapError,
         xdp_action::XDP_DROP as i32,
     ));
-    count(outcome.slot, len);
+    count(&outcome, len);
     outcome.action as u32
 }
 
@@ -109,18 +134,25 @@ pub fn xdp_decap(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn finish(len: u64, result: Result<Outcome, i64>, error_slot: CounterSlot) -> i32 {
     let outcome = result.unwrap_or(Outcome::new(error_slot, TC_ACT_SHOT as i32));
-    count(outcome.slot, len);
+    count(&outcome, len);
     outcome.action
 }
 
 #[inline(always)]
-fn count(slot: Option<CounterSlot>, len: u64) {
-    if let Some(slot) = slot
-        && let Some(counter) = COUNTERS.get_ptr_mut(slot.index())
-    {
+fn count(outcome: &Outcome, len: u64) {
+    let Some(slot) = outcome.slot else {
+        return;
+    };
+    if let Some(counter) = COUNTERS.get_ptr_mut(slot.index()) {
         // SAFETY: the pointer comes from the map lookup and is this CPU's value; per-CPU values
         // are never touched concurrently.
         unsafe { (*counter).add(len) };
+    }
+    if let (Some(hit), Some(which)) = (outcome.peer, slot.peer_count())
+        && let Some(counters) = PEER_COUNTERS.get_ptr_mut(&hit.addr)
+    {
+        // SAFETY: as above.
+        unsafe { (*counters).add(which, u64::from(hit.len)) };
     }
 }
 

@@ -586,8 +586,9 @@ impl<E: LabEtcd> Cluster<E> {
 /// The agent's health endpoint in a lab host: on the host's own loopback, port [`HEALTHZ_PORT`].
 pub const HEALTHZ_PORT: u16 = 9471;
 
-/// The flags that give an agent the health endpoint [`Cluster::wait_healthy`] asks, strict so
-/// that 200 means "lease held, datapath up" (flanneld's answer is 200 whenever it runs).
+/// The flags that give an agent the health endpoint [`Cluster::wait_healthy`] asks (200 means
+/// "lease held, datapath up"; `--healthz-strict` only changes the 200 body to `ok`, and keeps
+/// that flag exercised).
 pub fn healthz_flags() -> [String; 3] {
     [
         "--healthz-ip=127.0.0.1".into(),

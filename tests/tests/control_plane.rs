@@ -412,7 +412,7 @@ fn an_etcd_outage_is_survived_without_restart_and_changes_made_meanwhile_are_see
     etcd.stop();
     b.kill(); // B dies during the outage; its lease must disappear from A's view.
     // A notices the outage and keeps trying to reconnect: its metrics say both.
-    wait_metric_at_least(&a, addr, "overlay_etcd_member_failures_total", 1.0);
+    wait_metric_at_least(&a, addr, "overlay_etcd_reconnects_total", 1.0);
     assert_eq!(
         overlay_tests::cluster::metric(addr, "overlay_etcd_up").unwrap(),
         0.0
@@ -780,7 +780,7 @@ fn flanneld_environment_variables_configure_the_agent() {
     assert_eq!(granted, 45);
 }
 
-fn healthz_answers_as_flanneld_by_default() {
+fn healthz_is_503_until_ready_then_flanneld_body() {
     let etcd = Etcd::start().unwrap();
     let tmp = TempDir::new("healthz").unwrap();
     let port = free_port();
@@ -790,12 +790,23 @@ fn healthz_answers_as_flanneld_by_default() {
     );
     let agent = Agent::spawn(tmp.path(), "a", &a, &[]).unwrap();
     assert!(
-        agent.wait_log("serving /healthz", 10 * SECOND),
+        agent.wait_log(
+            "waiting for the network config at etcd key /hz/config",
+            10 * SECOND
+        ),
         "{}",
         agent.log_text()
     );
-    // Even while it waits for the network config: flanneld's answer means "the process runs".
+    // Waiting for the network config: no lease, so not healthy, and the body says why.
     let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let (code, body) = overlay_tests::cluster::healthz(addr).unwrap();
+    assert_eq!(
+        (code, body.as_str()),
+        (503, "waiting for etcd and the network config\n")
+    );
+    // Once the lease is held (alloc: nothing to forward), flanneld's body, byte for byte.
+    etcd.put("/hz/config", &alloc_config("10.62.0.0/16", ""));
+    must_env(&agent, 20 * SECOND);
     let (code, body) = overlay_tests::cluster::healthz(addr).unwrap();
     assert_eq!((code, body.as_str()), (200, "flanneld is running"));
 }
@@ -857,9 +868,27 @@ fn missing_config_is_awaited_and_invalid_config_is_one_clear_error() {
     assert!(body.contains("waiting"), "{body}");
     etcd.put("/cfg/config", &alloc_config("10.61.0.0/16", ""));
     must_env(&agent, 20 * SECOND);
-    let mut buf = [0u8; 64];
-    let n = sock.recv(&mut buf).expect("READY=1 on NOTIFY_SOCKET");
-    assert_eq!(&buf[..n], b"READY=1");
+    // systemd hears why it is not ready (STATUS=, which `systemctl status` shows), then READY=1
+    // and what forwards.
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 512];
+    let seen = |messages: &[String]| {
+        messages.iter().any(|m| m == "READY=1")
+            && messages
+                .iter()
+                .any(|m| m.starts_with("STATUS=subnet 10.61."))
+    };
+    while !seen(&messages) {
+        let n = sock
+            .recv(&mut buf)
+            .expect("READY=1 and STATUS= on NOTIFY_SOCKET");
+        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert_eq!(
+        messages.first().map(String::as_str),
+        Some("STATUS=unhealthy: waiting for etcd and the network config"),
+        "{messages:#?}"
+    );
     let (code, body) = overlay_tests::cluster::healthz(healthz).unwrap();
     assert_eq!((code, body.as_str()), (200, "ok\n"));
 
@@ -1090,7 +1119,7 @@ overlay_tests::test_main!(
     root the_articles_command_line_starts_the_agent,
     plain flanneld_environment_variables_configure_the_agent,
     plain missing_config_is_awaited_and_invalid_config_is_one_clear_error,
-    plain healthz_answers_as_flanneld_by_default,
+    plain healthz_is_503_until_ready_then_flanneld_body,
     plain kubernetes_flags_are_refused_by_name_with_status_2,
     plain an_agent_started_before_etcd_retries_until_etcd_is_up,
 );

@@ -1,21 +1,31 @@
-//! `GET /healthz`. By default it answers as flanneld does, 200 with the body
-//! `flanneld is running` whenever the agent runs, so monitoring written for flanneld keeps
-//! working. With `--healthz-strict` ([`Answer::Strict`]) it tells the truth instead: 200 `ok`
-//! when the lease is held and the datapath is up, else 503 with a one-line reason.
+//! The agent's health, as `/healthz`, `/metrics`, the status socket and systemd's `STATUS=` tell
+//! it. `/healthz` answers 200 only while the lease is held (through etcd outages: see
+//! [`Health::reason`]), the datapath is attached and forwards, and etcd was heard from recently
+//! enough; else 503 with the reason in the body. Its 200 body is flanneld's,
+//! `flanneld is running`, so checks written for flanneld keep matching (`--healthz-strict`
+//! answers `ok` instead, as earlier versions did with it).
 //! A tiny HTTP/1.0-style responder: one request per connection, no dependency.
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant, SystemTime},
 };
 
 use crate::{
-    control::{etcd::round_secs, peers::PeerCounts},
-    dataplane::contract::Unhealthy,
+    control::{
+        etcd::{EtcdSettings, round_secs},
+        lease::HeldLease,
+        peers::PeerCounts,
+    },
+    dataplane::{
+        contract::{DatapathInfo, Unhealthy},
+        counters::SharedSource,
+    },
+    status::{
+        AgentState, DataplaneState, EtcdState, LeaseState, PeerCountsState, PeerState, Status,
+        metrics,
+    },
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -69,13 +79,32 @@ struct State {
     /// The peer set, as last published.
     peers: PeerStats,
     /// Requests that failed on the member in use, each followed by a move to the next member.
-    etcd_member_failures: u64,
-    /// Connection attempts no member answered (counted by the etcd connection).
-    etcd_unanswered: Option<Arc<AtomicU64>>,
+    etcd_reconnects: u64,
+    /// The etcd connection's settings (endpoints, member in use, attempt counters).
+    etcd: Option<EtcdSettings>,
+    /// The last etcd error, in one line, and when.
+    etcd_error: Option<(Instant, String)>,
+    /// The lease held, for status.
+    lease: Option<LeaseDetail>,
+    /// What datapath runs.
+    datapath_info: Option<DatapathInfo>,
+    /// Where its counters are read.
+    counters: Option<SharedSource>,
+}
+
+/// The lease held, as status shows it.
+#[derive(Debug, Clone)]
+struct LeaseDetail {
+    subnet: crate::control::subnet::Subnet,
+    key: String,
+    reservation: bool,
+    ttl: Duration,
+    renewed: Instant,
+    renewed_wall: SystemTime,
 }
 
 /// The peer set as `/metrics` shows it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerStats {
     /// Peers the datapath was given, stale ones included.
     pub known: usize,
@@ -83,6 +112,8 @@ pub struct PeerStats {
     pub stale: usize,
     /// What was refused and kept so far.
     pub counts: PeerCounts,
+    /// The peers themselves.
+    pub list: Vec<PeerState>,
 }
 
 impl Health {
@@ -95,14 +126,25 @@ impl Health {
             etcd_lost: None,
             grace: Duration::ZERO,
             peers: PeerStats::default(),
-            etcd_member_failures: 0,
-            etcd_unanswered: None,
+            etcd_reconnects: 0,
+            etcd: None,
+            etcd_error: None,
+            lease: None,
+            datapath_info: None,
+            counters: None,
         })))
     }
 
-    /// Where the etcd connection counts its unanswered attempts.
-    pub fn set_etcd_unanswered(&self, counter: Arc<AtomicU64>) {
-        self.state().etcd_unanswered = Some(counter);
+    /// The etcd connection whose member, endpoints and counters status shows.
+    pub fn set_etcd(&self, settings: EtcdSettings) {
+        self.state().etcd = Some(settings);
+    }
+
+    /// Records what datapath runs, and where its counters are read once it started.
+    pub fn set_datapath(&self, info: DatapathInfo, counters: Option<SharedSource>) {
+        let mut s = self.state();
+        s.datapath_info = Some(info);
+        s.counters = counters;
     }
 
     /// Records the peer set's numbers.
@@ -110,96 +152,137 @@ impl Health {
         self.state().peers = stats;
     }
 
-    /// Records that a request failed on the member in use.
-    pub fn etcd_member_failed(&self) {
-        self.state().etcd_member_failures += 1;
+    /// Records that a request failed on the member in use (`error`: one line), which the
+    /// connection then replaces.
+    pub fn etcd_member_failed(&self, error: String) {
+        let mut s = self.state();
+        s.etcd_reconnects += 1;
+        s.etcd_error = Some((Instant::now(), error));
+    }
+
+    /// Records an etcd error that does not move to another member.
+    pub fn etcd_error(&self, error: String) {
+        self.state().etcd_error = Some((Instant::now(), error));
+    }
+
+    /// The agent's state, as the status socket sends it.
+    pub fn agent_state(&self) -> AgentState {
+        let reason = self.reason();
+        let note = self.note();
+        let s = self.state();
+        let now = Instant::now();
+        let secs = |d: Duration| (d.as_secs_f64() * 10.0).round() / 10.0;
+        let lease = match (&s.lease, s.lease_until) {
+            (Some(l), Some(until)) => LeaseState {
+                held: true,
+                none_because: None,
+                subnet: Some(l.subnet.to_string()),
+                key: Some(l.key.clone()),
+                reservation: l.reservation,
+                ttl_seconds: (!l.reservation).then_some(l.ttl.as_secs()),
+                expires_in_seconds: (!l.reservation)
+                    .then(|| secs(until.saturating_duration_since(now))),
+                renewed_at_unix: l
+                    .renewed_wall
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs()),
+                renewed_seconds_ago: Some(secs(now.saturating_duration_since(l.renewed))),
+            },
+            (l, _) => LeaseState {
+                held: false,
+                none_because: Some(s.lease_reason.to_string()),
+                subnet: l.as_ref().map(|l| l.subnet.to_string()),
+                key: l.as_ref().map(|l| l.key.clone()),
+                ..LeaseState::default()
+            },
+        };
+        let etcd = EtcdState {
+            endpoints: s
+                .etcd
+                .as_ref()
+                .map_or_else(Vec::new, |e| e.endpoints.clone()),
+            member: s.etcd.as_ref().map_or("", |e| e.member()).to_owned(),
+            up: s.etcd_lost.is_none(),
+            down_seconds: s.etcd_lost.map(|t| secs(now.saturating_duration_since(t))),
+            last_error: s.etcd_error.as_ref().map(|(_, e)| e.clone()),
+            last_error_seconds_ago: s
+                .etcd_error
+                .as_ref()
+                .map(|(t, _)| secs(now.saturating_duration_since(*t))),
+            reconnects: s.etcd_reconnects,
+            unanswered_attempts: s
+                .etcd
+                .as_ref()
+                .map_or(0, |e| e.unanswered().load(Ordering::Relaxed)),
+        };
+        let c = s.peers.counts;
+        AgentState {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            healthy: reason.is_none(),
+            unhealthy_reason: reason,
+            note,
+            lease,
+            etcd,
+            datapath: s.datapath_info.clone(),
+            datapath_unhealthy: s.datapath.as_ref().map(ToString::to_string),
+            peers: s.peers.list.clone(),
+            peer_counts: PeerCountsState {
+                known: s.peers.known,
+                stale: s.peers.stale,
+                refused: c.refused,
+                went_stale: c.went_stale,
+                grace_ended: c.grace_ended,
+                shared_public_ip: c.shared_public_ip,
+            },
+        }
+    }
+
+    /// The agent's state with its dataplane's, read now.
+    pub fn status(&self) -> Status {
+        let agent = self.agent_state();
+        let counters = self.state().counters.clone();
+        let (dataplane, dataplane_error) = match counters.map(|c| DataplaneState::read(&*c)) {
+            None => (None, None),
+            Some(Ok(d)) => (Some(d), None),
+            Some(Err(e)) => (None, Some(crate::control::etcd::error_chain(&e))),
+        };
+        Status {
+            agent: Some(agent),
+            agent_error: None,
+            dataplane,
+            dataplane_error,
+        }
     }
 
     /// The Prometheus text exposition of the agent's state.
     pub fn metrics(&self) -> String {
-        let healthy = self.reason().is_none();
-        let s = self.state();
-        let now = Instant::now();
-        let lease_left = s
-            .lease_until
-            .map_or(0.0, |t| t.saturating_duration_since(now).as_secs_f64());
-        let c = s.peers.counts;
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            ));
-        };
-        metric(
-            "overlay_healthy",
-            "gauge",
-            "1 when /healthz --healthz-strict would answer 200.",
-            u8::from(healthy).to_string(),
-        );
-        metric(
-            "overlay_lease_expiry_seconds",
-            "gauge",
-            "Seconds until etcd expires this host's lease, as etcd granted it (0 without one).",
-            format!("{lease_left:.0}"),
-        );
-        metric(
-            "overlay_etcd_up",
-            "gauge",
-            "1 while an etcd member answers.",
-            u8::from(s.etcd_lost.is_none()).to_string(),
-        );
-        metric(
-            "overlay_etcd_member_failures_total",
-            "counter",
-            "Requests that failed on the etcd member in use, each followed by a move to the next.",
-            s.etcd_member_failures.to_string(),
-        );
-        metric(
-            "overlay_etcd_unanswered_attempts_total",
-            "counter",
-            "Connection attempts to an etcd member that did not answer.",
-            s.etcd_unanswered
-                .as_ref()
-                .map_or(0, |c| c.load(Ordering::Relaxed))
-                .to_string(),
-        );
-        metric(
-            "overlay_peers",
-            "gauge",
-            "Peers in the dataplane, stale ones included.",
-            s.peers.known.to_string(),
-        );
-        metric(
-            "overlay_peers_stale",
-            "gauge",
-            "Peers kept for --expired-peer-grace after their lease expired.",
-            s.peers.stale.to_string(),
-        );
-        metric(
-            "overlay_peers_went_stale_total",
-            "counter",
-            "Peers whose lease expired and that were kept for the grace period.",
-            c.went_stale.to_string(),
-        );
-        metric(
-            "overlay_peers_grace_ended_total",
-            "counter",
-            "Stale peers removed when their grace period ended.",
-            c.grace_ended.to_string(),
-        );
-        metric(
-            "overlay_leases_sharing_public_ip_total",
-            "counter",
-            "Times several accepted leases were found naming one PublicIP (all are routed there).",
-            c.shared_public_ip.to_string(),
-        );
-        metric(
-            "overlay_leases_refused_total",
-            "counter",
-            "Leases not made peers (bad value, bad address, outside the Network, overlapping).",
-            c.refused.to_string(),
-        );
-        out
+        metrics::render(&self.status())
+    }
+
+    /// The one line systemd shows (`STATUS=`): what forwards, or why the agent is unhealthy.
+    pub fn summary(&self) -> String {
+        let a = self.agent_state();
+        let subnet = a.lease.subnet.as_deref().filter(|_| a.lease.held);
+        if let Some(reason) = &a.unhealthy_reason {
+            return match subnet {
+                Some(subnet) => format!("unhealthy: {reason} (subnet {subnet})"),
+                None => format!("unhealthy: {reason}"),
+            };
+        }
+        let mut line = format!("subnet {}", subnet.unwrap_or("?"));
+        if let Some(d) = &a.datapath {
+            line.push_str(&format!(", {} ({})", d.kind, d.backend));
+            if !d.devices.is_empty() {
+                line.push_str(&format!(" on {}", d.devices.join(", ")));
+            }
+        }
+        line.push_str(&format!(", {} peer(s)", a.peer_counts.known));
+        if let Some(note) = &a.note {
+            line.push_str(&format!("; {note}"));
+        }
+        line
     }
 
     /// Sets how long peers keep this host's lease after it expired: as long as that lasts, an
@@ -225,6 +308,20 @@ impl Health {
     /// Records that a lease is held until `until` (its etcd expiry; far away for a reservation).
     pub fn lease_held(&self, until: Instant) {
         self.state().lease_until = Some(until);
+    }
+
+    /// Records the lease just granted or renewed (`ttl`: as asked for).
+    pub fn lease(&self, held: &HeldLease, ttl: Duration) {
+        let mut s = self.state();
+        s.lease_until = Some(held.expires_at);
+        s.lease = Some(LeaseDetail {
+            subnet: held.subnet,
+            key: held.key.clone(),
+            reservation: held.is_reservation(),
+            ttl,
+            renewed: Instant::now(),
+            renewed_wall: SystemTime::now(),
+        });
     }
 
     /// Records that no lease is held, and why.
@@ -280,12 +377,12 @@ impl Health {
     }
 }
 
-/// What `/healthz` answers.
+/// What `/healthz` answers while healthy; unhealthy is 503 with the reason either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
-    /// flanneld's: always 200 `flanneld is running`.
+    /// flanneld's body, `flanneld is running`.
     Flanneld,
-    /// The agent's state: 200 `ok`, or 503 with the reason.
+    /// `ok`, with what a healthy agent still says (`--healthz-strict`).
     Strict,
 }
 
@@ -296,12 +393,12 @@ impl Answer {
     /// The status line and body for the current `health`.
     pub fn respond(self, health: &Health) -> (&'static str, String) {
         match (self, health.reason()) {
-            (Answer::Flanneld, _) => ("200 OK", FLANNELD_BODY.to_owned()),
+            (_, Some(r)) => ("503 Service Unavailable", format!("{r}\n")),
+            (Answer::Flanneld, None) => ("200 OK", FLANNELD_BODY.to_owned()),
             (Answer::Strict, None) => match health.note() {
                 None => ("200 OK", "ok\n".to_owned()),
                 Some(note) => ("200 OK", format!("ok: {note}\n")),
             },
-            (Answer::Strict, Some(r)) => ("503 Service Unavailable", format!("{r}\n")),
         }
     }
 }
@@ -335,7 +432,14 @@ pub async fn serve(listener: TcpListener, health: Health, answer: Answer) {
             let mut parts = line.split_whitespace();
             let (status, body) = match (parts.next(), parts.next()) {
                 (Some("GET"), Some("/healthz")) => answer.respond(&health),
-                (Some("GET"), Some("/metrics")) => ("200 OK", health.metrics()),
+                (Some("GET"), Some("/metrics")) => {
+                    // Reading the pinned maps blocks briefly; keep it off the runtime's workers.
+                    let h = health.clone();
+                    match tokio::task::spawn_blocking(move || h.metrics()).await {
+                        Ok(body) => ("200 OK", body),
+                        Err(_) => ("500 Internal Server Error", "metrics failed\n".to_owned()),
+                    }
+                }
                 (Some("GET"), Some(_)) => ("404 Not Found", "not found\n".to_owned()),
                 _ => ("400 Bad Request", "bad request\n".to_owned()),
             };
@@ -355,23 +459,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn flanneld_answer_by_default_and_the_truth_when_strict() {
+    fn flanneld_body_while_healthy_and_the_reason_when_not() {
         let h = Health::new();
-        assert_eq!(
-            Answer::Flanneld.respond(&h),
-            ("200 OK", "flanneld is running".to_owned())
-        );
-        assert_eq!(
-            Answer::Strict.respond(&h),
-            (
-                "503 Service Unavailable",
-                "waiting for etcd and the network config\n".to_owned()
-            )
-        );
+        for answer in [Answer::Flanneld, Answer::Strict] {
+            assert_eq!(
+                answer.respond(&h),
+                (
+                    "503 Service Unavailable",
+                    "waiting for etcd and the network config\n".to_owned()
+                )
+            );
+        }
         h.lease_held(Instant::now() + Duration::from_secs(3600));
         h.datapath(Ok(()));
         assert_eq!(Answer::Strict.respond(&h), ("200 OK", "ok\n".to_owned()));
-        assert_eq!(Answer::Flanneld.respond(&h).1, FLANNELD_BODY);
+        assert_eq!(
+            Answer::Flanneld.respond(&h),
+            ("200 OK", FLANNELD_BODY.to_owned())
+        );
+        h.datapath(Err(Unhealthy::Detached("flannel0 is gone".into())));
+        let (status, body) = Answer::Flanneld.respond(&h);
+        assert_eq!(status, "503 Service Unavailable");
+        assert_eq!(body, "not forwarding: flannel0 is gone\n");
+        assert!(
+            h.summary().contains("unhealthy: not forwarding"),
+            "{}",
+            h.summary()
+        );
     }
 
     #[test]

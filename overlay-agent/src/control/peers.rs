@@ -200,6 +200,33 @@ impl PeerSet {
         self.programmed.values()
     }
 
+    /// The peers the datapath has, in subnet order, as status shows them.
+    pub fn listing(&self) -> Vec<crate::status::PeerState> {
+        use crate::dataplane::contract::PeerBackend;
+        let mut peers: Vec<&Peer> = self.programmed.values().collect();
+        peers.sort_by_key(|p| p.subnet);
+        peers
+            .into_iter()
+            .map(|p| crate::status::PeerState {
+                subnet: p.subnet.to_string(),
+                public_ip: p.public_ip,
+                backend: p.backend.type_name().to_owned(),
+                vtep_mac: match &p.backend {
+                    PeerBackend::Vxlan { vtep_mac } => Some(vtep_mac.to_string()),
+                    _ => None,
+                },
+                kernel_decap: match &p.backend {
+                    PeerBackend::Udp { kernel_decap } => Some(*kernel_decap),
+                    _ => None,
+                },
+                stale: self
+                    .leases
+                    .get(&p.subnet)
+                    .is_some_and(|r| r.expired_at.is_some()),
+            })
+            .collect()
+    }
+
     /// How many peers the datapath has.
     pub fn len(&self) -> usize {
         self.programmed.len()

@@ -32,9 +32,10 @@ const DATAPATH_STOP_WAIT: Duration = Duration::from_secs(2);
 
 impl DatapathThread {
     pub(super) fn spawn(overlay: Option<Overlay>, health: Health) -> Self {
-        if overlay.is_none() {
+        match &overlay {
+            Some(o) => health.set_datapath(o.info(), None),
             // alloc forwards nothing: nothing to be unhealthy about.
-            health.datapath(Ok(()));
+            None => health.datapath(Ok(())),
         }
         let (tx, rx) = std_mpsc::channel::<DatapathCmd>();
         let (alive_tx, done) = std_mpsc::channel::<()>();
@@ -63,6 +64,9 @@ impl DatapathThread {
                                 Some(o) => o.start(local),
                                 None => Ok(()),
                             };
+                            if let Some(o) = overlay.as_ref() {
+                                health.set_datapath(o.info(), o.counters());
+                            }
                             // alloc forwards nothing: nothing to be unhealthy about.
                             health.datapath(overlay.as_ref().map_or(Ok(()), Overlay::check));
                             let _ = reply.send(r);

@@ -34,6 +34,7 @@ use crate::{
         ebpf::{DecapHook, XdpMode, datapath::EbpfOptions},
     },
     host::iface::{self, IfaceError, Underlay},
+    status,
 };
 
 mod datapath_thread;
@@ -47,6 +48,8 @@ use overlay_common::net::Mac;
 const CONFIG_WAIT_LOG_EVERY: Duration = Duration::from_secs(10);
 /// How often the config key is polled while missing.
 const CONFIG_POLL: Duration = Duration::from_secs(1);
+/// How often the summary systemd shows is brought up to date (sent only when it changed).
+const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// Underlay MTU assumed for the alloc backend when no interface is known.
 const FALLBACK_MTU: u32 = 1500;
 
@@ -163,14 +166,23 @@ pub async fn run(cli: Cli) -> Result<(), DaemonError> {
             healthz::Answer::Flanneld
         };
         tracing::info!(
-            "serving /healthz on {addr} ({})",
+            "serving /healthz and /metrics on {addr} (/healthz: 200 {} while the lease is held \
+             and the datapath forwards, else 503 with the reason)",
             match answer {
-                healthz::Answer::Strict => "--healthz-strict: 503 with the reason when unhealthy",
-                healthz::Answer::Flanneld => "flanneld's answer: 200 while running",
+                healthz::Answer::Strict => "`ok`",
+                healthz::Answer::Flanneld => "`flanneld is running`",
             }
         );
         tokio::spawn(healthz::serve(listener, health.clone(), answer));
     }
+    match status::socket::bind(&cli.bpffs) {
+        Ok(listener) => {
+            tokio::spawn(status::socket::serve(listener, health.clone()));
+        }
+        // Forwarding does not need it; `overlay-agent status` then reads the pins alone.
+        Err(e) => tracing::warn!("{e}; `overlay-agent status` will not reach this agent"),
+    }
+    tokio::spawn(publish_status(health.clone()));
     tokio::select! {
         r = agent(cli, health) => r,
         signal = shutdown_signal() => {
@@ -200,6 +212,22 @@ fn log_accepted_but_unused(cli: &Cli) {
             "--public-ipv6={v6} is not used: overlay-agent has no IPv6 yet, and the lease says \
              \"PublicIPv6\":null"
         );
+    }
+}
+
+/// Keeps systemd's `STATUS=` (what `systemctl status` shows) at the health's one-line summary.
+async fn publish_status(health: Health) {
+    let mut last = String::new();
+    let mut tick = tokio::time::interval(STATUS_EVERY);
+    loop {
+        tick.tick().await;
+        let now = health.summary();
+        if now != last {
+            if let Err(e) = notify::notify(&format!("STATUS={now}")) {
+                tracing::debug!("notifying systemd of the status: {e}");
+            }
+            last = now;
+        }
     }
 }
 
@@ -245,7 +273,7 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     let config_key = format!("{prefix}/config");
     let settings = etcd_settings(&cli)?;
     health.set_grace(cli.expired_peer_grace);
-    health.set_etcd_unanswered(settings.unanswered());
+    health.set_etcd(settings.clone());
     let mut client = connect(&settings, &config_key).await?;
     // Dropped with the runtime when the agent stops.
     tokio::spawn(settings.clone().probe_members(config_key.clone()));
@@ -285,7 +313,7 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     )
     .await?;
     log_held(&held, &params, "acquired");
-    health.lease_held(held.expires_at);
+    health.lease(&held, params.ttl);
 
     let datapath = DatapathThread::spawn(overlay, health.clone());
     if let Some(underlay) = underlay {
@@ -618,6 +646,7 @@ impl Agent {
             known: self.peers.len(),
             stale: self.peers.stale(),
             counts: self.peers.counts(),
+            list: self.peers.listing(),
         });
         let mut r = Resynced::default();
         for ev in events {
@@ -637,7 +666,7 @@ impl Agent {
         match lease::claim(client, &self.params, subnet).await? {
             Claim::Held(held) => {
                 self.held = held;
-                self.health.lease_held(self.held.expires_at);
+                self.health.lease(&self.held, self.params.ttl);
                 tracing::debug!("{why}: subnet {subnet} held until renewal");
                 Ok(())
             }
@@ -674,7 +703,8 @@ impl Agent {
         );
         let o = outage.get_or_insert_with(Outage::new);
         self.health.etcd_lost(o.since());
-        self.health.etcd_member_failed();
+        self.health
+            .etcd_member_failed(format!("{what}: {}", error_chain(e)));
     }
 
     async fn run(mut self, client: Client, watch: LeaseWatch) -> Result<(), DaemonError> {
@@ -889,8 +919,9 @@ fn build_overlay(
     let overlay = dataplane::select(cli.datapath, spec, options)
         .map_err(|source| DaemonError::Select { source })?;
     tracing::info!(
-        "datapath: {}{}",
+        "datapath: {} ({}){}",
         overlay.describe(),
+        overlay.info().chosen,
         underlay.map_or(String::new(), |u| format!(" on {}", u.name))
     );
     Ok(Some(overlay))

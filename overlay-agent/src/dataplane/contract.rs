@@ -20,6 +20,7 @@ use overlay_common::{
 
 use crate::{
     control::{config::Backend, peers::PeerEvent, subnet::Subnet},
+    dataplane::counters::SharedSource,
     host::{OverlayDevice, iface::Underlay},
 };
 
@@ -467,6 +468,9 @@ pub enum Unhealthy {
         /// The error, as text (the error itself is logged where it happened).
         error: String,
     },
+    /// A program is no longer attached where it was (its device or pinned link removed).
+    #[error("not forwarding: {0}")]
+    Detached(String),
     /// Every TUN forwarding worker stopped.
     #[error("every TUN forwarding worker has stopped (was {device} deleted?)")]
     WorkersGone {
@@ -523,6 +527,29 @@ pub trait Datapath: Send {
     fn kernel_decap(&self) -> bool {
         false
     }
+
+    /// Where its counters can be read from any thread while it runs; `None` before `start`.
+    fn counters(&self) -> Option<SharedSource> {
+        None
+    }
+
+    /// The devices it forwards through, once started.
+    fn devices(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// What runs, as status and metrics name it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DatapathInfo {
+    /// `eBPF` or `TUN` (empty for alloc, which forwards nothing).
+    pub kind: String,
+    /// The wire format: `udp` or `vxlan` (or `alloc`).
+    pub backend: String,
+    /// Why this datapath: the `--datapath` choice and what loading found.
+    pub chosen: String,
+    /// The devices it forwards through.
+    pub devices: Vec<String>,
 }
 
 /// How often [`Datapath::poll`] runs.
@@ -535,6 +562,8 @@ pub struct Overlay {
     lease: Option<LocalLease>,
     /// Peer updates that failed, for /healthz, each until a later one to that peer works.
     failing: BTreeMap<Subnet, String>,
+    /// Why this datapath was chosen, for status.
+    chosen: String,
 }
 
 impl Overlay {
@@ -545,7 +574,29 @@ impl Overlay {
             datapath,
             lease: None,
             failing: BTreeMap::new(),
+            chosen: String::new(),
         }
+    }
+
+    /// Records why this datapath was chosen (`--datapath` and what loading found).
+    pub fn chosen_because(mut self, why: impl Into<String>) -> Self {
+        self.chosen = why.into();
+        self
+    }
+
+    /// What the datapath is, and why, for status.
+    pub fn info(&self) -> DatapathInfo {
+        DatapathInfo {
+            kind: self.datapath.kind().to_owned(),
+            backend: self.spec.type_name().to_owned(),
+            chosen: self.chosen.clone(),
+            devices: self.datapath.devices(),
+        }
+    }
+
+    /// See [`Datapath::counters`].
+    pub fn counters(&self) -> Option<SharedSource> {
+        self.datapath.counters()
     }
 
     /// The `BackendData` our lease publishes: the spec's, with what the datapath says of its

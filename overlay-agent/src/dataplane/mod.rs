@@ -2,6 +2,7 @@
 //! datapaths that carry it out, [`ebpf`] in the kernel and [`tun`] in user space.
 
 pub mod contract;
+pub mod counters;
 pub mod ebpf;
 pub mod tun;
 
@@ -54,23 +55,33 @@ pub fn select(
             .map_err(Box::new)
     };
     let tun = || tun::datapath::TunDatapath::new().map(|d| Box::new(d) as Box<dyn Datapath>);
-    let datapath = match kind {
-        DatapathKind::Ebpf => ebpf().map_err(|source| SelectError::Ebpf { source })?,
-        DatapathKind::Tun => tun().map_err(|source| SelectError::Tun { source })?,
+    let (datapath, why) = match kind {
+        DatapathKind::Ebpf => (
+            ebpf().map_err(|source| SelectError::Ebpf { source })?,
+            "--datapath=ebpf".to_owned(),
+        ),
+        DatapathKind::Tun => (
+            tun().map_err(|source| SelectError::Tun { source })?,
+            "--datapath=tun".to_owned(),
+        ),
         DatapathKind::Auto => match ebpf() {
             Ok(d) => {
                 tracing::info!("--datapath=auto: eBPF programs load on this kernel; using eBPF");
-                d
+                (d, "--datapath=auto: the eBPF programs load here".to_owned())
             }
             Err(err) => {
+                let reason = crate::control::etcd::error_chain(&err);
                 tracing::warn!(
-                    "--datapath=auto: eBPF cannot load here ({}); using the TUN datapath \
-                     (forwarding in user space)",
-                    crate::control::etcd::error_chain(&err)
+                    "--datapath=auto: eBPF cannot load here ({reason}); using the TUN datapath \
+                     (forwarding in user space)"
                 );
-                tun().map_err(|tun| SelectError::Neither { ebpf: err, tun })?
+                let d = tun().map_err(|tun| SelectError::Neither { ebpf: err, tun })?;
+                (
+                    d,
+                    format!("--datapath=auto: eBPF cannot load here ({reason})"),
+                )
             }
         },
     };
-    Ok(Overlay::new(spec, datapath))
+    Ok(Overlay::new(spec, datapath).chosen_because(why))
 }

@@ -380,6 +380,17 @@ impl Datapath for EbpfDatapath {
         result
     }
 
+    fn counters(&self) -> Option<crate::dataplane::counters::SharedSource> {
+        let root = self.options.bpffs.clone()?;
+        Some(std::sync::Arc::new(
+            crate::dataplane::counters::PinnedCounters { root },
+        ))
+    }
+
+    fn devices(&self) -> Vec<String> {
+        self.dataplane.attachments()
+    }
+
     fn check(&self) -> Result<(), Unhealthy> {
         if !self.started {
             return Err(Unhealthy::NotStarted("eBPF"));
@@ -392,7 +403,10 @@ impl Datapath for EbpfDatapath {
         match (&self.takeover, &self.waiting_for, &self.takeover_error) {
             (Some(t), _, _) => Err(Unhealthy::TakingOver(failing(&t.device.name))),
             (None, Some(d), Some(_)) => Err(Unhealthy::TakingOver(failing(&d.name))),
-            _ => Ok(()),
+            _ => match self.dataplane.detached() {
+                Some(why) => Err(Unhealthy::Detached(why)),
+                None => Ok(()),
+            },
         }
     }
 }

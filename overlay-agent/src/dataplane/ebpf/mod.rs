@@ -13,7 +13,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{
+        Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        lpm_trie::Key,
+    },
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
@@ -26,11 +29,14 @@ pub use aya::programs::XdpMode;
 
 pub mod datapath;
 pub mod endpoints;
+pub mod pinned;
 pub mod pins;
+
+pub use pinned::{pinned_counters, pinned_peers};
 
 use crate::control::subnet::Subnet;
 use overlay_common::{
-    COUNTERS_MAP, Counter, CounterSlot,
+    COUNTERS_MAP, Counter, CounterSlot, PEER_COUNTERS_MAP, PeerCounters,
     maps::{
         CONFIG_MAP, Config, ENDPOINTS_MAP, Endpoint, MAX_ENDPOINTS, MAX_PEERS, PEER_ADDRS_MAP,
         PEER_KERNEL_DECAP, PEERS_MAP, Peer, PeerAddr,
@@ -41,13 +47,17 @@ use overlay_common::{
 use pins::Pins;
 
 /// Every map of the object, pinned together.
-const ALL_MAPS: [&str; 5] = [
+const ALL_MAPS: [&str; 6] = [
     CONFIG_MAP,
     PEERS_MAP,
     PEER_ADDRS_MAP,
     ENDPOINTS_MAP,
     COUNTERS_MAP,
+    PEER_COUNTERS_MAP,
 ];
+
+/// `BPF_NOEXIST`: an update that only creates.
+const BPF_NOEXIST: u64 = 1;
 
 /// The eBPF object built from `overlay-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay"));
@@ -118,6 +128,13 @@ pub enum EbpfError {
         operation: &'static str,
         /// Its capacity.
         capacity: u32,
+    },
+    /// The number of CPUs (the per-CPU maps' value count) could not be read.
+    #[error("reading the possible CPUs (/sys/devices/system/cpu/possible): {source}")]
+    Cpus {
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
     },
     /// A map operation failed (kernel refusal).
     #[error("{operation} in map {map}: {source}")]
@@ -190,8 +207,46 @@ pub struct EbpfDataplane {
     /// Peer subnets found in maps reused from an earlier run and not confirmed since: kept (so
     /// traffic flows through the restart) until [`EbpfDataplane::remove_stale_peers`].
     stale_peers: HashSet<Subnet>,
-    /// (program, interface) of every attachment made, so pins of any other are stale.
-    attached: Vec<(&'static str, String)>,
+    /// Every attachment made, so pins of any other are stale.
+    attached: Vec<Attachment>,
+}
+
+/// One program attached to one interface by this dataplane.
+#[derive(Debug, Clone)]
+struct Attachment {
+    program: &'static str,
+    interface: String,
+    /// The interface's index when attached: a device deleted and made again under the same name
+    /// has another, and the attachment went with the old one.
+    ifindex: u32,
+    /// Where its link is pinned, when it is.
+    pin: Option<PathBuf>,
+}
+
+impl Attachment {
+    /// Why this attachment no longer carries traffic, if it does not.
+    fn broken(&self) -> Option<String> {
+        let name = std::ffi::CString::new(self.interface.as_str()).ok()?;
+        // SAFETY: if_nametoindex reads a NUL-terminated string and returns 0 when unknown.
+        let now = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        let (program, interface) = (self.program, &self.interface);
+        if now == 0 {
+            return Some(format!("{interface} is gone, and {program} with it"));
+        }
+        if now != self.ifindex {
+            return Some(format!(
+                "{interface} was deleted and made again: {program} is not attached to it"
+            ));
+        }
+        match &self.pin {
+            Some(pin) if !pin.exists() => Some(format!(
+                "the pinned link of {program} on {interface} ({}) was removed (overlay-agent \
+                 teardown?)",
+                pin.display()
+            )),
+            _ => None,
+        }
+    }
 }
 
 impl EbpfDataplane {
@@ -291,6 +346,25 @@ impl EbpfDataplane {
                 }
             }
         }
+        let mut counters: PerCpuHashMap<&mut MapData, [u8; 4], PeerCounters> =
+            self.map_mut(PEER_COUNTERS_MAP)?;
+        let dead: Vec<[u8; 4]> = counters
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|a| !live.contains(a))
+            .collect();
+        for addr in dead {
+            match counters.remove(&addr) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(EbpfError::Map {
+                        map: PEER_COUNTERS_MAP,
+                        operation: "removing a stale peer's counters",
+                        source,
+                    });
+                }
+            }
+        }
         Ok(stale.len())
     }
 
@@ -334,7 +408,7 @@ impl EbpfDataplane {
                 programs::XDP_DECAP
             }
         };
-        self.attached.push((program, underlay_if.to_owned()));
+        self.record(program, underlay_if);
         Ok(())
     }
 
@@ -342,8 +416,7 @@ impl EbpfDataplane {
     /// handover device and, once it holds the name, the agent's own.
     pub fn attach_encap(&mut self, overlay_if: &str) -> Result<(), EbpfError> {
         self.attach_tc(programs::TC_ENCAP, overlay_if, TcAttachType::Egress)?;
-        self.attached
-            .push((programs::TC_ENCAP, overlay_if.to_owned()));
+        self.record(programs::TC_ENCAP, overlay_if);
         Ok(())
     }
 
@@ -351,16 +424,52 @@ impl EbpfDataplane {
     /// [`crate::host::finishing`]).
     pub fn attach_finishing(&mut self, peer_if: &str) -> Result<(), EbpfError> {
         self.attach_tc(programs::TC_ENCAP_FINISHED, peer_if, TcAttachType::Ingress)?;
-        self.attached
-            .push((programs::TC_ENCAP_FINISHED, peer_if.to_owned()));
+        self.record(programs::TC_ENCAP_FINISHED, peer_if);
         Ok(())
+    }
+
+    fn record(&mut self, program: &'static str, interface: &str) {
+        let ifindex = std::ffi::CString::new(interface)
+            // SAFETY: as in `Attachment::broken`.
+            .map(|n| unsafe { libc::if_nametoindex(n.as_ptr()) })
+            .unwrap_or(0);
+        // Links are pinned only where tcx makes them links (see `attach_tc`); XDP's always are.
+        let pinned = program == programs::XDP_DECAP || tcx_supported();
+        let pin = self
+            .pins
+            .as_ref()
+            .filter(|_| pinned)
+            .map(|p| p.link_path(program, interface));
+        self.attached.push(Attachment {
+            program,
+            interface: interface.to_owned(),
+            ifindex,
+            pin,
+        });
+    }
+
+    /// The interfaces carrying a program, in the order attached.
+    pub fn attachments(&self) -> Vec<String> {
+        let mut seen = Vec::new();
+        for a in &self.attached {
+            if !seen.contains(&a.interface) {
+                seen.push(a.interface.clone());
+            }
+        }
+        seen
+    }
+
+    /// Why the programs no longer all carry traffic: a device or pinned link removed under the
+    /// running agent.
+    pub fn detached(&self) -> Option<String> {
+        self.attached.iter().find_map(Attachment::broken)
     }
 
     /// Forgets the encapsulation on `overlay_if`, a device that is gone (its link went with it),
     /// and removes that link's pin.
     pub fn forget_encap(&mut self, overlay_if: &str) {
         self.attached
-            .retain(|(p, i)| !(*p == programs::TC_ENCAP && i == overlay_if));
+            .retain(|a| !(a.program == programs::TC_ENCAP && a.interface == overlay_if));
         self.prune_pins();
     }
 
@@ -371,7 +480,7 @@ impl EbpfDataplane {
             let keep: Vec<PathBuf> = self
                 .attached
                 .iter()
-                .map(|(program, interface)| pins.link_path(program, interface))
+                .map(|a| pins.link_path(a.program, &a.interface))
                 .collect();
             for err in pins.remove_stale(&keep) {
                 tracing::warn!("removing stale pinned objects: {err}");
@@ -511,18 +620,46 @@ impl EbpfDataplane {
         self.set_peer_addr(addr, subnets)
     }
 
+    /// Sets the address's subnet count, and gives it counters while it has subnets. The
+    /// counters are made before the address is accepted, and removed after it no longer is, so
+    /// every packet of a peer finds them; an entry an earlier run left keeps its counts.
     fn set_peer_addr(&mut self, addr: Ipv4Addr, subnets: usize) -> Result<(), EbpfError> {
-        let mut map: BpfHashMap<&mut MapData, [u8; 4], PeerAddr> = self.map_mut(PEER_ADDRS_MAP)?;
         if subnets == 0 {
-            return match map.remove(&addr.octets()) {
+            let mut map: BpfHashMap<&mut MapData, [u8; 4], PeerAddr> =
+                self.map_mut(PEER_ADDRS_MAP)?;
+            match map.remove(&addr.octets()) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(EbpfError::Map {
+                        map: PEER_ADDRS_MAP,
+                        operation: "removing a peer address",
+                        source,
+                    });
+                }
+            }
+            let mut counters: PerCpuHashMap<&mut MapData, [u8; 4], PeerCounters> =
+                self.map_mut(PEER_COUNTERS_MAP)?;
+            return match counters.remove(&addr.octets()) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
                 Err(source) => Err(EbpfError::Map {
-                    map: PEER_ADDRS_MAP,
-                    operation: "removing a peer address",
+                    map: PEER_COUNTERS_MAP,
+                    operation: "removing a peer's counters",
                     source,
                 }),
             };
         }
+        let mut counters: PerCpuHashMap<&mut MapData, [u8; 4], PeerCounters> =
+            self.map_mut(PEER_COUNTERS_MAP)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| EbpfError::Cpus { source })?;
+        let zero = PerCpuValues::try_from(vec![PeerCounters::default(); cpus])
+            .map_err(|source| EbpfError::Cpus { source })?;
+        match counters.insert(addr.octets(), zero, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(map_err(PEER_COUNTERS_MAP, "creating a peer's counters")(e)),
+        }
+        let mut map: BpfHashMap<&mut MapData, [u8; 4], PeerAddr> = self.map_mut(PEER_ADDRS_MAP)?;
         let value = PeerAddr {
             subnets: subnets as u32,
         };
@@ -593,21 +730,6 @@ impl EbpfDataplane {
     }
 }
 
-/// The packet counters of the dataplane pinned under `root` (a running agent's, or one that left
-/// its programs attached), summed over the CPUs: for `status` and tests, without loading anything.
-pub fn pinned_counters(root: &std::path::Path) -> Result<Vec<(CounterSlot, Counter)>, EbpfError> {
-    let data = pinned_map(root, COUNTERS_MAP)?;
-    let counters: PerCpuArray<_, Counter> =
-        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
-            .map_err(map_err(COUNTERS_MAP, "opening"))?;
-    summed(&counters)
-}
-
-/// This version's map `name` pinned under `root`.
-fn pinned_map(root: &std::path::Path, name: &'static str) -> Result<MapData, EbpfError> {
-    MapData::from_pin(pins::maps_dir(root).join(name)).map_err(map_err(name, "opening the pin"))
-}
-
 /// Every slot of the counters map, summed over the CPUs.
 fn summed<T: std::borrow::Borrow<MapData>>(
     counters: &PerCpuArray<T, Counter>,
@@ -622,15 +744,6 @@ fn summed<T: std::borrow::Borrow<MapData>>(
             Ok((slot, total))
         })
         .collect()
-}
-
-/// The peer routes programmed in the dataplane pinned under `root`, as [`EbpfDataplane::programmed`]
-/// reads them from a loaded one.
-pub fn pinned_peers(root: &std::path::Path) -> Result<Vec<PeerRoute>, EbpfError> {
-    let data = pinned_map(root, PEERS_MAP)?;
-    let trie: LpmTrie<_, [u8; 4], Peer> =
-        LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(map_err(PEERS_MAP, "opening"))?;
-    routes(&trie)
 }
 
 /// Every PEERS entry as the route it was programmed from.

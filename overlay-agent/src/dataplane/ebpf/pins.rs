@@ -47,6 +47,11 @@ pub struct Pins {
     root: PathBuf,
 }
 
+/// The interface name a link pin's name carries (see [`Pins::link_path`]).
+pub fn interface_of_pin(encoded: &str) -> String {
+    encoded.replace("%2e", ".").replace("%25", "%")
+}
+
 /// Where this version's maps are pinned under `root`.
 pub fn maps_dir(root: &Path) -> PathBuf {
     root.join(format!("maps-v{}", overlay_common::ABI_VERSION))

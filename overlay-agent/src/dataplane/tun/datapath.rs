@@ -49,6 +49,8 @@ pub struct TunDatapath {
     peers: Arc<SharedPeers>,
     routes: BTreeMap<Subnet, PeerRoute>,
     forwarder: Option<Forwarder>,
+    /// The TUN device, once started.
+    device: Option<String>,
     /// Netlink is async; the datapath's calls are not, and run on a thread of their own.
     runtime: tokio::runtime::Runtime,
 }
@@ -72,6 +74,7 @@ impl TunDatapath {
             peers: Arc::new(SharedPeers::default()),
             routes: BTreeMap::new(),
             forwarder: None,
+            device: None,
             runtime,
         })
     }
@@ -89,6 +92,16 @@ impl TunDatapath {
 impl Datapath for TunDatapath {
     fn kind(&self) -> &'static str {
         "TUN"
+    }
+
+    fn counters(&self) -> Option<crate::dataplane::counters::SharedSource> {
+        self.forwarder
+            .as_ref()
+            .map(|f| f.counters() as crate::dataplane::counters::SharedSource)
+    }
+
+    fn devices(&self) -> Vec<String> {
+        self.device.iter().cloned().collect()
     }
 
     fn start(&mut self, spec: &OverlaySpec, lease: &LocalLease) -> Result<(), DatapathError> {
@@ -178,6 +191,7 @@ impl Datapath for TunDatapath {
             forwarder.describe()
         );
         self.forwarder = Some(forwarder);
+        self.device = Some(name.clone());
         Ok(())
     }
 

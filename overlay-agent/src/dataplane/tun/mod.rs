@@ -233,6 +233,11 @@ impl Forwarder {
         })
     }
 
+    /// The counters, shared: readable while the workers count.
+    pub fn counters(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
     /// The counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()

@@ -3,7 +3,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use overlay_common::policy::Refusal;
+use overlay_common::{CounterSlot, policy::Refusal};
+
+use crate::dataplane::{
+    contract::DatapathError,
+    counters::{CounterSource, Counters, OutcomeCount},
+};
 
 /// Counters shared by all workers (relaxed atomics, added once per batch where possible).
 #[derive(Debug, Default)]
@@ -105,5 +110,50 @@ impl std::fmt::Display for StatsSnapshot {
             self.coalesce_errors,
             self.tun_write_errors
         )
+    }
+}
+
+impl StatsSnapshot {
+    /// The counts under the outcome names the eBPF programs count by, so status and metrics
+    /// read the same whichever datapath forwards. The TUN datapath counts neither bytes nor
+    /// per peer; its ICMP answers have no eBPF counterpart and stay in its stop line.
+    pub fn outcomes(&self) -> Vec<OutcomeCount> {
+        let mut counts = vec![
+            (CounterSlot::Encapsulated, self.encapsulated),
+            (CounterSlot::EncapNoPeer, self.no_peer),
+            (CounterSlot::EncapNotIpv4, self.not_ipv4),
+            (CounterSlot::EncapError, self.send_errors),
+            (CounterSlot::DecapToStack, self.decapsulated),
+            (
+                CounterSlot::DecapError,
+                self.coalesce_errors + self.tun_write_errors,
+            ),
+        ];
+        for reason in Refusal::ALL {
+            let slot = reason.counter();
+            match counts.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, n)) => *n += self.refused(reason),
+                None => counts.push((slot, self.refused(reason))),
+            }
+        }
+        counts.sort_by_key(|(s, _)| s.index());
+        counts
+            .into_iter()
+            .map(|(slot, packets)| OutcomeCount {
+                slot,
+                packets,
+                bytes: None,
+            })
+            .collect()
+    }
+}
+
+impl CounterSource for Stats {
+    fn read(&self) -> Result<Counters, DatapathError> {
+        Ok(Counters {
+            outcomes: self.snapshot().outcomes(),
+            peers: None,
+            maps: Vec::new(),
+        })
     }
 }
