@@ -6,10 +6,8 @@ use std::net::Ipv4Addr;
 
 use overlay_agent::dataplane::ebpf::{EbpfDataplane, EbpfError, PeerRoute};
 use overlay_common::{
-    CounterSlot,
-    maps::{
-        Config, ENDPOINTS_MAP, Encap, Endpoint, MAX_ENDPOINTS, MAX_PEERS, PEER_ADDRS_MAP, PEERS_MAP,
-    },
+    CounterSlot, PEER_COUNTERS_MAP,
+    maps::{Config, ENDPOINTS_MAP, Encap, Endpoint, MAX_ENDPOINTS, MAX_PEERS, PEERS_MAP},
     net::{Mac, Subnet},
     programs,
 };
@@ -442,10 +440,11 @@ fn full_maps_refuse_the_newcomer_and_keep_every_entry() {
     for i in 1..MAX_PEERS {
         dp.upsert_peer(route(i)).unwrap();
     }
-    // A new host: its address does not fit.
+    // A new host: it does not fit. Its counters are made first (a host the programs accept
+    // always has counters), so that is the map that says so.
     match dp.upsert_peer(route(MAX_PEERS)) {
         Err(EbpfError::Full { map, capacity, .. }) => {
-            assert_eq!((map, capacity), (PEER_ADDRS_MAP, MAX_PEERS));
+            assert_eq!((map, capacity), (PEER_COUNTERS_MAP, MAX_PEERS));
         }
         other => panic!("a peer beyond capacity: {other:?}"),
     }
@@ -596,7 +595,72 @@ fn encap_finishes_offloaded_segments_for_flanneld_only() {
     );
 }
 
+/// Each peer host's traffic as its counters show it: a packet sent, one received, one refused,
+/// each charged to that host once, with the inner packet's length; a stranger's is charged to
+/// no one; the host's counters go when its last subnet does.
+fn per_peer_counters_charge_each_outcome_to_its_peer() {
+    let mut dp = dataplane(Encap::Udp);
+    let of = |dp: &EbpfDataplane| -> overlay_common::PeerCounters {
+        let all = dp.peer_counters().unwrap();
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert_eq!(all[0].0, PEER);
+        all[0].1
+    };
+    assert_eq!(of(&dp), Default::default(), "a new peer starts at zero");
+    // From 8.0.0.2: the harness reads bytes 12..14 as the ethertype (see `tcp_segment`).
+    let out = ipv4(Ipv4Addr::new(8, 0, 0, 2), PEER_CONTAINER, 1, &[0; 40]);
+    assert_eq!(
+        run(&mut dp, programs::TC_ENCAP, &out).1,
+        vec![CounterSlot::Encapsulated]
+    );
+    let c = of(&dp);
+    assert_eq!((c.tx.packets, c.tx.bytes), (1, out.len() as u64));
+    let inner = inner_ping(PEER_CONTAINER, MY_CONTAINER);
+    decap_case(
+        &mut dp,
+        &udp_format(PEER, &inner),
+        TC_ACT_OK,
+        Some(CounterSlot::DecapToStack),
+    );
+    let c = of(&dp);
+    assert_eq!((c.rx.packets, c.rx.bytes), (1, inner.len() as u64));
+    let spoofed = udp_format(
+        PEER,
+        &inner_ping(Ipv4Addr::new(172, 16, 9, 9), MY_CONTAINER),
+    );
+    decap_case(
+        &mut dp,
+        &spoofed,
+        TC_ACT_SHOT,
+        Some(CounterSlot::DropSpoofed),
+    );
+    decap_case(
+        &mut dp,
+        &udp_format(STRANGER, &inner),
+        TC_ACT_SHOT,
+        Some(CounterSlot::DropNotPeer),
+    );
+    let c = of(&dp);
+    assert_eq!(
+        (
+            c.tx.packets,
+            c.rx.packets,
+            c.rx_dropped.packets,
+            c.tx_dropped.packets
+        ),
+        (1, 1, 1, 0)
+    );
+    assert_eq!(
+        c.rx_dropped.bytes,
+        spoofed.len() as u64,
+        "a drop counts the whole frame"
+    );
+    dp.remove_peer(net("172.16.2.0/24")).unwrap();
+    assert!(dp.peer_counters().unwrap().is_empty());
+}
+
 overlay_tests::test_main!(
+    root per_peer_counters_charge_each_outcome_to_its_peer,
     root encap_finishes_offloaded_segments_for_flanneld_only,
     root decap_udp_format_checks_sender_and_strips_headers,
     root decap_vxlan_format_checks_vni_and_mac,

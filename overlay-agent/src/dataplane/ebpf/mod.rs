@@ -653,18 +653,33 @@ impl EbpfDataplane {
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| EbpfError::Cpus { source })?;
         let zero = PerCpuValues::try_from(vec![PeerCounters::default(); cpus])
             .map_err(|source| EbpfError::Cpus { source })?;
-        match counters.insert(addr.octets(), zero, BPF_NOEXIST) {
-            Ok(()) => {}
+        // Counters first: a host the programs accept always has counters to charge. Kept when
+        // there (EEXIST), so a restarted agent's counts go on from the pinned ones.
+        let created = match counters.insert(addr.octets(), zero, BPF_NOEXIST) {
+            Ok(()) => true,
             Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                false
+            }
             Err(e) => return Err(map_err(PEER_COUNTERS_MAP, "creating a peer's counters")(e)),
-        }
+        };
         let mut map: BpfHashMap<&mut MapData, [u8; 4], PeerAddr> = self.map_mut(PEER_ADDRS_MAP)?;
         let value = PeerAddr {
             subnets: subnets as u32,
         };
-        map.insert(addr.octets(), value, 0)
-            .map_err(map_err(PEER_ADDRS_MAP, "inserting a peer address"))
+        let result = map
+            .insert(addr.octets(), value, 0)
+            .map_err(map_err(PEER_ADDRS_MAP, "inserting a peer address"));
+        if result.is_err() && created {
+            // Nothing half-applied: the host is not a peer, so it has no counters either.
+            let mut counters: PerCpuHashMap<&mut MapData, [u8; 4], PeerCounters> =
+                self.map_mut(PEER_COUNTERS_MAP)?;
+            if let Err(e) = counters.remove(&addr.octets()) {
+                tracing::warn!("removing the counters of {addr}, which is not a peer: {e}");
+            }
+        }
+        result
     }
 
     /// Takes the local endpoints map out, for the endpoint learner that owns it from then on.
@@ -690,6 +705,15 @@ impl EbpfDataplane {
         let counters: PerCpuArray<_, Counter> =
             PerCpuArray::try_from(map).map_err(map_err(COUNTERS_MAP, "opening"))?;
         summed(&counters)
+    }
+
+    /// Reads every peer host's counters, summed over CPUs.
+    pub fn peer_counters(&self) -> Result<Vec<(Ipv4Addr, PeerCounters)>, EbpfError> {
+        let map = self.ebpf.map(PEER_COUNTERS_MAP).ok_or(EbpfError::Missing {
+            kind: "map",
+            name: PEER_COUNTERS_MAP,
+        })?;
+        peer_totals(&PerCpuHashMap::try_from(map).map_err(map_err(PEER_COUNTERS_MAP, "opening"))?)
     }
 
     /// Runs one of the programs on a crafted packet (starting with its Ethernet header) with
@@ -744,6 +768,26 @@ fn summed<T: std::borrow::Borrow<MapData>>(
             Ok((slot, total))
         })
         .collect()
+}
+
+/// Every peer host's counters, summed over the CPUs, in address order.
+fn peer_totals<T: std::borrow::Borrow<MapData>>(
+    map: &PerCpuHashMap<T, [u8; 4], PeerCounters>,
+) -> Result<Vec<(Ipv4Addr, PeerCounters)>, EbpfError> {
+    let mut out = map
+        .iter()
+        .map(|r| {
+            r.map(|(addr, per_cpu)| {
+                let total = per_cpu
+                    .iter()
+                    .fold(PeerCounters::default(), |a, b| a.merged(*b));
+                (Ipv4Addr::from(addr), total)
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err(PEER_COUNTERS_MAP, "listing"))?;
+    out.sort_by_key(|(a, _)| *a);
+    Ok(out)
 }
 
 /// Every PEERS entry as the route it was programmed from.

@@ -19,7 +19,7 @@ use overlay_common::{
     },
 };
 
-use super::{EbpfError, map_err, pins, routes, summed};
+use super::{EbpfError, map_err, peer_totals, pins, routes, summed};
 use crate::dataplane::{contract::PeerRoute, counters::MapFill};
 
 /// This version's map `name` pinned under `root`.
@@ -50,21 +50,7 @@ pub fn pinned_peer_counters(root: &Path) -> Result<Vec<(Ipv4Addr, PeerCounters)>
     let map: PerCpuHashMap<_, [u8; 4], PeerCounters> =
         PerCpuHashMap::try_from(Map::PerCpuHashMap(data))
             .map_err(map_err(PEER_COUNTERS_MAP, "opening"))?;
-    let entries = map
-        .iter()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(map_err(PEER_COUNTERS_MAP, "listing"))?;
-    let mut out: Vec<_> = entries
-        .into_iter()
-        .map(|(addr, per_cpu)| {
-            let total = per_cpu
-                .iter()
-                .fold(PeerCounters::default(), |a, b| a.merged(*b));
-            (Ipv4Addr::from(addr), total)
-        })
-        .collect();
-    out.sort_by_key(|(a, _)| *a);
-    Ok(out)
+    peer_totals(&map)
 }
 
 /// The local containers the decap delivers into directly.
