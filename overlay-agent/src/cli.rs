@@ -325,6 +325,19 @@ pub struct Cli {
     )]
     pub deliver_via_stack: bool,
 
+    /// Count packets and bytes per peer host in the eBPF programs (status, /metrics). `=false`
+    /// saves their map update per packet; the per-outcome counters stay.
+    #[arg(
+        long,
+        env = "FLANNELD_PEER_COUNTERS",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value = "true",
+        default_missing_value = "true",
+        value_parser = parse_go_bool
+    )]
+    pub peer_counters: bool,
+
     /// How long a peer whose lease expired (as opposed to one deleted, or whose subnet another
     /// host took) stays in the dataplane. An expired lease usually means a host cut off from
     /// etcd that still forwards; the subnet cannot go to another host without that host's

@@ -66,6 +66,10 @@ impl Encap {
 /// docker's rules) instead of straight into the container.
 pub const FLAG_DELIVER_VIA_STACK: u8 = 1;
 
+/// [`Config::flags`]: count no per-peer traffic (`--peer-counters=false`); the per-outcome
+/// counters are kept. What the per-peer counters cost is the bench's comparison of the two.
+pub const FLAG_NO_PEER_COUNTERS: u8 = 2;
+
 /// The host's own settings; one entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]

@@ -26,7 +26,7 @@ use aya_ebpf::{
 };
 use overlay_common::{
     COUNTER_SLOTS, Counter, CounterSlot, PeerCounters,
-    maps::{Config, Endpoint, MAX_ENDPOINTS, MAX_PEERS, Peer, PeerAddr},
+    maps::{Config, Endpoint, FLAG_NO_PEER_COUNTERS, MAX_ENDPOINTS, MAX_PEERS, Peer, PeerAddr},
 };
 
 /// Per-CPU packet counters, one slot per [`CounterSlot`]: no atomics, no shared cache lines.
@@ -149,6 +149,9 @@ fn count(outcome: &Outcome, len: u64) {
         unsafe { (*counter).add(len) };
     }
     if let (Some(hit), Some(which)) = (outcome.peer, slot.peer_count())
+        && CONFIG
+            .get(0)
+            .is_some_and(|c| c.flags & FLAG_NO_PEER_COUNTERS == 0)
         && let Some(counters) = PEER_COUNTERS.get_ptr_mut(&hit.addr)
     {
         // SAFETY: as above.

@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod cmd;
+mod dashboard;
 mod fuzz;
 mod run;
 mod setup;
@@ -34,6 +35,8 @@ enum Command {
     Fuzz(fuzz::Options),
     /// Three hosts under traffic for N minutes while peers, agents and etcd members come and go.
     Soak(soak::Options),
+    /// Draw the README's picture of the Grafana dashboard from a real run's /metrics.
+    Dashboard(dashboard::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(opts) => bench::bench(&opts),
         Command::Soak(opts) => soak::soak(&opts),
         Command::Fuzz(opts) => fuzz::fuzz(&opts),
+        Command::Dashboard(opts) => dashboard::dashboard(&opts),
     }
 }

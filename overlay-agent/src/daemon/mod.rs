@@ -274,10 +274,12 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     let settings = etcd_settings(&cli)?;
     health.set_grace(cli.expired_peer_grace);
     health.set_etcd(settings.clone());
-    let mut client = connect(&settings, &config_key).await?;
+    // Not heard from yet: status says so until the first member answers.
+    health.etcd_lost(Instant::now());
+    let mut client = connect(&settings, &config_key, &health).await?;
     // Dropped with the runtime when the agent stops.
     tokio::spawn(settings.clone().probe_members(config_key.clone()));
-    let config = wait_for_config(&settings, &mut client, &config_key).await?;
+    let config = wait_for_config(&settings, &mut client, &config_key, &health).await?;
     let (underlay, public_ip) = choose_underlay(&cli, &config).await?;
     let mtu = overlay_mtu(&config, underlay.as_ref());
     let kept_mac = match config.backend {
@@ -285,6 +287,7 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
             retrying(
                 &settings,
                 &config_key,
+                &health,
                 &mut client,
                 "reading this host's lease",
                 async |c| lease::published_vtep_mac(c, &prefix, public_ip, &config, vni).await,
@@ -307,6 +310,7 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     let held = retrying(
         &settings,
         &config_key,
+        &health,
         &mut client,
         "acquiring a lease",
         async |c| lease::acquire(c, &params, previous).await,
@@ -349,9 +353,15 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     // The peers known now reach the datapath before READY, so a container started right after
     // can reach every host.
     let (settings, key) = (agent.settings.clone(), agent.config_key.clone());
-    let (watch, _) = retrying(&settings, &key, &mut client, "listing peers", async |c| {
-        agent.sync_peers(c).await
-    })
+    let health = agent.health.clone();
+    let (watch, _) = retrying(
+        &settings,
+        &key,
+        &health,
+        &mut client,
+        "listing peers",
+        async |c| agent.sync_peers(c).await,
+    )
     .await?;
     agent.datapath.synced().await?;
 
@@ -392,6 +402,7 @@ impl From<EtcdError> for DaemonError {
 async fn retrying<T, E: Retryable>(
     settings: &EtcdSettings,
     probe_key: &str,
+    health: &Health,
     client: &mut Client,
     what: &str,
     mut op: impl AsyncFnMut(&mut Client) -> Result<T, E>,
@@ -401,12 +412,14 @@ async fn retrying<T, E: Retryable>(
             Ok(v) => return Ok(v),
             Err(e) => match e.transient() {
                 Some(source) => {
+                    let error = error_chain(source);
                     tracing::warn!(
-                        "etcd member {}: {what}: {}; trying the next member",
+                        "etcd member {}: {what}: {error}; trying the next member",
                         settings.member(),
-                        error_chain(source)
                     );
-                    *client = connect(settings, probe_key).await?;
+                    health.etcd_lost(Instant::now());
+                    health.etcd_member_failed(format!("{what}: {error}"));
+                    *client = connect(settings, probe_key, health).await?;
                 }
                 None => return Err(e.into()),
             },
@@ -540,12 +553,17 @@ fn log_held(held: &HeldLease, params: &LeaseParams, what: &str) {
 }
 
 /// Connects at start-up, saying so once when it took more than one attempt.
-async fn connect(settings: &EtcdSettings, probe_key: &str) -> Result<Client, DaemonError> {
+async fn connect(
+    settings: &EtcdSettings,
+    probe_key: &str,
+    health: &Health,
+) -> Result<Client, DaemonError> {
     let mut outage = Outage::new();
     let client = settings
         .connect(probe_key, &mut outage)
         .await
         .map_err(|source| DaemonError::Etcd { source })?;
+    health.etcd_back();
     if outage.rounds() > 0 {
         tracing::info!(
             "etcd answers after {}: member {}",
@@ -561,6 +579,7 @@ async fn wait_for_config(
     settings: &EtcdSettings,
     client: &mut Client,
     key: &str,
+    health: &Health,
 ) -> Result<NetworkConfig, DaemonError> {
     let mut last_log: Option<Instant> = None;
     loop {
@@ -595,12 +614,14 @@ async fn wait_for_config(
                 }
             },
             Err(e) => {
+                let error = error_chain(&e);
                 tracing::warn!(
-                    "etcd member {}: reading {key}: {}; trying the next member",
+                    "etcd member {}: reading {key}: {error}; trying the next member",
                     settings.member(),
-                    error_chain(&e)
                 );
-                *client = connect(settings, key).await?;
+                health.etcd_lost(Instant::now());
+                health.etcd_member_failed(format!("reading {key}: {error}"));
+                *client = connect(settings, key, health).await?;
             }
         }
     }
@@ -915,6 +936,7 @@ fn build_overlay(
             DecapKind::XdpGeneric => DecapHook::Xdp(XdpMode::Skb),
         },
         deliver_via_stack: cli.deliver_via_stack,
+        no_peer_counters: !cli.peer_counters,
     };
     let overlay = dataplane::select(cli.datapath, spec, options)
         .map_err(|source| DaemonError::Select { source })?;

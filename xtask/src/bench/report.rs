@@ -79,6 +79,13 @@ impl ModeResult {
     }
 }
 
+/// Modes measured against another to price one feature: (mode, reference, what it prices).
+pub const PAIRS: [(&str, &str, &str); 1] = [(
+    "ebpf-udp",
+    "ebpf-udp-no-peer-counters",
+    "the per-peer counters",
+)];
+
 /// Everything the report needs besides the results.
 #[derive(Debug, Clone)]
 pub struct Context {
@@ -187,6 +194,38 @@ pub fn markdown(ctx: &Context, results: &[ModeResult]) -> String {
             }
             s.push('\n');
         }
+    }
+    for (mode, reference, what) in PAIRS {
+        let measured = |name: &str| {
+            results
+                .iter()
+                .find(|r| r.name == name && matches!(r.status, Status::Measured))
+        };
+        let (Some(a), Some(b)) = (measured(mode), measured(reference)) else {
+            continue;
+        };
+        let _ = write!(
+            s,
+            "\nWhat {what} cost: `{mode}` relative to `{reference}` (1.00: nothing; below: \
+             slower by that much):\n\n|"
+        );
+        for m in Metric::ALL {
+            let _ = write!(s, " {} |", m.short());
+        }
+        s.push_str("\n|");
+        for _ in Metric::ALL {
+            s.push_str(" ---: |");
+        }
+        s.push_str("\n|");
+        for m in Metric::ALL {
+            match a.relative(b, m) {
+                Some(x) => {
+                    let _ = write!(s, " {x:.3} |");
+                }
+                None => s.push_str(" – |"),
+            }
+        }
+        s.push('\n');
     }
     if !ctx.notes.is_empty() {
         s.push('\n');

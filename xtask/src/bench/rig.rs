@@ -42,10 +42,11 @@ pub enum Kind {
     KernelVxlan,
     /// flannel's udp backend: TUN + single-threaded userspace proxy.
     UdpProxy,
-    /// overlay-agent with a backend type and a `--datapath`.
+    /// overlay-agent with a backend type, a `--datapath`, and more flags.
     Agent {
         backend: &'static str,
         datapath: &'static str,
+        flags: &'static [&'static str],
     },
 }
 
@@ -58,7 +59,7 @@ pub struct Mode {
 }
 
 /// Every mode, in report order.
-pub const MODES: [Mode; 7] = [
+pub const MODES: [Mode; 8] = [
     Mode {
         name: "bare",
         kind: Kind::Bare,
@@ -79,14 +80,25 @@ pub const MODES: [Mode; 7] = [
         kind: Kind::Agent {
             backend: "udp",
             datapath: "ebpf",
+            flags: &[],
         },
         what: "overlay-agent, Backend udp, --datapath ebpf",
+    },
+    Mode {
+        name: "ebpf-udp-no-peer-counters",
+        kind: Kind::Agent {
+            backend: "udp",
+            datapath: "ebpf",
+            flags: &["--peer-counters=false"],
+        },
+        what: "ebpf-udp with --peer-counters=false: against ebpf-udp, what the per-peer counters cost",
     },
     Mode {
         name: "ebpf-vxlan",
         kind: Kind::Agent {
             backend: "vxlan",
             datapath: "ebpf",
+            flags: &[],
         },
         what: "overlay-agent, Backend vxlan, --datapath ebpf",
     },
@@ -95,6 +107,7 @@ pub const MODES: [Mode; 7] = [
         kind: Kind::Agent {
             backend: "udp",
             datapath: "tun",
+            flags: &[],
         },
         what: "overlay-agent, Backend udp, --datapath tun",
     },
@@ -103,6 +116,7 @@ pub const MODES: [Mode; 7] = [
         kind: Kind::Agent {
             backend: "vxlan",
             datapath: "tun",
+            flags: &[],
         },
         what: "overlay-agent, Backend vxlan, --datapath tun",
     },
@@ -237,13 +251,17 @@ impl Rig {
                 }
                 envs
             }
-            Kind::Agent { backend, datapath } => {
+            Kind::Agent {
+                backend,
+                datapath,
+                flags,
+            } => {
                 let agent = agent.ok_or_else(|| {
                     SetupError::Missing(
                         "no overlay-agent binary (the build failed or was skipped)".into(),
                     )
                 })?;
-                self.start_agents(&mut active, agent, backend, datapath)?
+                self.start_agents(&mut active, agent, backend, datapath, flags)?
             }
         };
         for (host, env) in self.lab.hosts.iter_mut().zip(&envs) {
@@ -278,7 +296,9 @@ impl Rig {
                 active.server_ip
             );
             return Err(match mode.kind {
-                Kind::Agent { backend, datapath } => {
+                Kind::Agent {
+                    backend, datapath, ..
+                } => {
                     let log = self
                         .dir
                         .join("h1")
@@ -354,6 +374,7 @@ impl Rig {
         agent: &Path,
         backend: &str,
         datapath: &str,
+        flags: &[&str],
     ) -> Result<Vec<SubnetEnv>, SetupError> {
         let etcd = Etcd::start(&self.lab.switch, &self.dir.join("etcd"))?;
         etcd.put(
@@ -371,12 +392,13 @@ impl Rig {
             let _ = std::fs::remove_file(&subnet_file);
             let log = hdir.join(format!("agent-{backend}-{datapath}.log"));
             let _ = std::fs::remove_file(&log);
-            let args = agent_args(
+            let mut args = agent_args(
                 &endpoint,
                 host.underlay_ip,
                 &subnet_file.to_string_lossy(),
                 datapath,
             );
+            args.extend(flags.iter().map(|f| f.to_string()));
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             active
                 .agents

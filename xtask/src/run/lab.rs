@@ -202,6 +202,7 @@ fn scenario(opts: &Options, binary: &Path, dir: &Path, started: Instant) -> anyh
     let (table, failures) = table(&cluster, &results);
     println!("\n{table}");
     check_interrupted()?;
+    print_status(&cluster, binary)?;
 
     if opts.once {
         if !failures.is_empty() {
@@ -263,6 +264,31 @@ fn scenario(opts: &Options, binary: &Path, dir: &Path, started: Instant) -> anyh
     } else {
         bail!("{} of {pairs} pairs were unreachable", failures.len())
     }
+}
+
+/// What `overlay-agent status` says on h1 after the pings: the lease, the datapath, each peer
+/// with the traffic just sent.
+fn print_status(cluster: &Cluster, binary: &Path) -> anyhow::Result<()> {
+    let bpffs = cluster.bpffs.path().join("h1");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", cluster.lab.hosts[0].ns.name()])
+        .arg(binary)
+        .arg(format!("--bpffs={}", bpffs.display()))
+        .arg("status")
+        .output()
+        .context("running overlay-agent status")?;
+    println!(
+        "\n=== h1 ===\n$ overlay-agent status\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    if !out.status.success() {
+        bail!(
+            "overlay-agent status on h1 exited {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 /// Waits until every agent has written its subnet.env, showing each as it comes.

@@ -27,6 +27,8 @@ pub struct EbpfOptions {
     /// Deliver decapsulated packets through the host stack (netfilter FORWARD, docker's rules)
     /// instead of straight into containers.
     pub deliver_via_stack: bool,
+    /// Count no per-peer traffic (`--peer-counters=false`).
+    pub no_peer_counters: bool,
 }
 
 /// flannel's udp and vxlan formats, encapsulated and decapsulated in the kernel.
@@ -270,6 +272,9 @@ impl Datapath for EbpfDatapath {
         })?;
         relax_rp_filter(&underlay.name);
         let mut config = spec.program_config(lease, underlay_index, self.options.deliver_via_stack);
+        if self.options.no_peer_counters {
+            config.flags |= overlay_common::maps::FLAG_NO_PEER_COUNTERS;
+        }
         if matches!(spec.format, Format::Udp { .. }) {
             // Before the config names it, so tc_encap never redirects into nothing.
             config.finish_ifindex = self
