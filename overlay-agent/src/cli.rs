@@ -354,7 +354,8 @@ pub struct Cli {
 pub enum Command {
     /// Remove what the agent leaves on the host after it stops: the overlay devices it created
     /// (flannel0, flannel.<VNI>) with their routes, and the pinned programs and maps under
-    /// --bpffs. Stop the agent first. Idempotent; lists every failure and exits non-zero on any.
+    /// --bpffs. Refuses, removing nothing, while an agent runs here (--force overrides). Idempotent;
+    /// lists every failure and exits non-zero on any.
     Teardown(crate::teardown::TeardownArgs),
     /// Write docker's daemon options from subnet.env, as flannel's mk-docker-opts.sh does:
     /// DOCKER_OPTS=" --bip=... --ip-masq=... --mtu=...", byte for byte as the script writes it.
