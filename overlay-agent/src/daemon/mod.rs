@@ -37,11 +37,15 @@ use crate::{
 };
 
 mod datapath_thread;
+mod footprint;
 mod host_rules;
+mod preflight;
 
 use datapath_thread::DatapathThread;
+use footprint::Footprint;
 pub use host_rules::HostRulesError;
 use overlay_common::net::Mac;
+pub use preflight::PreflightError;
 
 /// How often the missing-config wait logs what it waits for.
 const CONFIG_WAIT_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -53,6 +57,13 @@ const FALLBACK_MTU: u32 = 1500;
 /// Why the daemon stopped. Each is reported as one line; the exit status is 1.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// A pre-flight check failed: the agent cannot run here as configured (nothing was done).
+    #[error("{source}")]
+    Preflight {
+        /// The check that failed.
+        #[source]
+        source: PreflightError,
+    },
     /// `--ip-masq` or `--ip-blackhole-route` was asked for and could not be set up.
     #[error("{source}")]
     HostRules {
@@ -142,6 +153,12 @@ impl DaemonError {
     }
 }
 
+impl From<PreflightError> for DaemonError {
+    fn from(source: PreflightError) -> Self {
+        DaemonError::Preflight { source }
+    }
+}
+
 impl From<LeaseError> for DaemonError {
     fn from(source: LeaseError) -> Self {
         DaemonError::Lease { source }
@@ -171,16 +188,23 @@ pub async fn run(cli: Cli) -> Result<(), DaemonError> {
         );
         tokio::spawn(healthz::serve(listener, health.clone(), answer));
     }
-    tokio::select! {
-        r = agent(cli, health) => r,
-        signal = shutdown_signal() => {
-            tracing::info!(
-                "received {signal}; stopping (the lease stays in etcd until it expires, so a \
-                 restart keeps the subnet)"
-            );
-            Ok(())
-        }
+    let footprint = Footprint::default();
+    // The agent's future is dropped (its datapath thread with it) before anything is said or
+    // undone below.
+    let signal = tokio::select! {
+        r = agent(cli, health, footprint.clone()) => return r,
+        signal = shutdown_signal() => signal,
+    };
+    if footprint.is_ready() {
+        tracing::info!("received {signal}; stopping: {}", footprint.left_running());
+    } else {
+        footprint
+            .undo(&format!(
+                "received {signal} before the start-up finished; stopping"
+            ))
+            .await;
     }
+    Ok(())
 }
 
 /// One line each for the flanneld flags that are accepted but change nothing here, so an
@@ -220,6 +244,8 @@ async fn shutdown_signal() -> &'static str {
 
 /// Everything the running agent keeps.
 struct Agent {
+    /// What this run put in place, for the shutdown line.
+    footprint: Footprint,
     settings: EtcdSettings,
     config_key: String,
     params: LeaseParams,
@@ -239,8 +265,20 @@ struct Resynced {
     removed: usize,
 }
 
+/// The agent; a failure before READY undoes what the run did (see [`footprint`]).
+async fn agent(cli: Cli, health: Health, footprint: Footprint) -> Result<(), DaemonError> {
+    // The start-up's locals (the datapath thread above all) are gone when it returns, so the
+    // undo finds the devices and pins unused.
+    let result = start_and_run(cli, health, footprint.clone()).await;
+    if result.is_err() {
+        footprint.undo("start-up failed").await;
+    }
+    result
+}
+
 /// The agent's steps, in order; each is a function below.
-async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
+async fn start_and_run(cli: Cli, health: Health, footprint: Footprint) -> Result<(), DaemonError> {
+    preflight::local(&cli)?;
     let prefix = cli.etcd_prefix.trim_end_matches('/').to_owned();
     let config_key = format!("{prefix}/config");
     let settings = etcd_settings(&cli)?;
@@ -251,6 +289,7 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     tokio::spawn(settings.clone().probe_members(config_key.clone()));
     let config = wait_for_config(&settings, &mut client, &config_key).await?;
     let (underlay, public_ip) = choose_underlay(&cli, &config).await?;
+    preflight::host(&cli, &config, underlay.as_ref(), public_ip)?;
     let mtu = overlay_mtu(&config, underlay.as_ref());
     let kept_mac = match config.backend {
         Backend::Vxlan { vni, .. } => {
@@ -265,6 +304,8 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
         }
         _ => None,
     };
+    // Loading the programs pins their maps: the first change to the host.
+    footprint.record_before(&cli.bpffs).await;
     let overlay = build_overlay(
         &cli,
         &config.backend,
@@ -275,6 +316,20 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     let params = lease_params(&cli, prefix, &config, public_ip, overlay.as_ref());
 
     health.lease_lost(NoLease::Acquiring);
+    // So that a failed start-up releases only a lease it created itself.
+    let ours_before: Vec<_> = retrying(
+        &settings,
+        &config_key,
+        &mut client,
+        "listing leases",
+        async |c| lease::list(c, &params.prefix).await,
+    )
+    .await?
+    .0
+    .into_iter()
+    .filter(|e| e.attrs.as_ref().is_ok_and(|a| a.public_ip == public_ip))
+    .map(|e| e.subnet)
+    .collect();
     let previous = subnet_env::previous_subnet(&cli.subnet_file);
     let held = retrying(
         &settings,
@@ -286,7 +341,11 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     .await?;
     log_held(&held, &params, "acquired");
     health.lease_held(held.expires_at);
+    footprint.lease(&client, &held, !ours_before.contains(&held.subnet));
 
+    let started = overlay
+        .as_ref()
+        .map(|o| (o.describe().starts_with("eBPF"), o.spec().device_name()));
     let datapath = DatapathThread::spawn(overlay, health.clone());
     if let Some(underlay) = underlay {
         let lease = LocalLease {
@@ -296,14 +355,20 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
             mtu,
         };
         datapath.start(lease).await?;
+        if let Some((ebpf, device)) = started {
+            footprint.dataplane(ebpf, device, &cli.bpffs);
+        }
     }
     let host_rules = host_rules::HostRules::install(&cli, &config, held.subnet)
         .await
         .map_err(|source| DaemonError::HostRules { source })?;
+    let added = host_rules.added();
     // Dropped with the runtime when the agent stops; the rules and route stay, as flanneld's do.
-    tokio::spawn(host_rules.resync());
+    let resync = tokio::spawn(host_rules.resync());
+    footprint.rules(added, resync.abort_handle());
 
     let mut agent = Agent {
+        footprint: footprint.clone(),
         settings,
         config_key,
         params,
@@ -329,6 +394,7 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
 
     write_subnet_env(&cli, &config, agent.held.subnet, mtu)?;
     notify_ready();
+    footprint.ready();
     agent.run(client, watch).await
 }
 
@@ -637,6 +703,7 @@ impl Agent {
         match lease::claim(client, &self.params, subnet).await? {
             Claim::Held(held) => {
                 self.held = held;
+                self.footprint.lease(client, &self.held, false);
                 self.health.lease_held(self.held.expires_at);
                 tracing::debug!("{why}: subnet {subnet} held until renewal");
                 Ok(())
