@@ -7,6 +7,7 @@
 //! - Undo: a failure after the first side effect (the overlay device's name held by another
 //!   device; subnet.env that cannot be replaced, the last step before READY) removes what the run
 //!   made: devices, pins, iptables chains, the blackhole route, and the lease it created.
+//! - A backend change removes the other backend's device (and udp's finishing device).
 //! - SIGTERM says what stays: the dataplane and the lease with its expiry, or that no lease was
 //!   held.
 
@@ -281,6 +282,61 @@ fn undo_when_subnet_env_cannot_be_written() {
     assert_nothing_left(&c, &[], &log);
 }
 
+fn address_of(ns: &NetNs, dev: &str) -> String {
+    let out = ns.ip(&["-4", "-o", "addr", "show", "dev", dev]).unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn backend_change(from: &str, old_device: &str, to: &str, new_device: &str) {
+    let (_tmp, mut c) = cluster(&format!("{from}-{to}"), from);
+    c.start_all(&["--datapath=ebpf"]).unwrap();
+    c.agents[0]
+        .process
+        .take()
+        .unwrap()
+        .stop(Duration::from_secs(5));
+    assert!(
+        !address_of(h1(&c), old_device).is_empty(),
+        "{old_device} has no address"
+    );
+    let config = format!(r#"{{"Network": "172.16.0.0/12", "Backend": {{"Type": "{to}"}}}}"#);
+    c.etcd
+        .ctl()
+        .run(&["put", "--", &format!("{PREFIX}/config"), &config])
+        .unwrap();
+    let _ = std::fs::remove_file(&c.agents[0].subnet_file);
+    let a = args(&c, &["--datapath=ebpf"]);
+    c.start_agent(0, a).unwrap();
+    c.wait_subnet_env(0, Duration::from_secs(30)).unwrap();
+    let log = c.agents[0].log_text();
+    assert!(h1(&c).ip(&["link", "show", new_device]).is_ok(), "{log}");
+    assert!(
+        log.contains(&format!("removed {old_device} with its addresses")),
+        "{log}"
+    );
+    assert!(
+        h1(&c).ip(&["link", "show", old_device]).is_err(),
+        "{old_device} left beside {new_device}; log:\n{log}"
+    );
+    assert!(
+        h1(&c).ip(&["link", "show", "flannel-csum"]).is_ok() == (to == "udp"),
+        "the finishing device; log:\n{log}"
+    );
+    let routes = String::from_utf8_lossy(&h1(&c).ip(&["route"]).unwrap().stdout).into_owned();
+    assert!(
+        routes.contains(&format!("172.16.0.0/12 dev {new_device}")),
+        "the Network is not routed to {new_device}: {routes}"
+    );
+}
+
+fn backend_change_udp_to_vxlan() {
+    backend_change("udp", "flannel0", "vxlan", "flannel.1");
+}
+
+fn backend_change_vxlan_to_udp() {
+    backend_change("vxlan", "flannel.1", "udp", "flannel0");
+}
+
 fn shutdown_says_what_stays() {
     let (_tmp, mut c) = cluster("stop", "vxlan");
     c.start_all(&["--datapath=ebpf"]).unwrap();
@@ -345,6 +401,8 @@ overlay_tests::test_main!(
     root preflight_healthz_port_in_use,
     root undo_when_the_device_cannot_be_made,
     root undo_when_subnet_env_cannot_be_written,
+    root backend_change_udp_to_vxlan,
+    root backend_change_vxlan_to_udp,
     root shutdown_says_what_stays,
     root shutdown_before_a_lease_says_so,
 );

@@ -39,6 +39,7 @@ use crate::{
 mod datapath_thread;
 mod footprint;
 mod host_rules;
+mod leftovers;
 mod preflight;
 
 use datapath_thread::DatapathThread;
@@ -359,6 +360,7 @@ async fn start_and_run(cli: Cli, health: Health, footprint: Footprint) -> Result
             footprint.dataplane(ebpf, device, &cli.bpffs);
         }
     }
+    leftovers::remove(&config.backend).await;
     let host_rules = host_rules::HostRules::install(&cli, &config, held.subnet)
         .await
         .map_err(|source| DaemonError::HostRules { source })?;
