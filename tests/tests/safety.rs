@@ -10,6 +10,8 @@
 //! - A backend change removes the other backend's device (and udp's finishing device).
 //! - SIGTERM says what stays: the dataplane and the lease with its expiry, or that no lease was
 //!   held.
+//! - etcd endpoints that cannot be dialled as written are refused at start; a transport error is
+//!   one short reason at warn level, the whole chain only at debug level.
 
 use std::{
     path::{Path, PathBuf},
@@ -19,7 +21,7 @@ use std::{
 
 use overlay_tests::{
     cluster::{Cluster, PREFIX},
-    etcd::TempDir,
+    etcd::{Agent, Etcd, EtcdOptions, TempDir, free_port},
     netns::NetNs,
 };
 
@@ -392,7 +394,101 @@ fn shutdown_before_a_lease_says_so() {
     assert_nothing_left(&c, &[], &log);
 }
 
+/// An agent of `args` on this host (no namespace: etcd on loopback, the alloc backend's needs).
+fn loopback_agent(tmp: &TempDir, name: &str, extra: &[String], env: &[(&str, &str)]) -> Agent {
+    let mut args = vec![
+        format!(
+            "--subnet-file={}",
+            tmp.path().join(name).join("subnet.env").display()
+        ),
+        "--public-ip=127.0.0.7".to_owned(),
+    ];
+    args.extend(extra.iter().cloned());
+    Agent::spawn(tmp.path(), name, &args, env).unwrap()
+}
+
+fn endpoints_that_cannot_be_dialled_are_refused_at_start() {
+    let tmp = TempDir::new("safety-endpoints").unwrap();
+    for (endpoint, why) in [
+        ("ftp://127.0.0.1:2379", "unsupported scheme \"ftp\""),
+        ("http://127.0.0.1:99999", "invalid port \"99999\""),
+    ] {
+        let mut agent = loopback_agent(
+            &tmp,
+            "bad",
+            &[format!("--etcd-endpoints=http://127.0.0.1:2379,{endpoint}")],
+            &[],
+        );
+        let status = agent.wait_exit(Duration::from_secs(10));
+        let log = agent.log_text();
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{log}");
+        assert!(log.contains(endpoint) && log.contains(why), "{log}");
+    }
+}
+
+/// The agent's log once it has said `needle`, killed then.
+fn log_once(mut agent: Agent, needle: &str) -> String {
+    let said = agent.wait_log(needle, Duration::from_secs(30));
+    let log = agent.log_text();
+    agent.kill();
+    assert!(said, "no {needle:?} in the log:\n{log}");
+    log
+}
+
+fn transport_errors_are_one_short_line() {
+    let tmp = TempDir::new("safety-transport").unwrap();
+    let closed = format!("--etcd-endpoints=http://127.0.0.1:{}", free_port());
+    let log = log_once(
+        loopback_agent(&tmp, "refused", std::slice::from_ref(&closed), &[]),
+        "unreachable: connect: connection refused",
+    );
+    assert!(
+        !log.contains("transport error"),
+        "the raw chain at info:\n{log}"
+    );
+    // The whole chain one level down.
+    let log = log_once(
+        loopback_agent(&tmp, "debug", &[closed], &[("RUST_LOG", "debug")]),
+        "tcp connect error",
+    );
+    assert!(log.contains("connection refused"), "{log}");
+
+    let log = log_once(
+        loopback_agent(
+            &tmp,
+            "dns",
+            &["--etcd-endpoints=http://sf-no-such-host.invalid:2379".to_owned()],
+            &[],
+        ),
+        "unreachable: connect: dns: ",
+    );
+    assert!(!log.contains("transport error"), "{log}");
+}
+
+fn tls_without_the_ca_is_named() {
+    let tmp = TempDir::new("safety-tls").unwrap();
+    let etcd = Etcd::start_with(&EtcdOptions { tls: true }).unwrap();
+    let tls = etcd.tls().unwrap();
+    let log = log_once(
+        loopback_agent(
+            &tmp,
+            "tls",
+            &[
+                format!("--etcd-endpoints={}", etcd.endpoint()),
+                format!("--etcd-certfile={}", tls.client_cert.display()),
+                format!("--etcd-keyfile={}", tls.client_key.display()),
+            ],
+            &[],
+        ),
+        "TLS handshake: unknown CA",
+    );
+    assert!(!log.contains("transport error"), "{log}");
+}
+
 overlay_tests::test_main!(
+    plain endpoints_that_cannot_be_dialled_are_refused_at_start,
+    plain transport_errors_are_one_short_line,
+    plain tls_without_the_ca_is_named,
     root preflight_read_only_subnet_file,
     root preflight_subnet_file_is_a_directory,
     root preflight_bpffs_not_a_bpf_filesystem,

@@ -21,7 +21,7 @@ use crate::{
     cli::{Cli, DecapKind},
     control::{
         config::{Backend, ConfigError, NetworkConfig},
-        etcd::{EtcdError, EtcdSettings, Outage, error_chain, req},
+        etcd::{EtcdError, EtcdSettings, Outage, req},
         healthz::{self, Health, NoLease, PeerStats},
         lease::{self, Claim, HeldLease, LeaseAttrs, LeaseError, LeaseParams},
         notify,
@@ -444,7 +444,7 @@ async fn retrying<T, E: Retryable>(
                     tracing::warn!(
                         "etcd member {}: {what}: {}; trying the next member",
                         settings.member(),
-                        error_chain(source)
+                        source.brief()
                     );
                     *client = connect(settings, probe_key).await?;
                 }
@@ -638,7 +638,7 @@ async fn wait_for_config(
                 tracing::warn!(
                     "etcd member {}: reading {key}: {}; trying the next member",
                     settings.member(),
-                    error_chain(&e)
+                    e.brief()
                 );
                 *client = connect(settings, key).await?;
             }
@@ -738,7 +738,7 @@ impl Agent {
             "etcd member {}: {what}: {}; trying the next member (the datapath and {} peers \
              stay as they are)",
             self.settings.member(),
-            error_chain(e),
+            e.brief(),
             self.peers.len()
         );
         let o = outage.get_or_insert_with(Outage::new);
