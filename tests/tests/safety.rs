@@ -324,6 +324,16 @@ fn backend_change(from: &str, old_device: &str, to: &str, new_device: &str) {
         h1(&c).ip(&["link", "show", "flannel-csum"]).is_ok() == (to == "udp"),
         "the finishing device; log:\n{log}"
     );
+    // No link pin of the old layout either (bpffs spells a dot %2e).
+    let old_pins: Vec<_> = overlay_tests::bpffs::pinned_links(&pins(&c))
+        .into_iter()
+        .map(|l| l.path.to_string_lossy().into_owned())
+        .filter(|p| {
+            p.ends_with(&format!("@{}", old_device.replace('.', "%2e")))
+                || (to != "udp" && p.contains("flannel-csum"))
+        })
+        .collect();
+    assert!(old_pins.is_empty(), "{old_pins:?}; log:\n{log}");
     let routes = String::from_utf8_lossy(&h1(&c).ip(&["route"]).unwrap().stdout).into_owned();
     assert!(
         routes.contains(&format!("172.16.0.0/12 dev {new_device}")),

@@ -104,12 +104,19 @@ impl EtcdError {
         };
         let chain = error_chain(self);
         tracing::debug!("etcd {op}: {chain}");
-        // A known cause first: tonic reports some transport failures (TLS) as a status.
-        let reason = known_cause(&chain, *op == "connect").unwrap_or_else(|| match source {
-            // etcd's own answer: short already, and what etcd says is the point.
-            etcd_client::Error::GRpcStatus(status) => first_line(status.message()).to_owned(),
-            _ => last_cause(&chain),
-        });
+        let reason = match source {
+            // etcd's own answer ("etcdserver: no leader"): short already, and the point.
+            etcd_client::Error::GRpcStatus(status)
+                if status.message().starts_with("etcdserver:") =>
+            {
+                first_line(status.message()).to_owned()
+            }
+            // Else a known cause: tonic reports some transport failures (TLS) as a status.
+            _ => known_cause(&chain, *op == "connect").unwrap_or_else(|| match source {
+                etcd_client::Error::GRpcStatus(status) => first_line(status.message()).to_owned(),
+                _ => last_cause(&chain),
+            }),
+        };
         format!("{op}: {reason}")
     }
 
