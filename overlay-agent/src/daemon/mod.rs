@@ -271,8 +271,8 @@ async fn agent(cli: Cli, health: Health, footprint: Footprint) -> Result<(), Dae
     // The start-up's locals (the datapath thread above all) are gone when it returns, so the
     // undo finds the devices and pins unused.
     let result = start_and_run(cli, health, footprint.clone()).await;
-    if result.is_err() {
-        footprint.undo("start-up failed").await;
+    if let Err(e) = &result {
+        footprint.undo(&format!("start-up failed ({e})")).await;
     }
     result
 }
