@@ -367,7 +367,8 @@ pub struct Cli {
 pub enum Command {
     /// Remove what the agent leaves on the host after it stops: the overlay devices it created
     /// (flannel0, flannel.<VNI>) with their routes, and the pinned programs and maps under
-    /// --bpffs. Stop the agent first. Idempotent; lists every failure and exits non-zero on any.
+    /// --bpffs. Refuses, removing nothing, while an agent runs here (--force overrides). Idempotent;
+    /// lists every failure and exits non-zero on any.
     Teardown(crate::teardown::TeardownArgs),
     /// Show what the agent and its dataplane are doing: the lease, etcd, the datapath with its
     /// programs and links, every peer with its traffic, the drops by reason, local endpoints.

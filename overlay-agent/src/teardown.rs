@@ -14,6 +14,10 @@
 //!
 //! `--to-flanneld` hands the host back to flanneld without a moment in which a packet has no path
 //! (see `hand_back`), and leaves flanneld's chains and blackhole route to it.
+//!
+//! While an agent runs in the same network namespace, teardown removes nothing and fails: taking
+//! the dataplane from under a running agent stops its forwarding while it goes on reporting
+//! itself healthy. `--force` proceeds anyway, after saying what it is about to break.
 
 use std::path::{Path, PathBuf};
 
@@ -32,6 +36,12 @@ pub struct TeardownArgs {
     /// to hand back (flanneld forwards in its own process): as without the flag.
     #[arg(long)]
     pub to_flanneld: bool,
+    /// Tear down even while an agent runs in this network namespace. Its forwarding to every
+    /// peer stops at once (the devices and programs go from under it), it does not notice, and
+    /// may bring its device back without the programs; what it breaks is printed before
+    /// anything is removed. Stopping the agent first is the safe way.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// What could not be removed, or why a teardown is unsafe.
@@ -39,9 +49,9 @@ pub struct TeardownArgs {
 pub enum TeardownError {
     /// An agent still runs here: it keeps its programs attached and may bring its device back.
     #[error(
-        "overlay-agent (pid {pid}) is still running in this network namespace: stop it first \
-         (systemctl stop overlay-agent); its programs stay attached and its device may come \
-         back while it runs"
+        "overlay-agent (pid {pid}) is still running in this network namespace; nothing was \
+         removed: stop it first (systemctl stop overlay-agent), or give --force to break its \
+         forwarding anyway"
     )]
     AgentRunning {
         /// Its process id.
@@ -115,18 +125,37 @@ fn running_agents() -> Vec<u32> {
         .collect()
 }
 
+/// What `--force` breaks for the running agent `pid`, one line, said before anything goes.
+fn force_warning(pid: u32) -> String {
+    format!(
+        "--force: overlay-agent (pid {pid}) is running here; tearing down anyway: its forwarding \
+         to every peer stops now (devices, routes and programs go from under it), its containers \
+         lose the overlay, it is not told and keeps its lease and health answer, and it may \
+         bring its device back without the programs; restart it afterwards"
+    )
+}
+
 /// Removes the overlay devices and the pins under `bpffs`, collecting every failure; with
 /// `to_flanneld`, first lays the host out for flanneld (see [`TeardownArgs::to_flanneld`]).
-pub async fn teardown(bpffs: &Path, args: &TeardownArgs) -> Report {
+/// Without `force`, an agent running in this network namespace stops it before anything is
+/// removed; with it, `warn` hears what will break first.
+pub async fn teardown(bpffs: &Path, args: &TeardownArgs, warn: &mut dyn FnMut(&str)) -> Report {
     let mut report = Report::default();
     let agents = running_agents();
-    for &pid in &agents {
-        report.errors.push(TeardownError::AgentRunning { pid });
-    }
-    if args.to_flanneld {
-        if !agents.is_empty() {
+    if !agents.is_empty() {
+        if !args.force {
+            report.errors.extend(
+                agents
+                    .into_iter()
+                    .map(|pid| TeardownError::AgentRunning { pid }),
+            );
             return report;
         }
+        for &pid in &agents {
+            warn(&force_warning(pid));
+        }
+    }
+    if args.to_flanneld {
         match hand_back(bpffs).await {
             Ok(HandBack::Bridge(line)) => {
                 // The bridge forwards until flanneld does: nothing else may go yet.
@@ -477,7 +506,7 @@ pub fn main(bpffs: &Path, args: &TeardownArgs) -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let report = runtime.block_on(teardown(bpffs, args));
+    let report = runtime.block_on(teardown(bpffs, args, &mut |line| eprintln!("{line}")));
     for line in &report.removed {
         println!("removed {line}");
     }

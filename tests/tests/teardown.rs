@@ -1,6 +1,8 @@
 //! `overlay-agent teardown` in a lab host: after the agent stops (leaving its device, routes,
-//! pinned programs and netfilter rules on purpose), teardown removes them all; a second run is a no-op; a running
-//! agent and a device the agent did not create are reported, not silently handled.
+//! pinned programs and netfilter rules on purpose), teardown removes them all; a second run is a
+//! no-op; a device the agent did not create is reported, not silently handled. While an agent
+//! runs, teardown refuses before removing anything (the agent still forwards); `--force` says
+//! what it breaks, then removes.
 
 use std::process::Output;
 
@@ -13,13 +15,29 @@ use overlay_tests::{
 };
 
 fn teardown(ns: &NetNs, bpffs: &std::path::Path) -> Output {
+    teardown_with(ns, bpffs, &[])
+}
+
+fn teardown_with(ns: &NetNs, bpffs: &std::path::Path, extra: &[&str]) -> Output {
     std::process::Command::new("ip")
         .args(["netns", "exec", ns.name()])
         .arg(agent_binary())
         .arg("teardown")
         .arg(format!("--bpffs={}", bpffs.display()))
+        .args(extra)
         .output()
         .unwrap()
+}
+
+/// The netfilter rules of a host, both tables, as `iptables -S` prints them.
+fn iptables_rules(ns: &NetNs) -> String {
+    ["filter", "nat"]
+        .iter()
+        .map(|table| {
+            let out = ns.exec("iptables", &["-w", "-t", table, "-S"]).unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .collect()
 }
 
 fn text(out: &Output) -> String {
@@ -60,14 +78,46 @@ fn teardown_removes_what_the_agent_left(backend: &str, device: &str) {
     h1.ip(&["link", "add", "flannel.77", "type", "bridge"])
         .unwrap();
 
-    // While the agent runs, teardown says so and fails (but still removes what it can).
-    let busy = teardown(&c.lab.hosts[1].ns, &c.bpffs.path().join("h2"));
+    // While the agent runs, teardown says so, fails, and removes nothing: h2 still forwards.
+    let h2 = &c.lab.hosts[1].ns;
+    let h2_pins = c.bpffs.path().join("h2");
+    let h2_links = pinned_links(&h2_pins);
+    let h2_rules = iptables_rules(h2);
+    let busy = teardown(h2, &h2_pins);
     assert!(!busy.status.success(), "{}", text(&busy));
+    let stderr = String::from_utf8_lossy(&busy.stderr);
     assert!(
-        String::from_utf8_lossy(&busy.stderr).contains("still running"),
+        stderr.contains("still running") && stderr.contains("nothing was removed"),
         "{}",
         text(&busy)
     );
+    assert!(
+        !String::from_utf8_lossy(&busy.stdout).contains("removed"),
+        "{}",
+        text(&busy)
+    );
+    assert!(h2.ip(&["link", "show", device]).is_ok(), "{device} removed");
+    assert_eq!(pinned_links(&h2_pins).len(), h2_links.len(), "pins removed");
+    assert_eq!(iptables_rules(h2), h2_rules, "iptables rules changed");
+    assert!(
+        c.ping_matrix().is_empty(),
+        "the refused teardown broke forwarding"
+    );
+
+    // --force says what it breaks before it acts, then removes what it can.
+    let forced = teardown_with(h2, &h2_pins, &["--force"]);
+    let stderr = String::from_utf8_lossy(&forced.stderr);
+    assert!(
+        stderr.contains("--force") && stderr.contains("forwarding to every peer stops"),
+        "{}",
+        text(&forced)
+    );
+    assert!(
+        String::from_utf8_lossy(&forced.stdout).contains(&format!("removed device {device}")),
+        "{}",
+        text(&forced)
+    );
+    assert!(h2.ip(&["link", "show", device]).is_err(), "{device} left");
 
     // Stopped, the agent leaves its dataplane in place on purpose.
     c.agents[0]

@@ -4,6 +4,13 @@
 //! client library's own balancing over several endpoints sends some requests to a dead member
 //! and fails them (etcd-client#39), which stalled renewals while quorum held; a connection to
 //! one member fails or works as a whole, so a dead member costs one failed request and a switch.
+//!
+//! Endpoints are checked when the agent starts (scheme `http` or `https`, a host, a port that
+//! exists), since the client library would otherwise dial something else than what was written
+//! (a port above 65535 became port 80) or wait forever (`ftp://`). A failed request is logged as
+//! one short reason ([`EtcdError::brief`]: "connection refused", "TLS handshake: unknown CA",
+//! "timeout after 3 s", "dns: no such host"); the transport's whole error chain goes to the debug
+//! level.
 
 use std::{
     path::PathBuf,
@@ -28,6 +35,10 @@ const NO_MEMBER: usize = usize::MAX;
 const PROBE_EVERY: Duration = Duration::from_secs(5);
 /// How long a probe may take before the member counts as not answering.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long a connection may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a request may take once connected.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors of setting up or using the etcd connection.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +63,14 @@ pub enum EtcdError {
     /// `--etcd-endpoints` lists no endpoint.
     #[error("--etcd-endpoints lists no endpoint")]
     NoEndpoints,
+    /// An endpoint that cannot be dialled as written (scheme, host or port).
+    #[error("--etcd-endpoints {endpoint:?}: {reason}")]
+    BadEndpoint {
+        /// The endpoint as given.
+        endpoint: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The endpoints or options are refused by the client library (e.g. TLS files with an
     /// `http://` endpoint); retrying cannot help.
     #[error("etcd endpoints {endpoints}: {source}")]
@@ -74,6 +93,33 @@ pub enum EtcdError {
 }
 
 impl EtcdError {
+    /// One short line for a log line a person reads: for a failed request the reason alone
+    /// ("connection refused", "TLS handshake: unknown CA", "timeout after 3 s", "dns: no such
+    /// host", or etcd's own message), else the error itself. The whole chain, which for a
+    /// transport error runs to hundreds of characters of tonic and hyper, is logged at debug
+    /// level here, so that each summarised line has its detail one level down.
+    pub fn brief(&self) -> String {
+        let EtcdError::Request { op, source } = self else {
+            return error_chain(self);
+        };
+        let chain = error_chain(self);
+        tracing::debug!("etcd {op}: {chain}");
+        let reason = match source {
+            // etcd's own answer ("etcdserver: no leader"): short already, and the point.
+            etcd_client::Error::GRpcStatus(status)
+                if status.message().starts_with("etcdserver:") =>
+            {
+                first_line(status.message()).to_owned()
+            }
+            // Else a known cause: tonic reports some transport failures (TLS) as a status.
+            _ => known_cause(&chain, *op == "connect").unwrap_or_else(|| match source {
+                etcd_client::Error::GRpcStatus(status) => first_line(status.message()).to_owned(),
+                _ => last_cause(&chain),
+            }),
+        };
+        format!("{op}: {reason}")
+    }
+
     /// True for errors that another attempt may cure (etcd down, network, auth token expired),
     /// false for errors in the agent's own settings.
     pub fn is_transient(&self) -> bool {
@@ -150,6 +196,12 @@ impl EtcdSettings {
         if endpoints.is_empty() {
             return Err(EtcdError::NoEndpoints);
         }
+        for endpoint in &endpoints {
+            check_endpoint(endpoint).map_err(|reason| EtcdError::BadEndpoint {
+                endpoint: endpoint.clone(),
+                reason,
+            })?;
+        }
         let n = endpoints.len();
         Ok(Self {
             endpoints,
@@ -208,10 +260,10 @@ impl EtcdSettings {
                     (true, Ok(Err(e))) if e.is_no_leader() => tracing::warn!(
                         "etcd member {endpoint} answers but cannot serve: the cluster has no \
                          leader ({})",
-                        error_chain(&e)
+                        e.brief()
                     ),
                     (true, Ok(Err(e))) => {
-                        tracing::warn!("etcd member {endpoint} unreachable: {}", error_chain(&e));
+                        tracing::warn!("etcd member {endpoint} unreachable: {}", e.brief());
                     }
                     (true, Err(_)) => tracing::warn!(
                         "etcd member {endpoint} unreachable: no answer within {}",
@@ -252,8 +304,8 @@ impl EtcdSettings {
         let mut opts = ConnectOptions::new()
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_keep_alive_while_idle(true)
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(10))
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
             // A member cut off from the others refuses requests and ends watches ("no leader")
             // instead of serving stale reads and a watch that never fires, so the agent moves
             // to a member that is part of the quorum.
@@ -417,10 +469,10 @@ impl Outage {
                 tracing::warn!(
                     "etcd member {endpoint} answers but cannot serve: the cluster has no \
                      leader ({}); waiting for one",
-                    error_chain(e)
+                    e.brief()
                 );
             } else {
-                tracing::warn!("etcd member {endpoint} unreachable: {}", error_chain(e));
+                tracing::warn!("etcd member {endpoint} unreachable: {}", e.brief());
             }
             self.named.push(endpoint.to_owned());
         }
@@ -441,7 +493,7 @@ impl Outage {
                 humantime::format_duration(self.lasted()),
                 self.rounds,
                 endpoints.len(),
-                error_chain(e)
+                e.brief()
             );
             self.last_summary = Instant::now();
         }
@@ -450,6 +502,130 @@ impl Outage {
 
 fn endpoints_up(n: usize) -> Vec<AtomicBool> {
     (0..n).map(|_| AtomicBool::new(true)).collect()
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+/// The reason in a transport error's chain, in a person's words, when it is one of those known;
+/// `connecting`: the connection was being opened (its timeout is the connect timeout).
+fn known_cause(chain: &str, connecting: bool) -> Option<String> {
+    let c = chain.to_ascii_lowercase();
+    let has = |needles: &[&str]| needles.iter().any(|n| c.contains(n));
+    let secs = |d: Duration| d.as_secs();
+    let reason: String = if has(&["connection refused"]) {
+        "connection refused".into()
+    } else if has(&[
+        "unknownissuer",
+        "unknown ca",
+        "unknown issuer",
+        "self-signed",
+        "self signed",
+    ]) {
+        "TLS handshake: unknown CA (give --etcd-cafile the CA that signed etcd's certificate)"
+            .into()
+    } else if has(&["expired"]) && has(&["certificate", "tls"]) {
+        "TLS handshake: certificate expired".into()
+    } else if has(&["notvalidforname", "not valid for name", "hostname mismatch"]) {
+        "TLS handshake: certificate not valid for this host name".into()
+    } else if has(&[
+        "certificate required",
+        "certificaterequired",
+        "bad certificate",
+    ]) {
+        "TLS handshake: etcd wants a client certificate (--etcd-certfile, --etcd-keyfile)".into()
+    } else if has(&[
+        "invalid content type",
+        "corrupt message",
+        "invalidcontenttype",
+    ]) {
+        "TLS handshake: the endpoint does not speak TLS (http:// instead of https://?)".into()
+    } else if has(&["tls", "handshake", "certificate"]) {
+        format!("TLS handshake: {}", last_cause(chain))
+    } else if has(&[
+        "name or service not known",
+        "no such host",
+        "nodename nor servname",
+        "no address associated",
+    ]) {
+        "dns: no such host".into()
+    } else if has(&["dns error", "failed to lookup address"]) {
+        format!("dns: {}", last_cause(chain))
+    } else if has(&[
+        "timed out",
+        "timeout",
+        "deadline has elapsed",
+        "deadline exceeded",
+    ]) {
+        let after = if connecting && has(&["connect"]) {
+            CONNECT_TIMEOUT
+        } else {
+            REQUEST_TIMEOUT
+        };
+        format!("timeout after {} s", secs(after))
+    } else if has(&["network is unreachable"]) {
+        "network unreachable".into()
+    } else if has(&["no route to host"]) {
+        "no route to host".into()
+    } else if has(&["connection reset"]) {
+        "connection reset".into()
+    } else {
+        return None;
+    };
+    Some(reason)
+}
+
+/// The innermost cause of a `": "`-joined chain, cut to a line's length.
+fn last_cause(chain: &str) -> String {
+    let last = chain.rsplit(": ").next().unwrap_or(chain);
+    let last = first_line(last);
+    match last.char_indices().nth(120) {
+        Some((i, _)) => format!("{}...", &last[..i]),
+        None => last.to_owned(),
+    }
+}
+
+/// Whether `endpoint` can be dialled as written: `http://` or `https://` (or no scheme, which
+/// the client takes as `http://`), a host, and a port from 1 to 65535 if one is given.
+fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let rest = match endpoint.split_once("://") {
+        Some((scheme, rest)) => {
+            if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+                return Err(format!(
+                    "unsupported scheme {scheme:?}: etcd is reached over http:// or https://"
+                ));
+            }
+            rest
+        }
+        None => endpoint,
+    };
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        match v6.split_once(']') {
+            Some((host, tail)) => (host, tail.strip_prefix(':')),
+            None => return Err("unclosed [ in the IPv6 address".into()),
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("no host".into());
+    }
+    if let Some(port) = port {
+        match port.parse::<u16>() {
+            Ok(p) if p != 0 => {}
+            _ => {
+                return Err(format!(
+                    "invalid port {port:?}: a port is a number from 1 to 65535"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A duration to the second, for log lines.
@@ -471,4 +647,74 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_that_cannot_be_dialled_are_refused() {
+        for ok in [
+            "http://127.0.0.1:2379",
+            "https://etcd.example:2379",
+            "http://[::1]:2379",
+            "127.0.0.1:2379",
+            "http://etcd/",
+        ] {
+            assert_eq!(check_endpoint(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("ftp://127.0.0.1:2379", "unsupported scheme \"ftp\""),
+            ("http://host:99999", "invalid port \"99999\""),
+            ("http://host:0", "invalid port"),
+            ("http://host:x", "invalid port"),
+            ("http://:2379", "no host"),
+        ] {
+            let e = check_endpoint(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let e = EtcdSettings::new(
+            vec!["http://127.0.0.1:2379".into(), "http://host:99999".into()],
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("host:99999"), "{e}");
+    }
+
+    #[test]
+    fn transport_chains_become_one_short_reason() {
+        let cases = [
+            (
+                "etcd connect: transport error: error trying to connect: tcp connect error: \
+                 Connection refused (os error 111)",
+                "connection refused",
+            ),
+            (
+                "transport error: error trying to connect: invalid peer certificate: \
+                 UnknownIssuer",
+                "TLS handshake: unknown CA",
+            ),
+            (
+                "transport error: error trying to connect: dns error: failed to lookup address \
+                 information: Name or service not known",
+                "dns: no such host",
+            ),
+            (
+                "transport error: error trying to connect: tcp connect error: deadline has \
+                 elapsed",
+                "timeout after 3 s",
+            ),
+        ];
+        for (chain, want) in cases {
+            let got = known_cause(chain, true).unwrap_or_default();
+            assert!(got.starts_with(want), "{chain}: {got}");
+        }
+        assert_eq!(known_cause("a: b: something odd", false), None);
+        assert_eq!(last_cause("a: b: something odd"), "something odd");
+    }
 }

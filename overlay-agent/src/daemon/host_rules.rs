@@ -43,6 +43,43 @@ pub struct HostRules {
     sets: Vec<RuleSet>,
     blackhole: Option<(Netlink, Subnet)>,
     period: Duration,
+    added: Added,
+}
+
+/// What one [`HostRules::install`] added that was not there before it, so that a start-up that
+/// fails later removes exactly that (and leaves what an earlier run or flanneld put there).
+#[derive(Debug, Clone, Default)]
+pub struct Added {
+    sets: Vec<RuleSet>,
+    blackhole: Option<Subnet>,
+}
+
+impl Added {
+    /// Removes what was added; one line per thing removed or not.
+    pub async fn remove(self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for set in self.sets {
+            let chain = set.chain;
+            lines.push(match blocking(set, |s| s.remove()).await {
+                Ok(()) => format!("removed iptables chain {chain}"),
+                Err(e) => format!("iptables chain {chain} left: {e}"),
+            });
+        }
+        if let Some(subnet) = self.blackhole {
+            let removed = match Netlink::connect() {
+                Ok(netlink) => netlink
+                    .delete_blackhole(subnet.addr(), subnet.prefix(), BLACKHOLE_METRIC)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            lines.push(match removed {
+                Ok(()) => format!("removed the blackhole route for {subnet}"),
+                Err(e) => format!("the blackhole route for {subnet} left: {e}"),
+            });
+        }
+        lines
+    }
 }
 
 fn net(s: Subnet) -> (Ipv4Addr, u8) {
@@ -54,17 +91,50 @@ impl HostRules {
     /// the command line says, whatever an earlier run or flanneld left). The forward rules are
     /// best effort, since hosts without iptables have no FORWARD policy to get past either;
     /// `--ip-masq` and `--ip-blackhole-route` are required: the operator asked for them.
+    /// A failure removes what this call added before it.
     pub async fn install(
         cli: &Cli,
         config: &NetworkConfig,
         subnet: Subnet,
     ) -> Result<Self, HostRulesError> {
+        let mut added = Added::default();
+        match Self::install_adding(cli, config, subnet, &mut added).await {
+            Ok(rules) => Ok(rules),
+            Err(e) => {
+                for line in added.remove().await {
+                    tracing::info!("undoing the host rules after a failure: {line}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// What this run added (see [`Added`]).
+    pub fn added(&self) -> Added {
+        self.added.clone()
+    }
+
+    async fn install_adding(
+        cli: &Cli,
+        config: &NetworkConfig,
+        subnet: Subnet,
+        added: &mut Added,
+    ) -> Result<Self, HostRulesError> {
         let mut sets = Vec::new();
         let forward = iptables::forward_rules(net(config.network));
         let wants_forward = cli.iptables_forward_rules && !matches!(config.backend, Backend::Alloc);
         if wants_forward {
+            let new = matches!(
+                blocking(forward.clone(), |f| Ok(f.present())).await,
+                Ok(false)
+            );
             match blocking(forward.clone(), |f| f.install()).await {
-                Ok(()) => sets.push(forward),
+                Ok(()) => {
+                    if new {
+                        added.sets.push(forward.clone());
+                    }
+                    sets.push(forward)
+                }
                 Err(e) => tracing::warn!(
                     "forward rules for {} not installed: {e}; a FORWARD policy of DROP (docker \
                      sets one) would drop overlay traffic delivered through the host stack",
@@ -81,6 +151,11 @@ impl HostRules {
             !cli.ip_masq_fully_random_disable,
         );
         if cli.ip_masq {
+            let new = matches!(blocking(masq.clone(), |m| Ok(m.present())).await, Ok(false));
+            // Recorded before: a failed install may leave a part of the chain behind.
+            if new {
+                added.sets.push(masq.clone());
+            }
             blocking(masq.clone(), |m| m.install())
                 .await
                 .map_err(|source| HostRulesError::IpMasq { source })?;
@@ -101,10 +176,13 @@ impl HostRules {
         let blackhole = if cli.ip_blackhole_route {
             let netlink =
                 Netlink::connect().map_err(|source| HostRulesError::Blackhole { source })?;
-            netlink
+            if netlink
                 .ensure_blackhole(subnet.addr(), subnet.prefix(), BLACKHOLE_METRIC)
                 .await
-                .map_err(|source| HostRulesError::Blackhole { source })?;
+                .map_err(|source| HostRulesError::Blackhole { source })?
+            {
+                added.blackhole = Some(subnet);
+            }
             tracing::info!(
                 "--ip-blackhole-route: blackhole route for {subnet} (metric {BLACKHOLE_METRIC}: \
                  docker's bridge route wins while it exists)"
@@ -117,6 +195,7 @@ impl HostRules {
             sets,
             blackhole,
             period: Duration::from_secs(u64::from(cli.iptables_resync)),
+            added: added.clone(),
         })
     }
 

@@ -21,7 +21,7 @@ use crate::{
     cli::{Cli, DecapKind},
     control::{
         config::{Backend, ConfigError, NetworkConfig},
-        etcd::{EtcdError, EtcdSettings, Outage, error_chain, req},
+        etcd::{EtcdError, EtcdSettings, Outage, req},
         healthz::{self, Health, NoLease, PeerStats},
         lease::{self, Claim, HeldLease, LeaseAttrs, LeaseError, LeaseParams},
         notify,
@@ -38,11 +38,16 @@ use crate::{
 };
 
 mod datapath_thread;
+mod footprint;
 mod host_rules;
+mod leftovers;
+mod preflight;
 
 use datapath_thread::DatapathThread;
+use footprint::Footprint;
 pub use host_rules::HostRulesError;
 use overlay_common::net::Mac;
+pub use preflight::PreflightError;
 
 /// How often the missing-config wait logs what it waits for.
 const CONFIG_WAIT_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -56,6 +61,13 @@ const FALLBACK_MTU: u32 = 1500;
 /// Why the daemon stopped. Each is reported as one line; the exit status is 1.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// A pre-flight check failed: the agent cannot run here as configured (nothing was done).
+    #[error("{source}")]
+    Preflight {
+        /// The check that failed.
+        #[source]
+        source: PreflightError,
+    },
     /// `--ip-masq` or `--ip-blackhole-route` was asked for and could not be set up.
     #[error("{source}")]
     HostRules {
@@ -145,6 +157,12 @@ impl DaemonError {
     }
 }
 
+impl From<PreflightError> for DaemonError {
+    fn from(source: PreflightError) -> Self {
+        DaemonError::Preflight { source }
+    }
+}
+
 impl From<LeaseError> for DaemonError {
     fn from(source: LeaseError) -> Self {
         DaemonError::Lease { source }
@@ -183,16 +201,23 @@ pub async fn run(cli: Cli) -> Result<(), DaemonError> {
         Err(e) => tracing::warn!("{e}; `overlay-agent status` will not reach this agent"),
     }
     tokio::spawn(publish_status(health.clone()));
-    tokio::select! {
-        r = agent(cli, health) => r,
-        signal = shutdown_signal() => {
-            tracing::info!(
-                "received {signal}; stopping (the lease stays in etcd until it expires, so a \
-                 restart keeps the subnet)"
-            );
-            Ok(())
-        }
+    let footprint = Footprint::default();
+    // The agent's future is dropped (its datapath thread with it) before anything is said or
+    // undone below.
+    let signal = tokio::select! {
+        r = agent(cli, health, footprint.clone()) => return r,
+        signal = shutdown_signal() => signal,
+    };
+    if footprint.is_ready() {
+        tracing::info!("received {signal}; stopping: {}", footprint.left_running());
+    } else {
+        footprint
+            .undo(&format!(
+                "received {signal} before the start-up finished; stopping"
+            ))
+            .await;
     }
+    Ok(())
 }
 
 /// One line each for the flanneld flags that are accepted but change nothing here, so an
@@ -248,6 +273,8 @@ async fn shutdown_signal() -> &'static str {
 
 /// Everything the running agent keeps.
 struct Agent {
+    /// What this run put in place, for the shutdown line.
+    footprint: Footprint,
     settings: EtcdSettings,
     config_key: String,
     params: LeaseParams,
@@ -267,8 +294,20 @@ struct Resynced {
     removed: usize,
 }
 
+/// The agent; a failure before READY undoes what the run did (see [`footprint`]).
+async fn agent(cli: Cli, health: Health, footprint: Footprint) -> Result<(), DaemonError> {
+    // The start-up's locals (the datapath thread above all) are gone when it returns, so the
+    // undo finds the devices and pins unused.
+    let result = start_and_run(cli, health, footprint.clone()).await;
+    if let Err(e) = &result {
+        footprint.undo(&format!("start-up failed ({e})")).await;
+    }
+    result
+}
+
 /// The agent's steps, in order; each is a function below.
-async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
+async fn start_and_run(cli: Cli, health: Health, footprint: Footprint) -> Result<(), DaemonError> {
+    preflight::local(&cli)?;
     let prefix = cli.etcd_prefix.trim_end_matches('/').to_owned();
     let config_key = format!("{prefix}/config");
     let settings = etcd_settings(&cli)?;
@@ -281,6 +320,7 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     tokio::spawn(settings.clone().probe_members(config_key.clone()));
     let config = wait_for_config(&settings, &mut client, &config_key, &health).await?;
     let (underlay, public_ip) = choose_underlay(&cli, &config).await?;
+    preflight::host(&cli, &config, underlay.as_ref(), public_ip)?;
     let mtu = overlay_mtu(&config, underlay.as_ref());
     let kept_mac = match config.backend {
         Backend::Vxlan { vni, .. } => {
@@ -296,6 +336,8 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
         }
         _ => None,
     };
+    // Loading the programs pins their maps: the first change to the host.
+    footprint.record_before(&cli.bpffs).await;
     let overlay = build_overlay(
         &cli,
         &config.backend,
@@ -306,6 +348,20 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     let params = lease_params(&cli, prefix, &config, public_ip, overlay.as_ref());
 
     health.lease_lost(NoLease::Acquiring);
+    // So that a failed start-up releases only a lease it created itself.
+    let ours_before: Vec<_> = retrying(
+        &settings,
+        &config_key,
+        &mut client,
+        "listing leases",
+        async |c| lease::list(c, &params.prefix).await,
+    )
+    .await?
+    .0
+    .into_iter()
+    .filter(|e| e.attrs.as_ref().is_ok_and(|a| a.public_ip == public_ip))
+    .map(|e| e.subnet)
+    .collect();
     let previous = subnet_env::previous_subnet(&cli.subnet_file);
     let held = retrying(
         &settings,
@@ -318,7 +374,11 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
     .await?;
     log_held(&held, &params, "acquired");
     health.lease(&held, params.ttl);
+    footprint.lease(&client, &held, !ours_before.contains(&held.subnet));
 
+    let started = overlay
+        .as_ref()
+        .map(|o| (o.info().kind == "eBPF", o.spec().device_name()));
     let datapath = DatapathThread::spawn(overlay, health.clone());
     if let Some(underlay) = underlay {
         let lease = LocalLease {
@@ -328,14 +388,21 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
             mtu,
         };
         datapath.start(lease).await?;
+        if let Some((ebpf, device)) = started {
+            footprint.dataplane(ebpf, device, &cli.bpffs);
+        }
     }
+    leftovers::remove(&config.backend).await;
     let host_rules = host_rules::HostRules::install(&cli, &config, held.subnet)
         .await
         .map_err(|source| DaemonError::HostRules { source })?;
+    let added = host_rules.added();
     // Dropped with the runtime when the agent stops; the rules and route stay, as flanneld's do.
-    tokio::spawn(host_rules.resync());
+    let resync = tokio::spawn(host_rules.resync());
+    footprint.rules(added, resync.abort_handle());
 
     let mut agent = Agent {
+        footprint: footprint.clone(),
         settings,
         config_key,
         params,
@@ -367,6 +434,7 @@ async fn agent(cli: Cli, health: Health) -> Result<(), DaemonError> {
 
     write_subnet_env(&cli, &config, agent.held.subnet, mtu)?;
     notify_ready();
+    footprint.ready();
     agent.run(client, watch).await
 }
 
@@ -412,7 +480,7 @@ async fn retrying<T, E: Retryable>(
             Ok(v) => return Ok(v),
             Err(e) => match e.transient() {
                 Some(source) => {
-                    let error = error_chain(source);
+                    let error = source.brief();
                     tracing::warn!(
                         "etcd member {}: {what}: {error}; trying the next member",
                         settings.member(),
@@ -614,7 +682,7 @@ async fn wait_for_config(
                 }
             },
             Err(e) => {
-                let error = error_chain(&e);
+                let error = e.brief();
                 tracing::warn!(
                     "etcd member {}: reading {key}: {error}; trying the next member",
                     settings.member(),
@@ -687,6 +755,7 @@ impl Agent {
         match lease::claim(client, &self.params, subnet).await? {
             Claim::Held(held) => {
                 self.held = held;
+                self.footprint.lease(client, &self.held, false);
                 self.health.lease(&self.held, self.params.ttl);
                 tracing::debug!("{why}: subnet {subnet} held until renewal");
                 Ok(())
@@ -715,17 +784,16 @@ impl Agent {
     /// The one line for a request that failed on the member in use; the caller then moves to
     /// the next member.
     fn member_failed(&self, what: &str, e: &EtcdError, outage: &mut Option<Outage>) {
+        let error = e.brief();
         tracing::warn!(
-            "etcd member {}: {what}: {}; trying the next member (the datapath and {} peers \
+            "etcd member {}: {what}: {error}; trying the next member (the datapath and {} peers \
              stay as they are)",
             self.settings.member(),
-            error_chain(e),
             self.peers.len()
         );
         let o = outage.get_or_insert_with(Outage::new);
         self.health.etcd_lost(o.since());
-        self.health
-            .etcd_member_failed(format!("{what}: {}", error_chain(e)));
+        self.health.etcd_member_failed(format!("{what}: {error}"));
     }
 
     async fn run(mut self, client: Client, watch: LeaseWatch) -> Result<(), DaemonError> {
