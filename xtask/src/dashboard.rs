@@ -110,7 +110,16 @@ pub fn dashboard(opts: &Options) -> anyhow::Result<()> {
     let started = Instant::now();
     procs.push(container(0).ns.spawn(
         "iperf3",
-        &["-c", &h2_c, "-p", "5201", "-t", &secs.to_string(), "-b", "400M"],
+        &[
+            "-c",
+            &h2_c,
+            "-p",
+            "5201",
+            "-t",
+            &secs.to_string(),
+            "-b",
+            "400M",
+        ],
         Some(&log("iperf3-h1-h2")),
     )?);
     let h2_ip = cluster.lab.hosts[1].underlay_ip;
@@ -158,11 +167,17 @@ pub fn dashboard(opts: &Options) -> anyhow::Result<()> {
         ))
         .arg("status")
         .output()?;
-    println!("\n$ overlay-agent status   (on h1)\n{}", String::from_utf8_lossy(&status.stdout));
+    println!(
+        "\n$ overlay-agent status   (on h1)\n{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
     let peers: BTreeMap<String, String> = (1..3)
         .map(|i| {
             let h = &cluster.lab.hosts[i];
-            (h.underlay_ip.to_string(), format!("h{} {}", i + 1, h.underlay_ip))
+            (
+                h.underlay_ip.to_string(),
+                format!("h{} {}", i + 1, h.underlay_ip),
+            )
         })
         .collect();
     let svg = render(&scrapes, &peers);
@@ -251,7 +266,7 @@ fn chart(
 ) {
     let _ = write!(
         s,
-        r#"<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="3" fill="{PANEL}"/><text x="{}" y="{}" fill="{TEXT}" font-size="14" font-weight="bold">{title}</text>"#,
+        r##"<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="3" fill="{PANEL}"/><text x="{}" y="{}" fill="{TEXT}" font-size="14" font-weight="bold">{title}</text>"##,
         x + 10.0,
         y + 20.0
     );
@@ -267,7 +282,7 @@ fn chart(
         let yy = py + ph - ph * f64::from(i) / 4.0;
         let _ = write!(
             s,
-            r#"<line x1="{px}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#33363c"/><text x="{:.1}" y="{:.1}" fill="{DIM}" font-size="10" text-anchor="end">{}</text>"#,
+            r##"<line x1="{px}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#33363c"/><text x="{:.1}" y="{:.1}" fill="{DIM}" font-size="10" text-anchor="end">{}</text>"##,
             px + pw,
             px - 6.0,
             yy + 3.0,
@@ -280,7 +295,7 @@ fn chart(
             let xx = px + pw * t as f64 / (n - 1) as f64;
             let _ = write!(
                 s,
-                r#"<text x="{xx:.1}" y="{:.1}" fill="{DIM}" font-size="10" text-anchor="middle">{t}s</text>"#,
+                r##"<text x="{xx:.1}" y="{:.1}" fill="{DIM}" font-size="10" text-anchor="middle">{t}s</text>"##,
                 py + ph + 14.0
             );
         }
@@ -299,14 +314,14 @@ fn chart(
             .collect();
         let _ = write!(
             s,
-            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+            r##"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"##,
             points.join(" ")
         );
         let last = se.values.iter().copied().fold(0.0, f64::max);
         let ly = py + 12.0 + 18.0 * i as f64;
         let _ = write!(
             s,
-            r#"<rect x="{:.1}" y="{:.1}" width="10" height="3" fill="{colour}"/><text x="{:.1}" y="{:.1}" fill="{TEXT}" font-size="11">{} <tspan fill="{DIM}">max {}</tspan></text>"#,
+            r##"<rect x="{:.1}" y="{:.1}" width="10" height="3" fill="{colour}"/><text x="{:.1}" y="{:.1}" fill="{TEXT}" font-size="11">{} <tspan fill="{DIM}">max {}</tspan></text>"##,
             px + pw + 15.0,
             ly - 4.0,
             px + pw + 30.0,
@@ -321,7 +336,7 @@ fn stat(s: &mut String, x: f64, y: f64, title: &str, value: &str, good: bool) {
     let colour = if good { "#37872d" } else { "#c4162a" };
     let _ = write!(
         s,
-        r#"<rect x="{x}" y="{y}" width="188" height="70" rx="3" fill="{colour}"/><text x="{:.1}" y="{:.1}" fill="#fff" font-size="12">{title}</text><text x="{:.1}" y="{:.1}" fill="#fff" font-size="24" font-weight="bold">{value}</text>"#,
+        r##"<rect x="{x}" y="{y}" width="188" height="70" rx="3" fill="{colour}"/><text x="{:.1}" y="{:.1}" fill="#fff" font-size="12">{title}</text><text x="{:.1}" y="{:.1}" fill="#fff" font-size="24" font-weight="bold">{value}</text>"##,
         x + 10.0,
         y + 20.0,
         x + 10.0,
@@ -341,8 +356,16 @@ fn render(scrapes: &[Scrape], peers: &BTreeMap<String, String>) -> String {
         }
         v
     };
-    let tx = bits(rates(scrapes, "overlay_peer_transmit_bytes_total", peer_name));
-    let rx = bits(rates(scrapes, "overlay_peer_receive_bytes_total", peer_name));
+    let tx = bits(rates(
+        scrapes,
+        "overlay_peer_transmit_bytes_total",
+        peer_name,
+    ));
+    let rx = bits(rates(
+        scrapes,
+        "overlay_peer_receive_bytes_total",
+        peer_name,
+    ));
     let drops: Vec<Series> = rates(scrapes, "overlay_peer_dropped_packets_total", |n| {
         Some(format!("{} {}", label(n, "direction")?, peer_name(n)?))
     })
@@ -359,27 +382,103 @@ fn render(scrapes: &[Scrape], peers: &BTreeMap<String, String>) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="Inter, Helvetica, Arial, sans-serif"><rect width="{w}" height="{h}" fill="{BG}"/><text x="20" y="30" fill="{TEXT}" font-size="18" font-weight="bold">overlay-agent</text><text x="160" y="30" fill="{DIM}" font-size="12">deploy/grafana-dashboard.json, drawn from host h1's /metrics in a real run (cargo xtask dashboard): three hosts, eBPF datapath, udp backend</text>"#
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="Inter, Helvetica, Arial, sans-serif"><rect width="{w}" height="{h}" fill="{BG}"/><text x="20" y="30" fill="{TEXT}" font-size="18" font-weight="bold">overlay-agent</text><text x="160" y="30" fill="{DIM}" font-size="12">deploy/grafana-dashboard.json, drawn from host h1's /metrics in a real run (cargo xtask dashboard): three hosts, eBPF datapath, udp backend</text>"##
     );
     let y0 = 45.0;
-    stat(&mut s, 20.0, y0, "Healthy (/healthz 200)", if get("overlay_healthy") == 1.0 { "yes" } else { "NO" }, get("overlay_healthy") == 1.0);
-    stat(&mut s, 220.0, y0, "Lease held", if get("overlay_lease_held") == 1.0 { "yes" } else { "NO" }, get("overlay_lease_held") == 1.0);
+    stat(
+        &mut s,
+        20.0,
+        y0,
+        "Healthy (/healthz 200)",
+        if get("overlay_healthy") == 1.0 {
+            "yes"
+        } else {
+            "NO"
+        },
+        get("overlay_healthy") == 1.0,
+    );
+    stat(
+        &mut s,
+        220.0,
+        y0,
+        "Lease held",
+        if get("overlay_lease_held") == 1.0 {
+            "yes"
+        } else {
+            "NO"
+        },
+        get("overlay_lease_held") == 1.0,
+    );
     let expiry = get("overlay_lease_expiry_seconds");
-    stat(&mut s, 420.0, y0, "Lease expires in", &format!("{:.1} h", expiry / 3600.0), expiry > 0.0);
-    stat(&mut s, 620.0, y0, "etcd up", if get("overlay_etcd_up") == 1.0 { "yes" } else { "NO" }, get("overlay_etcd_up") == 1.0);
-    stat(&mut s, 820.0, y0, "Datapath up", if get("overlay_datapath_up") == 1.0 { "yes" } else { "NO" }, get("overlay_datapath_up") == 1.0);
-    stat(&mut s, 1020.0, y0, "Peers", &format!("{}", get("overlay_peers")), true);
+    stat(
+        &mut s,
+        420.0,
+        y0,
+        "Lease expires in",
+        &format!("{:.1} h", expiry / 3600.0),
+        expiry > 0.0,
+    );
+    stat(
+        &mut s,
+        620.0,
+        y0,
+        "etcd up",
+        if get("overlay_etcd_up") == 1.0 {
+            "yes"
+        } else {
+            "NO"
+        },
+        get("overlay_etcd_up") == 1.0,
+    );
+    stat(
+        &mut s,
+        820.0,
+        y0,
+        "Datapath up",
+        if get("overlay_datapath_up") == 1.0 {
+            "yes"
+        } else {
+            "NO"
+        },
+        get("overlay_datapath_up") == 1.0,
+    );
+    stat(
+        &mut s,
+        1020.0,
+        y0,
+        "Peers",
+        &format!("{}", get("overlay_peers")),
+        true,
+    );
     let (cw, ch) = (600.0, 250.0);
     let y1 = y0 + 85.0;
     chart(&mut s, 20.0, y1, cw, ch, "Sent to each peer", "bit/s", &tx);
-    chart(&mut s, 620.0, y1, cw, ch, "Received from each peer", "bit/s", &rx);
+    chart(
+        &mut s,
+        620.0,
+        y1,
+        cw,
+        ch,
+        "Received from each peer",
+        "bit/s",
+        &rx,
+    );
     let y2 = y1 + ch + 10.0;
-    chart(&mut s, 20.0, y2, cw, ch, "Drops by reason", "pkt/s", &reasons);
+    chart(
+        &mut s,
+        20.0,
+        y2,
+        cw,
+        ch,
+        "Drops by reason",
+        "pkt/s",
+        &reasons,
+    );
     chart(&mut s, 620.0, y2, cw, ch, "Drops per peer", "pkt/s", &drops);
     let y3 = y2 + ch + 10.0;
     let _ = write!(
         s,
-        r#"<rect x="20" y="{y3}" width="1200" height="{}" rx="3" fill="{PANEL}"/><text x="30" y="{}" fill="{TEXT}" font-size="14" font-weight="bold">Map fill</text>"#,
+        r##"<rect x="20" y="{y3}" width="1200" height="{}" rx="3" fill="{PANEL}"/><text x="30" y="{}" fill="{TEXT}" font-size="14" font-weight="bold">Map fill</text>"##,
         h - y3 - 20.0,
         y3 + 20.0
     );
@@ -397,7 +496,7 @@ fn render(scrapes: &[Scrape], peers: &BTreeMap<String, String>) -> String {
         let frac = if *cap > 0.0 { entries / cap } else { 0.0 };
         let _ = write!(
             s,
-            r#"<text x="{x}" y="{:.1}" fill="{TEXT}" font-size="11">{map}: {entries} of {cap}</text><rect x="{x}" y="{:.1}" width="280" height="12" fill="#33363c"/><rect x="{x}" y="{:.1}" width="{:.1}" height="12" fill="{}"/>"#,
+            r##"<text x="{x}" y="{:.1}" fill="{TEXT}" font-size="11">{map}: {entries} of {cap}</text><rect x="{x}" y="{:.1}" width="280" height="12" fill="#33363c"/><rect x="{x}" y="{:.1}" width="{:.1}" height="12" fill="{}"/>"##,
             y3 + 45.0,
             y3 + 52.0,
             y3 + 52.0,

@@ -352,6 +352,7 @@ async fn start_and_run(cli: Cli, health: Health, footprint: Footprint) -> Result
     let ours_before: Vec<_> = retrying(
         &settings,
         &config_key,
+        &health,
         &mut client,
         "listing leases",
         async |c| lease::list(c, &params.prefix).await,
