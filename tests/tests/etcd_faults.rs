@@ -977,6 +977,17 @@ fn a_host_partitioned_from_etcd_keeps_its_traffic_and_its_subnet() {
         },
     );
     let warns = window.warns(&c);
+    // The others keep h3 as a stale peer, and say so in status and /metrics.
+    for &i in &others {
+        let seen = wait_stale(&c, i, cut_ip, Duration::from_secs(10));
+        checks.check(seen.is_ok(), || {
+            format!(
+                "h{}'s status never showed h3 ({cut_ip}) as stale: {}",
+                i + 1,
+                seen.unwrap_err()
+            )
+        });
+    }
     partition.heal().unwrap();
     // Back in etcd with its subnet, and healthy.
     let subnet = before.subnets[&cut].clone();
@@ -1013,6 +1024,47 @@ fn a_host_partitioned_from_etcd_keeps_its_traffic_and_its_subnet() {
     // Only h3 lost etcd (the others log that h3's lease expired).
     window.check_back(&mut checks, &c, &[cut]);
     checks.done(logs(&c));
+}
+
+/// Waits until host `i`'s `overlay-agent status --json` lists the peer at `peer` as stale and its
+/// `/metrics` counts a stale peer; the last status seen when it does not.
+fn wait_stale(c: &Rig, i: usize, peer: Ipv4Addr, within: Duration) -> Result<(), String> {
+    let bpffs = format!(
+        "--bpffs={}",
+        c.bpffs.path().join(format!("h{}", i + 1)).display()
+    );
+    let addr =
+        std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, overlay_tests::cluster::HEALTHZ_PORT));
+    let deadline = Instant::now() + within;
+    loop {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", c.lab.hosts[i].ns.name()])
+            .arg(overlay_tests::etcd::agent_binary())
+            .args([bpffs.as_str(), "status", "--json"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let status: overlay_agent::status::Status =
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        let stale = status
+            .agent
+            .as_ref()
+            .is_some_and(|a| a.peers.iter().any(|p| p.public_ip == peer && p.stale));
+        let metric = c.lab.hosts[i]
+            .ns
+            .run(|| overlay_tests::cluster::metric(addr, "overlay_peers_stale"))
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if stale && metric >= 1.0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "overlay_peers_stale {metric}; peers {:?}",
+                status.agent.map(|a| a.peers)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Every member restarted in turn, in the reverse of the agents' `--etcd-endpoints` order, one

@@ -262,12 +262,24 @@ fn datapaths(opts: &Options, out_dir: &Path, run_dir: &Path) -> anyhow::Result<(
                     return Err(e.context(format!("setting up mode {}", mode.name)));
                 }
             };
-            let sample = metrics::measure_all(
+            let mut sample = metrics::measure_all(
                 rig.client(),
                 &active.server_ip,
                 secs,
                 rig.tcp_cc.effective(),
             );
+            if let (
+                Ok(s),
+                Kind::Agent {
+                    datapath: "ebpf", ..
+                },
+            ) = (&mut sample, mode.kind)
+            {
+                match metrics::program_cost(rig.client(), &active.server_ip, secs) {
+                    Ok(cost) => s.extend(cost),
+                    Err(e) => sample = Err(e.context("the eBPF programs' cost per run")),
+                }
+            }
             rig.teardown(active);
             rig::check_clean(&rig)?;
             match sample {

@@ -317,17 +317,19 @@ fn chart(
             r##"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"##,
             points.join(" ")
         );
-        let last = se.values.iter().copied().fold(0.0, f64::max);
-        let ly = py + 12.0 + 18.0 * i as f64;
+        let max = se.values.iter().copied().fold(0.0, f64::max);
+        let ly = py + 12.0 + 30.0 * i as f64;
         let _ = write!(
             s,
-            r##"<rect x="{:.1}" y="{:.1}" width="10" height="3" fill="{colour}"/><text x="{:.1}" y="{:.1}" fill="{TEXT}" font-size="11">{} <tspan fill="{DIM}">max {}</tspan></text>"##,
+            r##"<rect x="{:.1}" y="{:.1}" width="10" height="3" fill="{colour}"/><text x="{:.1}" y="{:.1}" fill="{TEXT}" font-size="11">{}</text><text x="{:.1}" y="{:.1}" fill="{DIM}" font-size="10">max {}</text>"##,
             px + pw + 15.0,
             ly - 4.0,
             px + pw + 30.0,
             ly,
             se.name,
-            fmt_axis(last, unit)
+            px + pw + 30.0,
+            ly + 13.0,
+            fmt_axis(max, unit)
         );
     }
 }

@@ -26,10 +26,14 @@ pub enum Metric {
     LatP50,
     LatP99,
     CpuPerGbit,
+    /// Nanoseconds per run of `tc_encap` (eBPF modes).
+    EncapNs,
+    /// Nanoseconds per run of `tc_decap` (eBPF modes).
+    DecapNs,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 7] = [
+    pub const ALL: [Metric; 9] = [
         Metric::Tcp1,
         Metric::Tcp4,
         Metric::UdpPps,
@@ -37,6 +41,8 @@ impl Metric {
         Metric::LatP50,
         Metric::LatP99,
         Metric::CpuPerGbit,
+        Metric::EncapNs,
+        Metric::DecapNs,
     ];
 
     /// Key in the JSON output.
@@ -49,6 +55,8 @@ impl Metric {
             Metric::LatP50 => "tcp_rr_p50_us",
             Metric::LatP99 => "tcp_rr_p99_us",
             Metric::CpuPerGbit => "cpu_s_per_gbit",
+            Metric::EncapNs => "tc_encap_ns_per_run",
+            Metric::DecapNs => "tc_decap_ns_per_run",
         }
     }
 
@@ -62,6 +70,8 @@ impl Metric {
             Metric::LatP50 => "RR p50 µs",
             Metric::LatP99 => "RR p99 µs",
             Metric::CpuPerGbit => "CPU s/Gbit",
+            Metric::EncapNs => "tc_encap ns/run",
+            Metric::DecapNs => "tc_decap ns/run",
         }
     }
 
@@ -75,6 +85,8 @@ impl Metric {
             Metric::LatP50 => "RR p50",
             Metric::LatP99 => "RR p99",
             Metric::CpuPerGbit => "CPU/Gbit",
+            Metric::EncapNs => "encap ns",
+            Metric::DecapNs => "decap ns",
         }
     }
 
@@ -116,6 +128,65 @@ pub fn measure_all(
     out.push((Metric::LatAvg, lat.avg));
     out.push((Metric::LatP50, lat.p50));
     out.push((Metric::LatP99, lat.p99));
+    Ok(out)
+}
+
+/// The kernel's per-program run statistics (`kernel.bpf_stats_enabled`), on while it lives.
+struct BpfStats;
+
+impl BpfStats {
+    fn enable() -> anyhow::Result<Self> {
+        overlay_tests::netns::run("sysctl", &["-qw", "kernel.bpf_stats_enabled=1"])
+            .context("turning on kernel.bpf_stats_enabled")?;
+        Ok(BpfStats)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = overlay_tests::netns::run("sysctl", &["-qw", "kernel.bpf_stats_enabled=0"]);
+    }
+}
+
+/// Summed (run time in ns, runs) of every loaded program named `name`.
+fn run_stats(name: &str) -> anyhow::Result<(u64, u64)> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show", "name", name])
+        .output()
+        .context("running bpftool prog show")?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("bpftool -j prog show output")?;
+    let progs = match json {
+        serde_json::Value::Array(a) => a,
+        one => vec![one],
+    };
+    Ok(progs.iter().fold((0, 0), |(t, n), p| {
+        (
+            t + p["run_time_ns"].as_u64().unwrap_or(0),
+            n + p["run_cnt"].as_u64().unwrap_or(0),
+        )
+    }))
+}
+
+/// What the eBPF programs cost per run, over a 64-byte UDP flood (one packet, one run each) with
+/// the kernel's per-program statistics on. Measured after the other tests and apart from them:
+/// the statistics add two clock reads to every run, which the other numbers must not carry.
+pub fn program_cost(client: &NetNs, server_ip: &str, secs: u32) -> anyhow::Result<Sample> {
+    let _stats = BpfStats::enable()?;
+    let programs = [(Metric::EncapNs, "tc_encap"), (Metric::DecapNs, "tc_decap")];
+    let before: Vec<(u64, u64)> = programs
+        .iter()
+        .map(|(_, p)| run_stats(p))
+        .collect::<anyhow::Result<_>>()?;
+    iperf_udp_pps(client, server_ip, secs)?;
+    let mut out = Vec::new();
+    for ((metric, program), (t0, n0)) in programs.iter().zip(before) {
+        let (t1, n1) = run_stats(program)?;
+        if n1 <= n0 {
+            bail!("{program} did not run during the UDP flood");
+        }
+        out.push((*metric, (t1 - t0) as f64 / (n1 - n0) as f64));
+    }
     Ok(out)
 }
 

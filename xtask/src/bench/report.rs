@@ -326,7 +326,11 @@ pub fn svg(ctx: &Context, results: &[ModeResult]) -> String {
         .iter()
         .filter(|r| matches!(r.status, Status::Measured))
         .collect();
-    let metrics = Metric::ALL;
+    // Only what bare has: the programs' cost per run has nothing to be relative to there.
+    let metrics: Vec<Metric> = Metric::ALL
+        .into_iter()
+        .filter(|&m| bare.stat(m).is_some())
+        .collect();
     let max_ratio = measured
         .iter()
         .flat_map(|r| metrics.iter().filter_map(|&m| r.relative(bare, m)))
