@@ -105,6 +105,16 @@ impl NetNs {
         run("ip", &full)
     }
 
+    /// The netfilter rules of both tables, as `iptables -S` prints them (empty where iptables
+    /// fails: the checks comparing them then fail instead).
+    pub fn iptables_rules(&self) -> String {
+        ["filter", "nat"]
+            .iter()
+            .filter_map(|table| self.exec("iptables", &["-w", "-t", table, "-S"]).ok())
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .collect()
+    }
+
     /// Runs `ip args` inside the namespace.
     pub fn ip(&self, args: &[&str]) -> Result<Output, NetNsError> {
         let mut full = vec!["-n", &self.name];

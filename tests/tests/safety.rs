@@ -93,16 +93,6 @@ fn lease_keys(c: &Cluster) -> String {
         .unwrap()
 }
 
-fn iptables_rules(ns: &NetNs) -> String {
-    ["filter", "nat"]
-        .iter()
-        .map(|table| {
-            let out = ns.exec("iptables", &["-w", "-t", table, "-S"]).unwrap();
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        })
-        .collect()
-}
-
 /// No device (but those in `except`), pin, iptables chain, blackhole route or lease of h1.
 fn assert_nothing_left(c: &Cluster, except: &[&str], log: &str) {
     for dev in DEVICES.iter().filter(|d| !except.contains(d)) {
@@ -116,7 +106,7 @@ fn assert_nothing_left(c: &Cluster, except: &[&str], log: &str) {
         "pins left under {}; log:\n{log}",
         pins(c).display()
     );
-    let rules = iptables_rules(h1(c));
+    let rules = h1(c).iptables_rules();
     assert!(
         !rules.contains("FLANNEL-"),
         "rules left: {rules}\nlog:\n{log}"

@@ -29,17 +29,6 @@ fn teardown_with(ns: &NetNs, bpffs: &std::path::Path, extra: &[&str]) -> Output 
         .unwrap()
 }
 
-/// The netfilter rules of a host, both tables, as `iptables -S` prints them.
-fn iptables_rules(ns: &NetNs) -> String {
-    ["filter", "nat"]
-        .iter()
-        .map(|table| {
-            let out = ns.exec("iptables", &["-w", "-t", table, "-S"]).unwrap();
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        })
-        .collect()
-}
-
 fn text(out: &Output) -> String {
     format!(
         "status {}\nstdout:\n{}stderr:\n{}",
@@ -82,7 +71,7 @@ fn teardown_removes_what_the_agent_left(backend: &str, device: &str) {
     let h2 = &c.lab.hosts[1].ns;
     let h2_pins = c.bpffs.path().join("h2");
     let h2_links = pinned_links(&h2_pins);
-    let h2_rules = iptables_rules(h2);
+    let h2_rules = h2.iptables_rules();
     let busy = teardown(h2, &h2_pins);
     assert!(!busy.status.success(), "{}", text(&busy));
     let stderr = String::from_utf8_lossy(&busy.stderr);
@@ -98,7 +87,7 @@ fn teardown_removes_what_the_agent_left(backend: &str, device: &str) {
     );
     assert!(h2.ip(&["link", "show", device]).is_ok(), "{device} removed");
     assert_eq!(pinned_links(&h2_pins).len(), h2_links.len(), "pins removed");
-    assert_eq!(iptables_rules(h2), h2_rules, "iptables rules changed");
+    assert_eq!(h2.iptables_rules(), h2_rules, "iptables rules changed");
     assert!(
         c.ping_matrix().is_empty(),
         "the refused teardown broke forwarding"

@@ -225,6 +225,20 @@ pub const REQUIREMENTS: &[Requirement] = &[
             runs("umount", &["--version"]).map(|_| ())
         }),
     },
+    Requirement {
+        what: "chattr and lsattr (the safety tests make a subnet file immutable)",
+        programs: &["chattr", "lsattr"],
+        source: Source::Debian(&["e2fsprogs"]),
+        // chattr has no flag that only reports; its package's lsattr does, and chattr's usage
+        // line (exit 1 without files) shows it is there.
+        proof: Proof::Check(|_| {
+            runs("lsattr", &["-V"])?;
+            match Command::new("chattr").stdin(Stdio::null()).output() {
+                Ok(_) => Ok(()),
+                Err(e) => Err(format!("chattr: {e}")),
+            }
+        }),
+    },
     Requirement::debian_tool(
         "sysctl (forwarding and BPF stats in the rigs)",
         &["sysctl"],

@@ -274,8 +274,8 @@ impl Health {
         let mut line = format!("subnet {}", subnet.unwrap_or("?"));
         if let Some(d) = &a.datapath {
             line.push_str(&format!(", {} ({})", d.kind, d.backend));
-            if !d.devices.is_empty() {
-                line.push_str(&format!(" on {}", d.devices.join(", ")));
+            if let Some(device) = d.devices.first() {
+                line.push_str(&format!(" on {device}"));
             }
         }
         line.push_str(&format!(", {} peer(s)", a.peer_counts.known));
@@ -386,6 +386,9 @@ pub enum Answer {
     Strict,
 }
 
+/// How long a failed accept waits before the next.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
 /// flanneld's body, byte for byte (no newline).
 pub const FLANNELD_BODY: &str = "flanneld is running";
 
@@ -412,6 +415,8 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 pub async fn serve(listener: TcpListener, health: Health, answer: Answer) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
+            // Out of file descriptors, typically: retrying at once would only spin.
+            tokio::time::sleep(ACCEPT_RETRY).await;
             continue;
         };
         let health = health.clone();

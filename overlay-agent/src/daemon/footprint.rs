@@ -26,7 +26,7 @@ use crate::{
     host::{
         Netlink,
         finishing::{self, FINISH_DEVICE},
-        overlay::{Occupant, OverlayDevice, is_overlay_name},
+        overlay::{OverlayDevice, is_overlay_name},
     },
 };
 
@@ -216,21 +216,14 @@ async fn undo_host(before: &Before, done: &mut Vec<String>) {
         Ok(netlink) => {
             let links = netlink.links().await.unwrap_or_default();
             for link in links {
-                if !is_overlay_name(&link.name) || before.devices.contains(&link.name) {
+                if before.devices.contains(&link.name) {
                     continue;
                 }
-                let device = OverlayDevice {
-                    name: link.name.clone(),
-                    mtu: link.mtu,
-                    lease_addr: std::net::Ipv4Addr::UNSPECIFIED,
-                    addr_prefix_len: 32,
-                    network: (std::net::Ipv4Addr::UNSPECIFIED, 0),
-                };
                 // Only the agent's own kind of device: a name taken meanwhile by another is not
                 // this run's doing.
-                if device.occupant(&netlink).await.ok() != Some(Occupant::OwnTun) {
+                let Some(device) = OverlayDevice::agents_own(&netlink, &link).await else {
                     continue;
-                }
+                };
                 done.push(match device.drain_and_delete(&netlink).await {
                     Ok(_) => format!("removed device {}", link.name),
                     Err(e) => format!("device {} left: {e}", link.name),

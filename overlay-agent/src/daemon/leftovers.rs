@@ -12,7 +12,7 @@ use crate::{
     control::config::Backend,
     host::{
         Netlink, finishing,
-        overlay::{HANDOVER_DEVICE, Occupant, OverlayDevice, is_overlay_name},
+        overlay::{HANDOVER_DEVICE, OverlayDevice},
     },
 };
 
@@ -44,22 +44,12 @@ pub(super) async fn remove(backend: &Backend) {
         }
     };
     for link in links {
-        if !is_overlay_name(&link.name)
-            || link.name == HANDOVER_DEVICE
-            || own.as_deref() == Some(link.name.as_str())
-        {
+        if link.name == HANDOVER_DEVICE || own.as_deref() == Some(link.name.as_str()) {
             continue;
         }
-        let device = OverlayDevice {
-            name: link.name.clone(),
-            mtu: link.mtu,
-            lease_addr: std::net::Ipv4Addr::UNSPECIFIED,
-            addr_prefix_len: 32,
-            network: (std::net::Ipv4Addr::UNSPECIFIED, 0),
+        let Some(device) = OverlayDevice::agents_own(&netlink, &link).await else {
+            continue;
         };
-        if device.occupant(&netlink).await.ok() != Some(Occupant::OwnTun) {
-            continue;
-        }
         match device.drain_and_delete(&netlink).await {
             Ok(routes) => tracing::info!(
                 "removed {} with its addresses and {routes} route(s): an earlier run's device \

@@ -586,11 +586,16 @@ impl Overlay {
 
     /// What the datapath is, and why, for status.
     pub fn info(&self) -> DatapathInfo {
+        // The overlay device first: it is what operators look for (the rest: the underlay, the
+        // finishing device).
+        let own = self.spec.device_name();
+        let mut devices = self.datapath.devices();
+        devices.sort_by_key(|d| *d != own);
         DatapathInfo {
             kind: self.datapath.kind().to_owned(),
             backend: self.spec.type_name().to_owned(),
             chosen: self.chosen.clone(),
-            devices: self.datapath.devices(),
+            devices,
         }
     }
 

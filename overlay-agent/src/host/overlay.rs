@@ -79,6 +79,25 @@ pub struct OverlayDevice {
 pub const HANDOVER_DEVICE: &str = "flannel-handovr";
 
 impl OverlayDevice {
+    /// `link` described for removal when it is a device of the agent's own kind (a persistent
+    /// TUN of flannel's names); `None` for anything else (flanneld's, another program's).
+    pub async fn agents_own(
+        netlink: &Netlink,
+        link: &crate::host::netlink::LinkInfo,
+    ) -> Option<Self> {
+        if !is_overlay_name(&link.name) {
+            return None;
+        }
+        let device = OverlayDevice {
+            name: link.name.clone(),
+            mtu: link.mtu,
+            lease_addr: Ipv4Addr::UNSPECIFIED,
+            addr_prefix_len: 32,
+            network: (Ipv4Addr::UNSPECIFIED, 0),
+        };
+        (device.occupant(netlink).await.ok() == Some(Occupant::OwnTun)).then_some(device)
+    }
+
     /// What holds this device's name now.
     pub async fn occupant(&self, netlink: &Netlink) -> Result<Occupant, NetlinkError> {
         match netlink.link(&self.name).await {

@@ -15,6 +15,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use super::Status;
 use crate::control::healthz::Health;
 
+/// How long a failed accept waits before the next.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// How long `status` waits for the agent's answer.
 const ANSWER_WAIT: Duration = Duration::from_secs(5);
 
@@ -85,6 +87,8 @@ pub async fn serve(listener: tokio::net::UnixListener, health: Health) {
     let own_uid = unsafe { libc::geteuid() };
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
+            // Out of file descriptors, typically: retrying at once would only spin.
+            tokio::time::sleep(ACCEPT_RETRY).await;
             continue;
         };
         let allowed = conn

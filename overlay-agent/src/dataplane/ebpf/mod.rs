@@ -177,14 +177,11 @@ impl EndpointsMap {
 
     /// Forgets a local container; unknown addresses are ignored.
     pub fn remove(&mut self, ip: Ipv4Addr) -> Result<(), EbpfError> {
-        match self.map.remove(&ip.octets()) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(EbpfError::Map {
-                map: ENDPOINTS_MAP,
-                operation: "removing an endpoint",
-                source,
-            }),
-        }
+        removal(
+            ENDPOINTS_MAP,
+            "removing an endpoint",
+            self.map.remove(&ip.octets()),
+        )
     }
 
     /// Every programmed endpoint.
@@ -315,55 +312,25 @@ impl EbpfDataplane {
         let stale: Vec<Subnet> = self.stale_peers.drain().collect();
         let mut trie: LpmTrie<&mut MapData, [u8; 4], Peer> = self.map_mut(PEERS_MAP)?;
         for subnet in &stale {
-            match trie.remove(&trie_key(*subnet)) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(EbpfError::Map {
-                        map: PEERS_MAP,
-                        operation: "removing a stale peer",
-                        source,
-                    });
-                }
-            }
+            removal(
+                PEERS_MAP,
+                "removing a stale peer",
+                trie.remove(&trie_key(*subnet)),
+            )?;
         }
         let live: HashSet<[u8; 4]> = self.peers.values().map(|p| p.public_ip.octets()).collect();
+        let dead = |keys: Vec<[u8; 4]>| keys.into_iter().filter(|a| !live.contains(a));
         let mut addrs: BpfHashMap<&mut MapData, [u8; 4], PeerAddr> =
             self.map_mut(PEER_ADDRS_MAP)?;
-        let dead: Vec<[u8; 4]> = addrs
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|a| !live.contains(a))
-            .collect();
-        for addr in dead {
-            match addrs.remove(&addr) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(EbpfError::Map {
-                        map: PEER_ADDRS_MAP,
-                        operation: "removing a stale peer address",
-                        source,
-                    });
-                }
-            }
+        for addr in dead(addrs.keys().filter_map(Result::ok).collect()) {
+            let r = addrs.remove(&addr);
+            removal(PEER_ADDRS_MAP, "removing a stale peer address", r)?;
         }
         let mut counters: PerCpuHashMap<&mut MapData, [u8; 4], PeerCounters> =
             self.map_mut(PEER_COUNTERS_MAP)?;
-        let dead: Vec<[u8; 4]> = counters
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|a| !live.contains(a))
-            .collect();
-        for addr in dead {
-            match counters.remove(&addr) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(EbpfError::Map {
-                        map: PEER_COUNTERS_MAP,
-                        operation: "removing a stale peer's counters",
-                        source,
-                    });
-                }
-            }
+        for addr in dead(counters.keys().filter_map(Result::ok).collect()) {
+            let r = counters.remove(&addr);
+            removal(PEER_COUNTERS_MAP, "removing a stale peer's counters", r)?;
         }
         Ok(stale.len())
     }
@@ -595,16 +562,7 @@ impl EbpfDataplane {
         };
         // Trie first: nothing is sent to the peer before its packets stop being accepted.
         let mut trie: LpmTrie<&mut MapData, [u8; 4], Peer> = self.map_mut(PEERS_MAP)?;
-        match trie.remove(&trie_key(subnet)) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(source) => {
-                return Err(EbpfError::Map {
-                    map: PEERS_MAP,
-                    operation: "removing a peer",
-                    source,
-                });
-            }
-        }
+        removal(PEERS_MAP, "removing a peer", trie.remove(&trie_key(subnet)))?;
         self.peers.remove(&subnet);
         self.sync_peer_addr(old.public_ip)
     }
@@ -627,26 +585,12 @@ impl EbpfDataplane {
         if subnets == 0 {
             let mut map: BpfHashMap<&mut MapData, [u8; 4], PeerAddr> =
                 self.map_mut(PEER_ADDRS_MAP)?;
-            match map.remove(&addr.octets()) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(EbpfError::Map {
-                        map: PEER_ADDRS_MAP,
-                        operation: "removing a peer address",
-                        source,
-                    });
-                }
-            }
+            let r = map.remove(&addr.octets());
+            removal(PEER_ADDRS_MAP, "removing a peer address", r)?;
             let mut counters: PerCpuHashMap<&mut MapData, [u8; 4], PeerCounters> =
                 self.map_mut(PEER_COUNTERS_MAP)?;
-            return match counters.remove(&addr.octets()) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(source) => Err(EbpfError::Map {
-                    map: PEER_COUNTERS_MAP,
-                    operation: "removing a peer's counters",
-                    source,
-                }),
-            };
+            let r = counters.remove(&addr.octets());
+            return removal(PEER_COUNTERS_MAP, "removing a peer's counters", r);
         }
         let mut counters: PerCpuHashMap<&mut MapData, [u8; 4], PeerCounters> =
             self.map_mut(PEER_COUNTERS_MAP)?;
@@ -768,6 +712,22 @@ fn summed<T: std::borrow::Borrow<MapData>>(
             Ok((slot, total))
         })
         .collect()
+}
+
+/// A removal's result, a key already gone counting as removed.
+fn removal(
+    map: &'static str,
+    operation: &'static str,
+    result: Result<(), aya::maps::MapError>,
+) -> Result<(), EbpfError> {
+    match result {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(EbpfError::Map {
+            map,
+            operation,
+            source,
+        }),
+    }
 }
 
 /// Every peer host's counters, summed over the CPUs, in address order.
