@@ -1009,10 +1009,10 @@ fn build_overlay(
     };
     let overlay = dataplane::select(cli.datapath, spec, options)
         .map_err(|source| DaemonError::Select { source })?;
+    // Why it was chosen is dataplane::select's line (auto), or the flag itself.
     tracing::info!(
-        "datapath: {} ({}){}",
+        "datapath: {}{}",
         overlay.describe(),
-        overlay.info().chosen,
         underlay.map_or(String::new(), |u| format!(" on {}", u.name))
     );
     Ok(Some(overlay))
