@@ -20,11 +20,10 @@ use std::{
 use crate::{
     cli::{Cli, DatapathKind},
     control::config::{Backend, NetworkConfig},
+    dataplane::ebpf::pins::is_bpffs,
     host::iface::Underlay,
 };
 
-/// bpffs' magic, as statfs reports it.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Where the agent mounts a bpf filesystem itself when none is there (`Pins::open`).
 const SYS_FS_BPF: &str = "/sys/fs/bpf";
 
@@ -208,17 +207,6 @@ fn bpffs(path: &Path) -> Result<(), PreflightError> {
             existing.display()
         )
     }))
-}
-
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs reads a NUL-terminated path and writes one statfs struct we own.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
-    }
 }
 
 #[cfg(test)]

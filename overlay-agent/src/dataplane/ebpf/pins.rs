@@ -182,7 +182,8 @@ fn remove(path: &Path, errors: &mut Vec<PinsError>) {
     }
 }
 
-fn is_bpffs(path: &Path) -> bool {
+/// Whether `path` is on a bpf filesystem.
+pub fn is_bpffs(path: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt as _;
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
         return false;
