@@ -31,7 +31,13 @@ pub fn main(bpffs: &Path, args: &StatusArgs) -> ExitCode {
     };
     let status = match runtime.block_on(socket::fetch(bpffs)) {
         Ok(status) => status,
-        Err(e) => from_pins(bpffs, e.to_string()),
+        Err(e) => from_pins(
+            bpffs,
+            format!(
+                "{e}; the socket is per network namespace: where the agent runs in another, run \
+                 status there (ip netns exec <namespace> overlay-agent status)"
+            ),
+        ),
     };
     if args.json {
         match serde_json::to_string_pretty(&status) {
@@ -235,7 +241,7 @@ pub fn render(status: &Status, bpffs: &Path) -> String {
                 let _ = writeln!(
                     o,
                     "Datapath:   eBPF, pinned under {}: its programs forward with the peers \
-                     below until the agent returns or `overlay-agent teardown` removes them",
+                     below without the agent, until `overlay-agent teardown` removes them",
                     bpffs.display()
                 );
                 for r in &d.routes {
@@ -289,7 +295,7 @@ pub fn render(status: &Status, bpffs: &Path) -> String {
             None => format!("{} {}", x.outcome, x.packets),
         })
         .collect();
-    let _ = writeln!(o, "Forwarded:  {}", passed.join(", "));
+    let _ = writeln!(o, "Outcomes:   {}", passed.join(", "));
     if !d.maps.is_empty() {
         let maps: Vec<String> = d
             .maps

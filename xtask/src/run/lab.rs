@@ -237,7 +237,7 @@ fn scenario(opts: &Options, binary: &Path, dir: &Path, started: Instant) -> anyh
             failures.join(", ")
         );
     }
-    print_explore(&cluster, device, dir);
+    print_explore(&cluster, device, dir, binary);
     let mut exited = vec![false; n];
     while !interrupted() {
         std::thread::sleep(Duration::from_millis(200));
@@ -399,7 +399,7 @@ fn table(cluster: &Cluster, results: &[(usize, usize, PingStats)]) -> (String, V
     (out, failures)
 }
 
-fn print_explore(cluster: &Cluster, device: &str, dir: &Path) {
+fn print_explore(cluster: &Cluster, device: &str, dir: &Path, binary: &Path) {
     let h1 = cluster.lab.hosts[0].ns.name();
     let c1 = cluster.lab.hosts[0]
         .container
@@ -417,6 +417,8 @@ fn print_explore(cluster: &Cluster, device: &str, dir: &Path) {
          \x20 ip netns list | grep {prefix}-\n\
          \x20 # h1's container pings h2's container\n\
          \x20 ip netns exec {c1} ping {c2_ip}\n\
+         \x20 # what h1's agent and dataplane do: lease, etcd, programs, each peer's traffic, drops\n\
+         \x20 ip netns exec {h1} {agent} --bpffs={pins} status\n\
          \x20 # h1's overlay device and routes\n\
          \x20 ip netns exec {h1} ip addr show {device}\n\
          \x20 ip netns exec {h1} ip route\n\
@@ -436,5 +438,6 @@ fn print_explore(cluster: &Cluster, device: &str, dir: &Path) {
         run = host_run_dir(dir, 0).display(),
         log = dir.join("h1").join("agent.log").display(),
         pins = cluster.bpffs.path().join("h1").display(),
+        agent = binary.display(),
     );
 }
