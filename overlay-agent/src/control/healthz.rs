@@ -160,11 +160,6 @@ impl Health {
         s.etcd_error = Some((Instant::now(), error));
     }
 
-    /// Records an etcd error that does not move to another member.
-    pub fn etcd_error(&self, error: String) {
-        self.state().etcd_error = Some((Instant::now(), error));
-    }
-
     /// The agent's state, as the status socket sends it.
     pub fn agent_state(&self) -> AgentState {
         let reason = self.reason();
@@ -262,24 +257,31 @@ impl Health {
     }
 
     /// The one line systemd shows (`STATUS=`): what forwards, or why the agent is unhealthy.
+    /// Asked every second, so it reads the state directly (no copy of the peer list).
     pub fn summary(&self) -> String {
-        let a = self.agent_state();
-        let subnet = a.lease.subnet.as_deref().filter(|_| a.lease.held);
-        if let Some(reason) = &a.unhealthy_reason {
+        let reason = self.reason();
+        let note = self.note();
+        let s = self.state();
+        let subnet = s
+            .lease
+            .as_ref()
+            .filter(|_| s.lease_until.is_some())
+            .map(|l| l.subnet.to_string());
+        if let Some(reason) = reason {
             return match subnet {
                 Some(subnet) => format!("unhealthy: {reason} (subnet {subnet})"),
                 None => format!("unhealthy: {reason}"),
             };
         }
-        let mut line = format!("subnet {}", subnet.unwrap_or("?"));
-        if let Some(d) = &a.datapath {
+        let mut line = format!("subnet {}", subnet.as_deref().unwrap_or("?"));
+        if let Some(d) = &s.datapath_info {
             line.push_str(&format!(", {} ({})", d.kind, d.backend));
             if let Some(device) = d.devices.first() {
                 line.push_str(&format!(" on {device}"));
             }
         }
-        line.push_str(&format!(", {} peer(s)", a.peer_counts.known));
-        if let Some(note) = &a.note {
+        line.push_str(&format!(", {} peer(s)", s.peers.known));
+        if let Some(note) = note {
             line.push_str(&format!("; {note}"));
         }
         line

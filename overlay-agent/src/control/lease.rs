@@ -181,6 +181,8 @@ pub struct HeldLease {
     pub renew_at: Instant,
     /// When etcd drops it unless renewed (far future for a reservation).
     pub expires_at: Instant,
+    /// The claim that returned it wrote the key anew: no lease of this host's was there.
+    pub created: bool,
 }
 
 impl HeldLease {
@@ -274,6 +276,7 @@ pub async fn claim(
             .get(key.as_str(), None)
             .await
             .map_err(req("reading a lease"))?;
+        let created = resp.kvs().is_empty();
         let (cmp, old_lease, reservation) = match resp.kvs().first() {
             None => (
                 Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
@@ -355,6 +358,7 @@ pub async fn claim(
             etcd_lease: new_lease,
             renew_at,
             expires_at,
+            created,
         }));
     }
     Err(LeaseError::TooManyRaces { attempts: 10 })

@@ -98,10 +98,11 @@ impl Footprint {
         });
     }
 
-    /// The lease is held (acquired, or renewed: `created` is kept from the first call).
-    pub(super) fn lease(&self, client: &Client, held: &HeldLease, created: bool) {
+    /// The lease is held (acquired, or renewed: whether this run created it is the first
+    /// claim's [`HeldLease::created`]; a later re-creation after an expiry does not change it).
+    pub(super) fn lease(&self, client: &Client, held: &HeldLease) {
         let mut state = self.state();
-        let created = state.lease.as_ref().map_or(created, |l| l.created);
+        let created = state.lease.as_ref().map_or(held.created, |l| l.created);
         state.lease = Some(Lease {
             client: client.clone(),
             held: held.clone(),

@@ -348,21 +348,6 @@ async fn start_and_run(cli: Cli, health: Health, footprint: Footprint) -> Result
     let params = lease_params(&cli, prefix, &config, public_ip, overlay.as_ref());
 
     health.lease_lost(NoLease::Acquiring);
-    // So that a failed start-up releases only a lease it created itself.
-    let ours_before: Vec<_> = retrying(
-        &settings,
-        &config_key,
-        &health,
-        &mut client,
-        "listing leases",
-        async |c| lease::list(c, &params.prefix).await,
-    )
-    .await?
-    .0
-    .into_iter()
-    .filter(|e| e.attrs.as_ref().is_ok_and(|a| a.public_ip == public_ip))
-    .map(|e| e.subnet)
-    .collect();
     let previous = subnet_env::previous_subnet(&cli.subnet_file);
     let held = retrying(
         &settings,
@@ -375,7 +360,7 @@ async fn start_and_run(cli: Cli, health: Health, footprint: Footprint) -> Result
     .await?;
     log_held(&held, &params, "acquired");
     health.lease(&held, params.ttl);
-    footprint.lease(&client, &held, !ours_before.contains(&held.subnet));
+    footprint.lease(&client, &held);
 
     let started = overlay
         .as_ref()
@@ -756,7 +741,7 @@ impl Agent {
         match lease::claim(client, &self.params, subnet).await? {
             Claim::Held(held) => {
                 self.held = held;
-                self.footprint.lease(client, &self.held, false);
+                self.footprint.lease(client, &self.held);
                 self.health.lease(&self.held, self.params.ttl);
                 tracing::debug!("{why}: subnet {subnet} held until renewal");
                 Ok(())

@@ -6,9 +6,12 @@
 
 use std::{net::Ipv4Addr, path::PathBuf, sync::Arc};
 
-use overlay_common::{CounterSlot, PeerCounters};
+use overlay_common::{CounterSlot, PeerCounters, maps::Endpoint};
 
-use super::contract::DatapathError;
+use super::{
+    contract::{DatapathError, PeerRoute},
+    ebpf::pinned::PinnedLinkInfo,
+};
 
 /// Packets (and bytes, where counted) of one outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,9 +35,11 @@ pub struct MapFill {
     pub capacity: u32,
 }
 
-/// One reading of a datapath's counters.
+/// One reading of a datapath's counters, and of the tables they are kept beside.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
+    /// Where it was read: `pins` (the eBPF maps under `--bpffs`) or `agent` (TUN, in memory).
+    pub read_from: &'static str,
     /// Every outcome the datapath counts.
     pub outcomes: Vec<OutcomeCount>,
     /// Traffic per peer host, by public address; `None` where the datapath does not count per
@@ -42,27 +47,18 @@ pub struct Counters {
     pub peers: Option<Vec<(Ipv4Addr, PeerCounters)>>,
     /// The bounded maps (eBPF); none for TUN, whose tables grow as needed.
     pub maps: Vec<MapFill>,
-}
-
-impl Counters {
-    /// The packets counted for `slot`, 0 when the datapath has no such outcome.
-    pub fn packets(&self, slot: CounterSlot) -> u64 {
-        self.outcomes
-            .iter()
-            .find(|o| o.slot == slot)
-            .map_or(0, |o| o.packets)
-    }
+    /// The peer routes in the dataplane's maps (eBPF).
+    pub routes: Vec<PeerRoute>,
+    /// The local containers delivered into directly (eBPF).
+    pub endpoints: Vec<(Ipv4Addr, Endpoint)>,
+    /// The pinned links and their programs (eBPF).
+    pub links: Vec<PinnedLinkInfo>,
 }
 
 /// Reads a running datapath's counters.
 pub trait CounterSource: Send + Sync + std::fmt::Debug {
     /// The counters now.
     fn read(&self) -> Result<Counters, DatapathError>;
-
-    /// The bpffs root its maps and links are pinned under, when they are.
-    fn pins(&self) -> Option<&std::path::Path> {
-        None
-    }
 }
 
 /// The eBPF datapath's counters, read from its pinned maps: the same reading whether the agent
@@ -74,34 +70,10 @@ pub struct PinnedCounters {
 }
 
 impl CounterSource for PinnedCounters {
-    fn pins(&self) -> Option<&std::path::Path> {
-        Some(&self.root)
-    }
-
     fn read(&self) -> Result<Counters, DatapathError> {
-        use super::ebpf::pinned;
-        let e = |op: &'static str| {
-            move |source| DatapathError::Ebpf {
-                op,
-                source: Box::new(source),
-            }
-        };
-        let outcomes = pinned::pinned_counters(&self.root)
-            .map_err(e("reading the counters"))?
-            .into_iter()
-            .map(|(slot, c)| OutcomeCount {
-                slot,
-                packets: c.packets,
-                bytes: Some(c.bytes),
-            })
-            .collect();
-        Ok(Counters {
-            outcomes,
-            peers: Some(
-                pinned::pinned_peer_counters(&self.root)
-                    .map_err(e("reading the per-peer counters"))?,
-            ),
-            maps: pinned::pinned_map_fill(&self.root).map_err(e("counting map entries"))?,
+        super::ebpf::pinned::read(&self.root).map_err(|source| DatapathError::Ebpf {
+            op: "reading the pinned dataplane",
+            source: Box::new(source),
         })
     }
 }

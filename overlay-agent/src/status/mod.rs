@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::dataplane::{
     contract::{DatapathError, DatapathInfo},
     counters::{CounterSource, Counters, MapFill, PinnedCounters},
-    ebpf::pinned::{self, PinnedLinkInfo},
+    ebpf::pinned::PinnedLinkInfo,
 };
 
 /// Everything status reports.
@@ -231,8 +231,8 @@ pub struct EndpointState {
 }
 
 impl DataplaneState {
-    /// From a datapath's counters; `pins` adds what only the eBPF dataplane's pins hold.
-    pub fn new(counters: Counters, pins: Option<&Path>) -> Self {
+    /// As status shows a datapath's counters.
+    pub fn new(counters: Counters) -> Self {
         let outcomes = counters
             .outcomes
             .iter()
@@ -249,38 +249,34 @@ impl DataplaneState {
                 .map(|(ip, c)| PeerTraffic::new(*ip, c))
                 .collect()
         });
-        let mut state = Self {
-            read_from: if pins.is_some() { "pins" } else { "agent" }.to_owned(),
+        let routes = counters
+            .routes
+            .iter()
+            .map(|r| RouteState {
+                subnet: r.subnet.to_string(),
+                public_ip: r.public_ip,
+                vtep_mac: (r.vtep_mac != Default::default()).then(|| r.vtep_mac.to_string()),
+                kernel_decap: r.kernel_decap,
+            })
+            .collect();
+        let endpoints = counters
+            .endpoints
+            .iter()
+            .map(|(ip, ep)| EndpointState {
+                ip: *ip,
+                host_ifindex: ep.host_ifindex,
+                mac: overlay_common::net::Mac(ep.mac).to_string(),
+            })
+            .collect();
+        Self {
+            read_from: counters.read_from.to_owned(),
             outcomes,
             peer_traffic,
             maps: counters.maps,
-            ..Self::default()
-        };
-        if let Some(root) = pins {
-            state.links = pinned::pinned_links(root);
-            // The counters were readable, so these maps are there too; an error is the maps
-            // changing under the reading, and the next reading will show them.
-            state.routes = pinned::pinned_peers(root)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|r| RouteState {
-                    subnet: r.subnet.to_string(),
-                    public_ip: r.public_ip,
-                    vtep_mac: (r.vtep_mac != Default::default()).then(|| r.vtep_mac.to_string()),
-                    kernel_decap: r.kernel_decap,
-                })
-                .collect();
-            state.endpoints = pinned::pinned_endpoints(root)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(ip, ep)| EndpointState {
-                    ip,
-                    host_ifindex: ep.host_ifindex,
-                    mac: overlay_common::net::Mac(ep.mac).to_string(),
-                })
-                .collect();
+            links: counters.links,
+            routes,
+            endpoints,
         }
-        state
     }
 
     /// The eBPF dataplane pinned under `root`, whether or not its agent runs.
@@ -290,9 +286,9 @@ impl DataplaneState {
         })
     }
 
-    /// Reads a datapath's counters, and what its pins hold when it has any.
+    /// Reads a datapath's counters now.
     pub fn read(source: &dyn CounterSource) -> Result<Self, DatapathError> {
-        Ok(Self::new(source.read()?, source.pins()))
+        Ok(Self::new(source.read()?))
     }
 
     /// Packets counted for `slot`.

@@ -186,11 +186,7 @@ impl EndpointsMap {
 
     /// Every programmed endpoint.
     pub fn entries(&self) -> Result<Vec<(Ipv4Addr, Endpoint)>, EbpfError> {
-        self.map
-            .iter()
-            .map(|r| r.map(|(k, v)| (Ipv4Addr::from(k), v)))
-            .collect::<Result<_, _>>()
-            .map_err(map_err(ENDPOINTS_MAP, "listing endpoints"))
+        endpoint_entries(&self.map)
     }
 }
 
@@ -220,12 +216,18 @@ struct Attachment {
     pin: Option<PathBuf>,
 }
 
+/// The index of interface `name` in the calling thread's namespace; 0 when there is none.
+fn ifindex(name: &str) -> u32 {
+    std::ffi::CString::new(name)
+        // SAFETY: if_nametoindex reads a NUL-terminated string and returns 0 when unknown.
+        .map(|n| unsafe { libc::if_nametoindex(n.as_ptr()) })
+        .unwrap_or(0)
+}
+
 impl Attachment {
     /// Why this attachment no longer carries traffic, if it does not.
     fn broken(&self) -> Option<String> {
-        let name = std::ffi::CString::new(self.interface.as_str()).ok()?;
-        // SAFETY: if_nametoindex reads a NUL-terminated string and returns 0 when unknown.
-        let now = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        let now = ifindex(&self.interface);
         let (program, interface) = (self.program, &self.interface);
         if now == 0 {
             return Some(format!("{interface} is gone, and {program} with it"));
@@ -396,10 +398,7 @@ impl EbpfDataplane {
     }
 
     fn record(&mut self, program: &'static str, interface: &str) {
-        let ifindex = std::ffi::CString::new(interface)
-            // SAFETY: as in `Attachment::broken`.
-            .map(|n| unsafe { libc::if_nametoindex(n.as_ptr()) })
-            .unwrap_or(0);
+        let ifindex = ifindex(interface);
         // Links are pinned only where tcx makes them links (see `attach_tc`); XDP's always are.
         let pinned = program == programs::XDP_DECAP || tcx_supported();
         let pin = self
@@ -712,6 +711,19 @@ fn summed<T: std::borrow::Borrow<MapData>>(
             Ok((slot, total))
         })
         .collect()
+}
+
+/// Every endpoint, in address order.
+fn endpoint_entries<T: std::borrow::Borrow<MapData>>(
+    map: &BpfHashMap<T, [u8; 4], Endpoint>,
+) -> Result<Vec<(Ipv4Addr, Endpoint)>, EbpfError> {
+    let mut out = map
+        .iter()
+        .map(|r| r.map(|(ip, ep)| (Ipv4Addr::from(ip), ep)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err(ENDPOINTS_MAP, "listing endpoints"))?;
+    out.sort_by_key(|(a, _)| *a);
+    Ok(out)
 }
 
 /// A removal's result, a key already gone counting as removed.

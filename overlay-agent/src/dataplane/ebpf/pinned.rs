@@ -14,13 +14,16 @@ use aya::{
 use overlay_common::{
     COUNTERS_MAP, Counter, CounterSlot, PEER_COUNTERS_MAP, PeerCounters,
     maps::{
-        CONFIG_MAP, Config, ENDPOINTS_MAP, Endpoint, MAX_ENDPOINTS, MAX_PEERS, PEER_ADDRS_MAP,
-        PEERS_MAP, Peer, PeerAddr,
+        ENDPOINTS_MAP, Endpoint, MAX_ENDPOINTS, MAX_PEERS, PEER_ADDRS_MAP, PEERS_MAP, Peer,
+        PeerAddr,
     },
 };
 
-use super::{EbpfError, map_err, peer_totals, pins, routes, summed};
-use crate::dataplane::{contract::PeerRoute, counters::MapFill};
+use super::{EbpfError, endpoint_entries, map_err, peer_totals, pins, routes, summed};
+use crate::dataplane::{
+    contract::PeerRoute,
+    counters::{Counters, MapFill, OutcomeCount},
+};
 
 /// This version's map `name` pinned under `root`.
 fn pinned_map(root: &Path, name: &'static str) -> Result<MapData, EbpfError> {
@@ -58,56 +61,51 @@ pub fn pinned_endpoints(root: &Path) -> Result<Vec<(Ipv4Addr, Endpoint)>, EbpfEr
     let data = pinned_map(root, ENDPOINTS_MAP)?;
     let map: BpfHashMap<_, [u8; 4], Endpoint> =
         BpfHashMap::try_from(Map::HashMap(data)).map_err(map_err(ENDPOINTS_MAP, "opening"))?;
-    let mut out = map
-        .iter()
-        .map(|r| r.map(|(ip, ep)| (Ipv4Addr::from(ip), ep)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(map_err(ENDPOINTS_MAP, "listing"))?;
-    out.sort_by_key(|(a, _)| *a);
-    Ok(out)
+    endpoint_entries(&map)
 }
 
-/// The programs' settings.
-pub fn pinned_config(root: &Path) -> Result<Config, EbpfError> {
-    let data = pinned_map(root, CONFIG_MAP)?;
-    let map: aya::maps::Array<_, Config> =
-        aya::maps::Array::try_from(Map::Array(data)).map_err(map_err(CONFIG_MAP, "opening"))?;
-    map.get(&0, 0).map_err(map_err(CONFIG_MAP, "reading"))
-}
-
-/// How full each bounded map is. Counting walks the keys (one system call each): cheap at the
-/// sizes flannel clusters have, and only done when asked.
-pub fn pinned_map_fill(root: &Path) -> Result<Vec<MapFill>, EbpfError> {
-    fn count<K: aya::Pod>(keys: aya::maps::MapKeys<'_, K>) -> usize {
-        keys.filter(Result::is_ok).count()
-    }
+/// Everything the dataplane pinned under `root` counts and holds, each map opened once; the
+/// fill of the maps is the length of their listings (the peer addresses, listed nowhere else,
+/// are counted).
+pub fn read(root: &Path) -> Result<Counters, EbpfError> {
+    let outcomes = pinned_counters(root)?
+        .into_iter()
+        .map(|(slot, c)| OutcomeCount {
+            slot,
+            packets: c.packets,
+            bytes: Some(c.bytes),
+        })
+        .collect();
+    let peers = pinned_peer_counters(root)?;
+    let routes = pinned_peers(root)?;
+    let endpoints = pinned_endpoints(root)?;
+    let addrs: BpfHashMap<_, [u8; 4], PeerAddr> =
+        BpfHashMap::try_from(Map::HashMap(pinned_map(root, PEER_ADDRS_MAP)?))
+            .map_err(map_err(PEER_ADDRS_MAP, "opening"))?;
     let fill = |map: &str, entries, capacity| MapFill {
         map: map.to_owned(),
         entries,
         capacity,
     };
-    let peers: LpmTrie<_, [u8; 4], Peer> =
-        LpmTrie::try_from(Map::LpmTrie(pinned_map(root, PEERS_MAP)?))
-            .map_err(map_err(PEERS_MAP, "opening"))?;
-    let addrs: BpfHashMap<_, [u8; 4], PeerAddr> =
-        BpfHashMap::try_from(Map::HashMap(pinned_map(root, PEER_ADDRS_MAP)?))
-            .map_err(map_err(PEER_ADDRS_MAP, "opening"))?;
-    let counters: PerCpuHashMap<_, [u8; 4], PeerCounters> =
-        PerCpuHashMap::try_from(Map::PerCpuHashMap(pinned_map(root, PEER_COUNTERS_MAP)?))
-            .map_err(map_err(PEER_COUNTERS_MAP, "opening"))?;
-    let endpoints: BpfHashMap<_, [u8; 4], Endpoint> =
-        BpfHashMap::try_from(Map::HashMap(pinned_map(root, ENDPOINTS_MAP)?))
-            .map_err(map_err(ENDPOINTS_MAP, "opening"))?;
-    Ok(vec![
+    let maps = vec![
+        fill(PEERS_MAP, routes.len(), MAX_PEERS),
         fill(
-            PEERS_MAP,
-            peers.keys().filter(Result::is_ok).count(),
+            PEER_ADDRS_MAP,
+            addrs.keys().filter(Result::is_ok).count(),
             MAX_PEERS,
         ),
-        fill(PEER_ADDRS_MAP, count(addrs.keys()), MAX_PEERS),
-        fill(PEER_COUNTERS_MAP, count(counters.keys()), MAX_PEERS),
-        fill(ENDPOINTS_MAP, count(endpoints.keys()), MAX_ENDPOINTS),
-    ])
+        fill(PEER_COUNTERS_MAP, peers.len(), MAX_PEERS),
+        fill(ENDPOINTS_MAP, endpoints.len(), MAX_ENDPOINTS),
+    ];
+    Ok(Counters {
+        read_from: "pins",
+        outcomes,
+        peers: Some(peers),
+        maps,
+        routes,
+        endpoints,
+        links: pinned_links(root),
+    })
 }
 
 /// A pinned link: which program is attached where.

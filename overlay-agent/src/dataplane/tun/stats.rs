@@ -151,9 +151,9 @@ impl StatsSnapshot {
 impl CounterSource for Stats {
     fn read(&self) -> Result<Counters, DatapathError> {
         Ok(Counters {
+            read_from: "agent",
             outcomes: self.snapshot().outcomes(),
-            peers: None,
-            maps: Vec::new(),
+            ..Counters::default()
         })
     }
 }
