@@ -36,6 +36,13 @@ pub const MEMBERS: usize = 3;
 pub const CLIENT_PORT: u16 = 2379;
 /// Members' peer port.
 pub const PEER_PORT: u16 = 2380;
+/// Members' raft heartbeat interval: twice etcd's default, as the machine has two cores and runs
+/// builds beside the tests, and a member starved for a moment must not be taken for dead.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
+/// Members' raft election timeout (twice etcd's default, for the same reason). A follower waits
+/// a random time between this and twice this without a heartbeat before it stands for leader,
+/// so after the leader's death no member serves for up to twice this, plus the vote.
+pub const ELECTION_TIMEOUT: Duration = Duration::from_millis(2000);
 
 /// Member `index`'s (0-based) address on the lab's underlay: 198.18.0.251 for m1.
 pub fn member_ip(index: usize) -> Ipv4Addr {
@@ -237,12 +244,10 @@ impl EtcdCluster {
                 "new",
                 "--initial-cluster-token",
                 &self.token,
-                // Twice etcd's defaults: the 2-core machine runs builds beside the tests, and a
-                // member starved for a second must not be taken for dead.
                 "--heartbeat-interval",
-                "200",
+                &HEARTBEAT_INTERVAL.as_millis().to_string(),
                 "--election-timeout",
-                "2000",
+                &ELECTION_TIMEOUT.as_millis().to_string(),
                 "--logger",
                 "zap",
                 "--log-level",

@@ -22,7 +22,7 @@ use std::{
 use overlay_tests::{
     cluster::{Cluster, PREFIX, healthz_flags},
     etcd::TempDir,
-    etcd_cluster::{EtcdCluster, MEMBERS, member_url},
+    etcd_cluster::{ELECTION_TIMEOUT, EtcdCluster, MEMBERS, member_url},
     flow::{PingFlow, lost},
     lab::SubnetEnv,
     lease_watch::{LeaseHistory, LeaseSample, LeaseWatch, warn_lines},
@@ -353,23 +353,25 @@ fn logs(c: &Rig) -> String {
         .collect()
 }
 
-/// Longest a poll may wait on one member before the next is asked: a dead member must not hold
-/// up the watch for long, as the watch must see every renewal.
+/// Longest a poll waits for a member's answer: a dead or leaderless member must not hold up the
+/// watch for long, as the watch must see every renewal.
 const ASK_WITHIN: Duration = Duration::from_secs(1);
-/// Longest the lease watch may go without an answer while quorum holds. An election after the
-/// leader's death (etcd's 1 s election timeout, then the vote) silences every member for about
-/// 2.5 s here; anything up to this bound is shorter than a renewal interval (a third of the TTL),
-/// so no etcd lease can come and go unseen.
-const MAX_SILENCE: Duration = Duration::from_secs(5);
-const _: () = assert!(MAX_SILENCE.as_secs() < TTL.as_secs() / 3);
+/// Longest the lease watch may go without an answer while quorum holds. After the leader's death
+/// no member serves until the others have waited out their randomised election timeouts (at most
+/// twice [`ELECTION_TIMEOUT`]) and voted; the poll in flight then answers within [`ASK_WITHIN`].
+/// Anything up to this bound is shorter than a renewal interval (a third of the TTL), so no etcd
+/// lease can come and go unseen.
+const MAX_SILENCE: Duration = Duration::from_secs(2 * ELECTION_TIMEOUT.as_secs() + 2);
+const _: () =
+    assert!(MAX_SILENCE.as_secs() >= 2 * ELECTION_TIMEOUT.as_secs() + ASK_WITHIN.as_secs());
+const _: () = assert!(3 * MAX_SILENCE.as_secs() < TTL.as_secs());
 
 /// Reads the subnet leases and each one's remaining TTL with the etcd client library, from the
-/// namespace etcdctl runs in, one member at a time: the one that answered last first, so a dead
-/// member costs at most one [`ASK_WITHIN`] per fault.
+/// namespace etcdctl runs in, asking every member at once and taking the first answer: members
+/// asked one after another would add a wait per leaderless member to every poll of an election.
 struct LeaseReader {
     rt: tokio::runtime::Runtime,
     members: Vec<(String, Option<etcd_client::Client>)>,
-    first: usize,
 }
 
 impl LeaseReader {
@@ -385,7 +387,6 @@ impl LeaseReader {
         Self {
             rt,
             members: (0..MEMBERS).map(|i| (member_url(i), None)).collect(),
-            first: 0,
         }
     }
 
@@ -401,26 +402,41 @@ impl LeaseReader {
         )
     }
 
-    /// One poll: the leases as the first member that answers holds them.
+    /// One poll: the leases as the first member to answer holds them.
     fn read(&mut self) -> Result<Vec<LeaseSample>, String> {
-        let n = self.members.len();
+        let Self { rt, members } = self;
         let mut errors = Vec::new();
-        for k in 0..n {
-            let i = (self.first + k) % n;
-            let (url, client) = &mut self.members[i];
-            let asked = async { tokio::time::timeout(ASK_WITHIN, read_member(url, client)).await };
-            match self.rt.block_on(asked) {
-                Ok(Ok(samples)) => {
-                    self.first = i;
-                    return Ok(samples);
-                }
-                Ok(Err(e)) => errors.push(format!("m{}: {e}", i + 1)),
-                Err(_) => errors.push(format!("m{}: no answer within {ASK_WITHIN:?}", i + 1)),
+        let answer = rt.block_on(async {
+            let mut asked = tokio::task::JoinSet::new();
+            for (i, (url, client)) in members.iter().enumerate() {
+                let (url, mut client) = (url.clone(), client.clone());
+                asked.spawn(async move {
+                    let read =
+                        tokio::time::timeout(ASK_WITHIN, read_member(&url, &mut client)).await;
+                    (i, client, read)
+                });
             }
-            // A fresh connection next time: the old one may be to a process that is gone.
-            *client = None;
-        }
-        Err(errors.join("; "))
+            while let Some(joined) = asked.join_next().await {
+                let (i, client, read) = joined.expect("a member's read task");
+                let error = match read {
+                    Ok(Ok(samples)) => {
+                        members[i].1 = client;
+                        // The reads still running are dropped with the set.
+                        return Some(samples);
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no answer within {ASK_WITHIN:?}"),
+                };
+                errors.push(format!("m{}: {error}", i + 1));
+                // A fresh connection next time: the old one may be to a process that is gone.
+                members[i].1 = None;
+            }
+            None
+        });
+        answer.ok_or_else(|| {
+            errors.sort();
+            errors.join("; ")
+        })
     }
 }
 
