@@ -47,6 +47,20 @@ pub enum ClusterError {
     /// The three-member etcd failed.
     #[error(transparent)]
     EtcdCluster(#[from] crate::etcd_cluster::EtcdClusterError),
+    /// A host's real Docker engine failed.
+    #[error(transparent)]
+    Docker(#[from] crate::docker::DockerError),
+}
+
+/// What does docker's part on each host of a [`Cluster`] once its agent wrote subnet.env.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DockerEngine {
+    /// A bridge and a veth per container, set up as docker would from subnet.env.
+    #[default]
+    Imitate,
+    /// A real dockerd per host, given its options the two ways operators do: hosts 1, 3, ... by
+    /// the drop-in in deploy/, hosts 2, 4, ... by `overlay-agent docker-opts`.
+    Real,
 }
 
 /// The etcd a [`Cluster`] runs its agents against: the one [`NsEtcd`] of the lab, or a
@@ -276,6 +290,8 @@ pub struct Cluster<E = NsEtcd> {
     /// namespace dies with the agent, and its programs with it; this one outlives them, as
     /// /sys/fs/bpf does on a real host. Dropped last.
     pub bpffs: BpfFs,
+    /// Real dockerd or its imitation, for [`Cluster::start_all`] and [`Cluster::start_docker`].
+    pub docker: DockerEngine,
 }
 
 /// The lab of [`Cluster::with_backend`]: `hosts` on a 1500-byte underlay, and the network config
@@ -354,6 +370,7 @@ impl<E: LabEtcd> Cluster<E> {
             agent_bin: agent_bin.to_owned(),
             dir: dir.to_owned(),
             bpffs,
+            docker: DockerEngine::Imitate,
         })
     }
 
@@ -387,11 +404,39 @@ impl<E: LabEtcd> Cluster<E> {
         for index in 0..self.lab.hosts.len() {
             let env = self.wait_subnet_env(index, Duration::from_secs(30))?;
             if self.lab.hosts[index].container.is_none() {
-                self.lab.hosts[index].start_docker(&env)?;
+                self.start_docker(index, &env)?;
             }
             envs.push(env);
         }
         Ok(envs)
+    }
+
+    /// Where host `index`'s real dockerd gets its options (see [`DockerEngine::Real`]).
+    pub fn docker_options_from(&self, index: usize) -> crate::docker::OptionsFrom {
+        if index.is_multiple_of(2) {
+            crate::docker::OptionsFrom::DropIn
+        } else {
+            crate::docker::OptionsFrom::DockerOpts {
+                agent_bin: self.agent_bin.clone(),
+            }
+        }
+    }
+
+    /// Does docker's part on host `index` from its agent's subnet.env `env`, with the cluster's
+    /// [`DockerEngine`].
+    pub fn start_docker(&mut self, index: usize, env: &SubnetEnv) -> Result<(), ClusterError> {
+        match self.docker {
+            DockerEngine::Imitate => {
+                self.lab.hosts[index].start_docker(env)?;
+            }
+            DockerEngine::Real => {
+                let from = self.docker_options_from(index);
+                let hdir = self.dir.join(format!("h{}", index + 1));
+                let options = from.options(&self.agents[index].subnet_file, &hdir)?;
+                self.lab.hosts[index].start_dockerd(options)?;
+            }
+        }
+        Ok(())
     }
 
     /// Starts (or restarts) the agent of host `index` with `args`.

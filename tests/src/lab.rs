@@ -12,7 +12,10 @@
 
 use std::net::Ipv4Addr;
 
-use crate::netns::{NetNs, NetNsError, veth};
+use crate::{
+    docker::{DockerError, Dockerd},
+    netns::{NetNs, NetNsError, veth},
+};
 
 /// Interface name of a host's underlay NIC, inside the host namespace.
 pub const UNDERLAY_IF: &str = "eth0";
@@ -54,8 +57,11 @@ pub struct Lab {
 pub struct Host {
     /// 1-based host number.
     pub number: usize,
-    /// The container, once [`Host::start_docker`] ran. Declared before `ns` so it drops first.
+    /// The container, once [`Host::start_docker`] or [`Host::start_dockerd`] ran. Declared
+    /// before `ns` so it drops first.
     pub container: Option<Container>,
+    /// The host's real Docker engine, once [`Host::start_dockerd`] ran (dropped before `ns`).
+    pub dockerd: Option<Dockerd>,
     /// The host's network namespace.
     pub ns: NetNs,
     /// The host's address on the underlay.
@@ -69,6 +75,20 @@ pub struct Container {
     pub ns: NetNs,
     /// The container's address (the second address of the host's subnet, as docker hands out).
     pub ip: Ipv4Addr,
+    /// Its name in the host's dockerd, when a real one runs it.
+    pub docker_name: Option<String>,
+}
+
+impl Container {
+    /// A handle on the same container that does not own its namespace, for a thread that uses
+    /// it while the lab may restart things.
+    pub fn view(&self) -> Container {
+        Container {
+            ns: NetNs::attach(self.ns.name()),
+            ip: self.ip,
+            docker_name: self.docker_name.clone(),
+        }
+    }
 }
 
 /// Errors building the rig.
@@ -77,6 +97,9 @@ pub enum LabError {
     /// A namespace or link operation failed.
     #[error(transparent)]
     NetNs(#[from] NetNsError),
+    /// The host's real Docker engine failed.
+    #[error(transparent)]
+    Docker(#[from] DockerError),
     /// subnet.env could not be read or lacks a field docker needs.
     #[error("subnet.env: {reason}")]
     SubnetEnv {
@@ -112,6 +135,7 @@ impl Lab {
             hosts.push(Host {
                 number,
                 container: None,
+                dockerd: None,
                 ns,
                 underlay_ip,
             });
@@ -154,13 +178,60 @@ impl Host {
             "eth0",
         ])?;
         ns.ip(&["route", "add", "default", "via", &env.gateway.to_string()])?;
-        Ok(self.container.insert(Container { ns, ip }))
+        Ok(self.container.insert(Container {
+            ns,
+            ip,
+            docker_name: None,
+        }))
+    }
+
+    /// Starts a real dockerd on the host with the overlay's `options` (from the drop-in or the
+    /// options file, see [`crate::docker::OptionsFrom`]) and `docker run`s one container, whose
+    /// namespace the lab then reaches by name. Forwarding is turned off first, as on a host that
+    /// never ran docker: dockerd turns it on itself and then sets the FORWARD policy to DROP,
+    /// which the overlay must cope with.
+    pub fn start_dockerd(&mut self, options: Vec<String>) -> Result<&Container, LabError> {
+        self.ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=0"])?;
+        let daemon = self.dockerd.insert(Dockerd::start(&self.ns, options)?);
+        let name = format!("h{}c", self.number);
+        let info = daemon.run(&name, &[])?;
+        let ns = NetNs::of_process(&format!("{}-c", self.ns.name()), info.pid)?;
+        Ok(self.container.insert(Container {
+            ns,
+            ip: info.ip,
+            docker_name: Some(name),
+        }))
+    }
+
+    /// After the host's container was recreated or restarted by docker: names its namespace
+    /// again and takes its address from docker.
+    pub fn refresh_container(&mut self) -> Result<&Container, LabError> {
+        let daemon = self
+            .dockerd
+            .as_ref()
+            .ok_or_else(|| DockerError::Container {
+                name: format!("h{}c", self.number),
+                reason: "no dockerd runs on this host".into(),
+            })?;
+        let name = format!("h{}c", self.number);
+        let info = daemon.inspect(&name)?;
+        // The old name points at the old process's namespace: drop it before naming the new.
+        self.container = None;
+        let ns = NetNs::of_process(&format!("{}-c", self.ns.name()), info.pid)?;
+        Ok(self.container.insert(Container {
+            ns,
+            ip: info.ip,
+            docker_name: Some(name),
+        }))
     }
 
     /// Undoes [`Host::start_docker`]: deletes the container namespace and the bridge, so the
     /// host can be given another subnet.env (the benchmark reuses one rig for every mode).
     pub fn stop_docker(&mut self) -> Result<(), LabError> {
         self.container = None;
+        if let Some(mut daemon) = self.dockerd.take() {
+            daemon.shut_down()?;
+        }
         let links = self.ns.ip(&["-o", "link", "show", DOCKER_BRIDGE]);
         if links.is_ok() {
             self.ns.ip(&["link", "del", DOCKER_BRIDGE])?;

@@ -10,6 +10,7 @@
 pub mod bpffs;
 pub mod capture;
 pub mod cluster;
+pub mod docker;
 pub mod etcd;
 pub mod etcd_cluster;
 pub mod flanneld;

@@ -93,6 +93,17 @@ impl NetNs {
         }
     }
 
+    /// Names the network namespace process `pid` is in `name` (`ip netns attach`: a docker
+    /// container's, so the lab reaches it like its own). Dropping the handle removes the name
+    /// only; the namespace lives as long as the process.
+    pub fn of_process(name: &str, pid: u32) -> Result<Self, NetNsError> {
+        run("ip", &["netns", "attach", name, &pid.to_string()])?;
+        Ok(Self {
+            name: name.to_owned(),
+            owned: true,
+        })
+    }
+
     /// The namespace's name, as `ip netns` knows it.
     pub fn name(&self) -> &str {
         &self.name

@@ -239,10 +239,42 @@ pub const REQUIREMENTS: &[Requirement] = &[
             }
         }),
     },
+    Requirement {
+        what: "sysctl and ps (forwarding and BPF stats in the rigs; dockerd's command line)",
+        programs: &["sysctl", "ps"],
+        source: Source::Debian(&["procps"]),
+        proof: Proof::Check(|_| {
+            runs("sysctl", &["--version"])?;
+            runs("ps", &["--version"]).map(|_| ())
+        }),
+    },
+    Requirement {
+        what: "dockerd and its docker CLI, 20.10 (a real Docker engine per lab host: tests, run, \
+               bench), with containerd, runc and tini",
+        programs: &["dockerd", "docker"],
+        source: Source::Debian(&["docker.io"]),
+        // /usr/bin/docker: a newer CLI in /usr/local/bin may come first in PATH.
+        proof: Proof::Check(|_| {
+            runs("dockerd", &["--version"])?;
+            runs("/usr/bin/docker", &["--version"]).map(|_| ())
+        }),
+    },
     Requirement::debian_tool(
-        "sysctl (forwarding and BPF stats in the rigs)",
-        &["sysctl"],
-        &["procps"],
+        "busybox, statically linked (the lab containers' image, docker-imported)",
+        &["busybox"],
+        &["busybox-static"],
+        &["true"],
+    ),
+    Requirement::debian_tool(
+        "tar (packs the busybox image for docker import)",
+        &["tar"],
+        &["tar"],
+        &["--version"],
+    ),
+    Requirement::debian_tool(
+        "nsenter (dockerd enters only its host's network namespace, keeping the cgroup mounts)",
+        &["nsenter"],
+        &["util-linux"],
         &["--version"],
     ),
     Requirement {

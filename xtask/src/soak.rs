@@ -20,8 +20,6 @@ use overlay_tests::{
     },
     etcd_cluster::EtcdCluster,
     flow::{self, PingFlow},
-    lab::Container,
-    netns::NetNs,
 };
 
 use crate::{build, cmd::step, setup};
@@ -218,11 +216,11 @@ fn run(binary: &Path, dir: &Path, run_for: Duration, seed: u64) -> anyhow::Resul
             // Views of the two containers (not owning their namespaces), so the loop below can
             // restart agents meanwhile.
             let view = |h: usize| {
-                let c = cluster.lab.hosts[h].container.as_ref().expect("started");
-                Container {
-                    ns: NetNs::attach(c.ns.name()),
-                    ip: c.ip,
-                }
+                cluster.lab.hosts[h]
+                    .container
+                    .as_ref()
+                    .expect("started")
+                    .view()
             };
             let (from, to) = (view(0), view(2));
             let stop = stop_tcp.clone();

@@ -1,6 +1,8 @@
 //! What the agent keeps in the host's netfilter and routing tables beside the overlay, as
 //! flanneld does: the FORWARD accept rules (unless `--iptables-forward-rules=false`), the
-//! `--ip-masq` rules, and the `--ip-blackhole-route`; installed once before READY, then checked
+//! `--ip-masq` rules, and the `--ip-blackhole-route`; plus, where the eBPF datapath delivers
+//! straight into containers, the raw-table rules that keep conntrack out of overlay traffic
+//! ([`iptables::untracked_rules`]). Installed once before READY, then checked
 //! every `--iptables-resync` seconds and restored when something (an operator, a firewall
 //! reload, docker) removed them.
 
@@ -92,13 +94,16 @@ impl HostRules {
     /// best effort, since hosts without iptables have no FORWARD policy to get past either;
     /// `--ip-masq` and `--ip-blackhole-route` are required: the operator asked for them.
     /// A failure removes what this call added before it.
+    /// `direct_delivery`: the datapath delivers packets from peers into the containers past the
+    /// host stack.
     pub async fn install(
         cli: &Cli,
         config: &NetworkConfig,
         subnet: Subnet,
+        direct_delivery: bool,
     ) -> Result<Self, HostRulesError> {
         let mut added = Added::default();
-        match Self::install_adding(cli, config, subnet, &mut added).await {
+        match Self::install_adding(cli, config, subnet, direct_delivery, &mut added).await {
             Ok(rules) => Ok(rules),
             Err(e) => {
                 for line in added.remove().await {
@@ -118,9 +123,33 @@ impl HostRules {
         cli: &Cli,
         config: &NetworkConfig,
         subnet: Subnet,
+        direct_delivery: bool,
         added: &mut Added,
     ) -> Result<Self, HostRulesError> {
         let mut sets = Vec::new();
+        let untracked = iptables::untracked_rules(net(config.network), net(subnet));
+        if direct_delivery {
+            let new = matches!(
+                blocking(untracked.clone(), |u| Ok(u.present())).await,
+                Ok(false)
+            );
+            match blocking(untracked.clone(), |u| u.install()).await {
+                Ok(()) => {
+                    if new {
+                        added.sets.push(untracked.clone());
+                    }
+                    sets.push(untracked)
+                }
+                Err(e) => tracing::warn!(
+                    "raw-table rules keeping conntrack out of traffic from {subnet} to {} not \
+                     installed: {e}; NAT of it (docker masquerades its bridge's subnet unless \
+                     started with --ip-masq=false) would break connections from other hosts",
+                    config.network
+                ),
+            }
+        } else {
+            remove_if_present(untracked, "the datapath delivers through the host stack").await;
+        }
         let forward = iptables::forward_rules(net(config.network));
         let wants_forward = cli.iptables_forward_rules && !matches!(config.backend, Backend::Alloc);
         if wants_forward {

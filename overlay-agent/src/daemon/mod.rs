@@ -365,6 +365,11 @@ async fn start_and_run(cli: Cli, health: Health, footprint: Footprint) -> Result
     let started = overlay
         .as_ref()
         .map(|o| (o.info().kind == "eBPF", o.spec().device_name()));
+    // The eBPF programs deliver past the host stack unless asked not to (or decapsulating in
+    // XDP, which hands packets to the stack).
+    let direct_delivery = matches!(started, Some((true, _)))
+        && matches!(cli.decap, DecapKind::Tc)
+        && !cli.deliver_via_stack;
     let datapath = DatapathThread::spawn(overlay, health.clone());
     if let Some(underlay) = underlay {
         let lease = LocalLease {
@@ -379,7 +384,7 @@ async fn start_and_run(cli: Cli, health: Health, footprint: Footprint) -> Result
         }
     }
     leftovers::remove(&config.backend).await;
-    let host_rules = host_rules::HostRules::install(&cli, &config, held.subnet)
+    let host_rules = host_rules::HostRules::install(&cli, &config, held.subnet, direct_delivery)
         .await
         .map_err(|source| DaemonError::HostRules { source })?;
     let added = host_rules.added();

@@ -58,6 +58,9 @@ pub enum IptablesError {
 pub const FORWARD_CHAIN: &str = "FLANNEL-FWD";
 /// flanneld's masquerading chain.
 pub const MASQ_CHAIN: &str = "FLANNEL-POSTRTG";
+/// The eBPF datapath's chain of overlay traffic conntrack must not follow (see
+/// [`untracked_rules`]). flanneld has no counterpart.
+pub const UNTRACKED_CHAIN: &str = "OVERLAY-UNTRACKED";
 /// Chains of agent versions before the FLANNEL-* adoption: `(table, parent, chain)`.
 const LEGACY_CHAINS: [(&str, &str, &str); 2] = [
     ("filter", "FORWARD", "OVERLAY-FWD"),
@@ -67,6 +70,7 @@ const LEGACY_CHAINS: [(&str, &str, &str); 2] = [
 const KUBE_PROXY_MARK: &str = "0x4000/0x4000";
 const FORWARD_COMMENT: &str = "flanneld forward";
 const MASQ_COMMENT: &str = "flanneld masq";
+const UNTRACKED_COMMENT: &str = "overlay-agent: delivered past conntrack";
 
 /// One chain of rules and the jump to it from a built-in chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,6 +178,41 @@ pub fn masquerade_rules(
             ]),
             // The outside world (this host itself, say) to other hosts' containers.
             masquerade(spec(&["!", "-s", &net, "-d", &net])),
+        ],
+    }
+}
+
+/// With direct delivery the eBPF programs put packets from other hosts straight into the
+/// containers, past the host's conntrack, which then sees only the containers' side of a
+/// connection. NAT on that side breaks it: docker's own `-s <bip> ! -o docker0 -j MASQUERADE`
+/// (docker's default without `--ip-masq=false`) picks the connection up mid-stream and rewrites
+/// the container's replies to the host's address, which the far end resets. So the containers'
+/// traffic to the rest of the Network is not tracked at all (raw table, before conntrack and
+/// whatever order docker gives its nat rules), and both directions of it bypass netfilter's
+/// state alike. Traffic within this host's subnet, and to the outside world, is tracked as ever.
+pub fn untracked_rules(network: (Ipv4Addr, u8), subnet: (Ipv4Addr, u8)) -> RuleSet {
+    let (net, sub) = (cidr(network), cidr(subnet));
+    let c = UNTRACKED_COMMENT;
+    RuleSet {
+        table: "raw",
+        parent: "PREROUTING",
+        chain: UNTRACKED_CHAIN,
+        jump: spec(&["-m", "comment", "--comment", c, "-j", UNTRACKED_CHAIN]),
+        rules: vec![
+            spec(&["-d", &sub, "-m", "comment", "--comment", c, "-j", "RETURN"]),
+            spec(&[
+                "-s",
+                &sub,
+                "-d",
+                &net,
+                "-m",
+                "comment",
+                "--comment",
+                c,
+                "-j",
+                "CT",
+                "--notrack",
+            ]),
         ],
     }
 }
@@ -304,10 +343,11 @@ fn remove_chain(table: &'static str, parent: &str, chain: &str) -> Result<(), Ip
 }
 
 /// Every chain the agent (any version) installs, as `(table, parent, chain)`.
-pub fn all_chains() -> [(&'static str, &'static str, &'static str); 4] {
+pub fn all_chains() -> [(&'static str, &'static str, &'static str); 5] {
     [
         ("filter", "FORWARD", FORWARD_CHAIN),
         ("nat", "POSTROUTING", MASQ_CHAIN),
+        ("raw", "PREROUTING", UNTRACKED_CHAIN),
         LEGACY_CHAINS[0],
         LEGACY_CHAINS[1],
     ]

@@ -23,9 +23,8 @@ use overlay_tests::{
     capture::{self, Capture, Shape},
     cluster::tcp_transfer,
     flanneld,
-    lab::{Container, UNDERLAY_IF},
+    lab::UNDERLAY_IF,
     migration::{Migration, Plan},
-    netns::NetNs,
     receive_cases::{self, MY_VTEP, PEER, PEER_VTEP, VNI},
 };
 
@@ -122,11 +121,11 @@ fn capture_one(
         migration.to_agent(0)?;
         let hosts = &migration.cluster.lab.hosts;
         let view = |h: usize| {
-            let c = hosts[h].container.as_ref().expect("the cluster started it");
-            Container {
-                ns: NetNs::attach(c.ns.name()),
-                ip: c.ip,
-            }
+            hosts[h]
+                .container
+                .as_ref()
+                .expect("the cluster started it")
+                .view()
         };
         let cap = Capture::start(&hosts[0].ns, UNDERLAY_IF, receive_cases::port(encap))?;
         // The ping flows run throughout; TCP adds full-sized segments, ACKs, SYNs and FINs.

@@ -55,6 +55,11 @@ const VARIABLE_SPAWNS: &[(&str, &str, &str)] = &[
     ),
     ("tests/src/etcd.rs", "cargo", "the cargo running the tests"),
     (
+        "tests/src/docker.rs",
+        "agent_bin",
+        "the agent the tests built (its docker-opts)",
+    ),
+    (
         "tests/src/etcd.rs",
         "agent_binary()",
         "the agent the tests built",
