@@ -693,14 +693,20 @@ impl PingStats {
         let mut stats = Self::default();
         for line in output.lines() {
             if line.contains("packets transmitted") {
-                let mut words = line.split_whitespace();
-                while let Some(w) = words.next() {
-                    if let Ok(n) = w.parse::<u32>() {
-                        match words.next() {
-                            Some("packets") => stats.sent = n,
-                            Some(r) if r.starts_with("received") => stats.received = n,
-                            _ => {}
-                        }
+                // iputils: "3 packets transmitted, 3 received"; busybox: "3 packets
+                // transmitted, 3 packets received".
+                let words: Vec<&str> = line.split_whitespace().collect();
+                for (i, w) in words.iter().enumerate() {
+                    let Ok(n) = w.parse::<u32>() else { continue };
+                    let mut what = words[i + 1..].iter().copied();
+                    let what = match what.next() {
+                        Some("packets") => what.next(),
+                        other => other,
+                    };
+                    match what {
+                        Some(t) if t.starts_with("transmitted") => stats.sent = n,
+                        Some(r) if r.starts_with("received") => stats.received = n,
+                        _ => {}
                     }
                 }
             } else if let Some(values) = line
@@ -778,7 +784,7 @@ impl<E: LabEtcd> Cluster<E> {
                 if let (Some(c), Some(target)) = (&host.container, &other.container)
                     && from != to
                 {
-                    pairs.push((from, to, c.ns.name(), target.ip));
+                    pairs.push((from, to, host, c, target.ip));
                 }
             }
         }
@@ -786,12 +792,24 @@ impl<E: LabEtcd> Cluster<E> {
         for batch in pairs.chunks(BATCH) {
             let children: Vec<_> = batch
                 .iter()
-                .map(|(from, to, ns, ip)| {
-                    let child = Command::new("ip")
-                        .args(["netns", "exec", ns, "ping", "-n", "-c"])
-                        .arg(count.to_string())
-                        .args(["-i", "0.2", "-W", "1"])
-                        .arg(ip.to_string())
+                .map(|(from, to, host, c, ip)| {
+                    let (count, ip) = (count.to_string(), ip.to_string());
+                    let ping = ["-c", &count, "-i", "0.2", "-W", "1", &ip];
+                    // With a real docker, as the article does it: `docker exec <c> ping`.
+                    let mut cmd = match (&host.dockerd, &c.docker_name) {
+                        (Some(daemon), Some(name)) => {
+                            let mut args = vec!["exec", name.as_str(), "ping"];
+                            args.extend_from_slice(&ping);
+                            daemon.command(&args)
+                        }
+                        _ => {
+                            let mut cmd = Command::new("ip");
+                            cmd.args(["netns", "exec", c.ns.name(), "ping", "-n"])
+                                .args(ping);
+                            cmd
+                        }
+                    };
+                    let child = cmd
                         .stdin(std::process::Stdio::null())
                         .stdout(std::process::Stdio::piped())
                         .stderr(std::process::Stdio::null())
@@ -897,6 +915,17 @@ mod tests {
                 sent: 3,
                 received: 3,
                 rtt_ms: Some((0.041, 0.060, 0.083))
+            }
+        );
+        let busybox = "--- 172.16.5.2 ping statistics ---\n\
+                       3 packets transmitted, 2 packets received, 33% packet loss\n\
+                       round-trip min/avg/max = 0.052/0.064/0.076 ms\n";
+        assert_eq!(
+            PingStats::parse(busybox),
+            PingStats {
+                sent: 3,
+                received: 2,
+                rtt_ms: Some((0.052, 0.064, 0.076))
             }
         );
         let lost = "3 packets transmitted, 0 received, +3 errors, 100% packet loss, time 2041ms\n";

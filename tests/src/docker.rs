@@ -259,13 +259,20 @@ impl Dockerd {
         .map(|_| ())
     }
 
+    /// The docker CLI against this daemon with `args`, to run.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(DOCKER_CLI);
+        cmd.arg("-H")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
     /// Runs the docker CLI against this daemon; its stdout, trimmed.
     pub fn cli(&self, args: &[&str]) -> Result<String, DockerError> {
-        let host = format!("unix://{}", self.socket.display());
-        let out = Command::new(DOCKER_CLI)
-            .args(["-H", &host])
-            .args(args)
-            .stdin(Stdio::null())
+        let out = self
+            .command(args)
             .output()
             .map_err(|e| DockerError::Command {
                 command: args.join(" "),

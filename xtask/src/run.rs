@@ -2,9 +2,11 @@
 //!
 //! setup -> build -> a real etcd holding the article's network config under `/flannel` -> N
 //! simulated hosts (network namespaces on one underlay bridge) -> one `overlay-agent` per host with
-//! the article's command line -> per host, what docker does with subnet.env (a bridge with
-//! `--bip=FLANNEL_SUBNET --mtu=FLANNEL_MTU` and a container behind it) -> every container pings
-//! every other. `--once` verifies and exits; otherwise the lab stays up until Ctrl-C.
+//! the article's command line -> per host, a real dockerd started from subnet.env (the drop-in's
+//! `--bip=${FLANNEL_SUBNET} --mtu=${FLANNEL_MTU}` on odd hosts, `overlay-agent docker-opts` on
+//! even ones; `--docker=imitate`, or a machine where dockerd cannot run, gets a bridge and a veth
+//! per container instead) -> `docker run` a container per host -> every container pings every
+//! other with `docker exec`. `--once` verifies and exits; otherwise the lab stays up until Ctrl-C.
 //!
 //! `--host -- <flags>` builds the agent and runs it on this machine instead;
 //! `--migrate-from-flannel` migrates a running flannel cluster instead (see `migrate`).
@@ -43,6 +45,16 @@ pub enum Datapath {
     Tun,
 }
 
+/// What does docker's part on each simulated host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Docker {
+    /// A real dockerd per host (Debian's docker.io), started from the agent's subnet.env as an
+    /// operator's host starts it; where dockerd cannot run, the imitation, saying why.
+    Real,
+    /// A bridge and a veth per container, set up as docker would from subnet.env.
+    Imitate,
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct Options {
     /// Verify and exit: 0 when every container reaches every other, non-zero with the reason.
@@ -57,6 +69,9 @@ pub struct Options {
     /// The agents' --datapath.
     #[arg(long, value_enum, default_value_t = Datapath::Auto)]
     pub datapath: Datapath,
+    /// Who does docker's part on each host.
+    #[arg(long, value_enum, default_value_t = Docker::Real)]
+    pub docker: Docker,
     /// Run the agent on this machine (not in the lab) with the flags after `--`.
     #[arg(long)]
     pub host: bool,

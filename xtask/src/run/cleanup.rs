@@ -1,5 +1,6 @@
-//! Cleaning up after the lab: on Ctrl-C (the main thread unwinds and drops the lab; a watchdog
-//! removes everything by force if that stalls), and at start, what a killed earlier run left.
+//! Cleaning up after the lab: on Ctrl-C (the main thread unwinds and drops the lab, dockerds
+//! and containers with it; a watchdog removes everything by force if that stalls), and at start,
+//! what a killed earlier run left.
 
 use std::{
     path::{Path, PathBuf},
@@ -47,6 +48,8 @@ pub fn install_signal_handlers() {
         }
         eprintln!("\n==> run: interrupted, tearing the lab down");
         std::thread::sleep(Duration::from_secs(20));
+        // Docker first: its containers' processes are in namespaces without the lab's names.
+        let dockers = overlay_tests::docker::remove_own();
         let gone = overlay_tests::netns::remove_own(PREFIX);
         let bpffs = BPFFS.lock().ok().and_then(|b| b.clone());
         if let Some(path) = bpffs {
@@ -57,8 +60,9 @@ pub fn install_signal_handlers() {
             pid == std::process::id()
         });
         eprintln!(
-            "==> run: cleanup by force ({} namespace(s) deleted)",
-            gone.len()
+            "==> run: cleanup by force ({} namespace(s) deleted, {} dockerd state(s) removed)",
+            gone.len(),
+            dockers.len()
         );
         std::process::exit(130);
     });
@@ -82,6 +86,8 @@ fn umount(path: &Path) {
 /// them), its bpffs mount and its temporary directory. Another run still in progress is left
 /// alone (its pid is alive).
 pub fn remove_leftovers() {
+    // Docker first: its containers' processes are in namespaces without the lab's names.
+    let dockers = overlay_tests::docker::remove_leftovers().len();
     let namespaces = overlay_tests::netns::remove_stale(PREFIX);
     let tmp = std::env::temp_dir();
     let mut mounts = 0;
@@ -112,10 +118,10 @@ pub fn remove_leftovers() {
     let stale = |pid: u32| pid != std::process::id() && !pid_alive(pid);
     let dirs = remove_dirs(&tmp, DIR_PREFIX, stale)
         + remove_dirs(Path::new(ETCD_DATA.0), ETCD_DATA.1, stale);
-    if namespaces.len() + mounts + dirs > 0 {
+    if namespaces.len() + mounts + dirs + dockers > 0 {
         step(format!(
             "run: removed what an earlier run left: {} namespace(s), {mounts} bpffs mount(s), \
-             {dirs} temporary dir(s)",
+             {dirs} temporary dir(s), {dockers} dockerd(s) with their containers",
             namespaces.len()
         ));
     }

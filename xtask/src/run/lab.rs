@@ -8,12 +8,12 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use overlay_tests::{
-    cluster::{Cluster, ETCD_IP, ETCD_PORT, PREFIX, PingStats, host_run_dir},
+    cluster::{Cluster, DockerEngine, ETCD_IP, ETCD_PORT, PREFIX, PingStats, host_run_dir},
     lab::{LabConfig, SubnetEnv},
 };
 
 use super::{
-    Backend, Datapath, Options,
+    Backend, Datapath, Docker, Options,
     cleanup::{self, check_interrupted, interrupted},
 };
 use crate::cmd::{step, workspace_root};
@@ -124,6 +124,7 @@ fn scenario(opts: &Options, binary: &Path, dir: &Path, started: Instant) -> anyh
     )
     .context("building the lab")?;
     cleanup::set_bpffs(Some(cluster.bpffs.path().to_owned()));
+    cluster.docker = docker_engine(opts.docker);
     check_interrupted()?;
     step(format!(
         "run: etcdctl put {PREFIX}/config '{config}'   (the article's `etcdctl set` is the v2 API)"
@@ -179,24 +180,36 @@ fn scenario(opts: &Options, binary: &Path, dir: &Path, started: Instant) -> anyh
             "datapath: {}",
             datapath_line(&cluster.agents[i].log_text())
         )?;
-        writeln!(
-            out,
-            "$ dockerd --bip={}/{} --mtu={}   (the lab does docker's part: bridge docker0 with \
-             that address and MTU, one container behind it)",
-            env.gateway, env.prefix_len, env.mtu
-        )?;
+        if cluster.docker == DockerEngine::Imitate {
+            writeln!(
+                out,
+                "$ dockerd --bip={}/{} --mtu={}   (imitated: bridge docker0 with that address and \
+                 MTU, one container behind it)",
+                env.gateway, env.prefix_len, env.mtu
+            )?;
+        } else {
+            writeln!(
+                out,
+                "docker's options from: {}",
+                cluster.docker_options_from(i)
+            )?;
+        }
         print!("{out}");
-        let container_ip = cluster.lab.hosts[i]
-            .start_docker(env)
-            .with_context(|| format!("h{}: docker's part", i + 1))?
-            .ip;
-        println!("container: eth0 {container_ip}/{}", env.prefix_len);
+        cluster
+            .start_docker(i, env)
+            .with_context(|| format!("h{}: docker's part", i + 1))?;
+        print!("{}", docker_part(&cluster, i)?);
     }
 
     check_interrupted()?;
     let pairs = n * (n - 1);
     step(format!(
-        "run: every container pings every other ({pairs} pairs, {PINGS} echoes each, at once)"
+        "run: every container pings every other ({pairs} pairs, {PINGS} echoes each, at once{})",
+        if cluster.docker == DockerEngine::Real {
+            ", as `docker exec <container> ping <address>`"
+        } else {
+            ""
+        }
     ));
     let results = cluster.ping_matrix_stats(PINGS);
     let (table, failures) = table(&cluster, &results);
@@ -264,6 +277,67 @@ fn scenario(opts: &Options, binary: &Path, dir: &Path, started: Instant) -> anyh
     } else {
         bail!("{} of {pairs} pairs were unreachable", failures.len())
     }
+}
+
+/// Who does docker's part: a real dockerd unless asked otherwise or it cannot run here, which is
+/// said in one line.
+fn docker_engine(choice: Docker) -> DockerEngine {
+    match choice {
+        Docker::Imitate => {
+            step("run: docker: imitated (--docker=imitate): a bridge and a veth per container");
+            DockerEngine::Imitate
+        }
+        Docker::Real => match overlay_tests::docker::available() {
+            Ok(()) => {
+                step(format!(
+                    "run: docker: a real dockerd per host ({}), each in its host's network \
+                     namespace with state of its own; containers from {}, imported from \
+                     /bin/busybox",
+                    version_of_dockerd(),
+                    overlay_tests::docker::IMAGE
+                ));
+                DockerEngine::Real
+            }
+            Err(e) => {
+                step(format!(
+                    "run: docker: {e}; imitating it instead (a bridge and a veth per container)"
+                ));
+                DockerEngine::Imitate
+            }
+        },
+    }
+}
+
+fn version_of_dockerd() -> String {
+    std::process::Command::new("dockerd")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|e| format!("dockerd --version: {e}"))
+}
+
+/// What the article shows of docker on host `i` once it runs: dockerd's command line, docker0,
+/// and the container.
+fn docker_part(cluster: &Cluster, i: usize) -> anyhow::Result<String> {
+    let host = &cluster.lab.hosts[i];
+    let container = host.container.as_ref().context("no container")?;
+    let mut out = String::new();
+    if let Some(daemon) = &host.dockerd {
+        writeln!(out, "$ ps -o user,pid,args -C dockerd")?;
+        writeln!(out, "{}", daemon.ps_line()?)?;
+        let docker0 = host.ns.ip(&["addr", "show", "docker0"])?;
+        writeln!(out, "$ ip addr show docker0")?;
+        out.push_str(&String::from_utf8_lossy(&docker0.stdout));
+        let name = container.docker_name.as_deref().unwrap_or("?");
+        writeln!(
+            out,
+            "$ docker run -d --name {name} {} sleep 1000000   ({})",
+            overlay_tests::docker::IMAGE,
+            daemon.cli_command()
+        )?;
+    }
+    writeln!(out, "container: eth0 {}", container.ip)?;
+    Ok(out)
 }
 
 /// What `overlay-agent status` says on h1 after the pings: the lease, the datapath, each peer
