@@ -433,7 +433,7 @@ impl<E: LabEtcd> Cluster<E> {
                 let from = self.docker_options_from(index);
                 let hdir = self.dir.join(format!("h{}", index + 1));
                 let options = from.options(&self.agents[index].subnet_file, &hdir)?;
-                self.lab.hosts[index].start_dockerd(options)?;
+                self.lab.hosts[index].start_dockerd(options, true)?;
             }
         }
         Ok(())

@@ -187,11 +187,20 @@ impl Host {
 
     /// Starts a real dockerd on the host with the overlay's `options` (from the drop-in or the
     /// options file, see [`crate::docker::OptionsFrom`]) and `docker run`s one container, whose
-    /// namespace the lab then reaches by name. Forwarding is turned off first, as on a host that
-    /// never ran docker: dockerd turns it on itself and then sets the FORWARD policy to DROP,
-    /// which the overlay must cope with.
-    pub fn start_dockerd(&mut self, options: Vec<String>) -> Result<&Container, LabError> {
-        self.ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=0"])?;
+    /// namespace the lab then reaches by name. `fresh_host`: forwarding is turned off first, as
+    /// on a host that never ran docker, so dockerd turns it on itself and then sets the FORWARD
+    /// policy to DROP, which the overlay must cope with; otherwise forwarding stays on and docker
+    /// leaves the policy ACCEPT (as on hosts where something enabled forwarding before docker).
+    pub fn start_dockerd(
+        &mut self,
+        options: Vec<String>,
+        fresh_host: bool,
+    ) -> Result<&Container, LabError> {
+        let forwarding = if fresh_host { "0" } else { "1" };
+        self.ns.exec(
+            "sysctl",
+            &["-qw", &format!("net.ipv4.ip_forward={forwarding}")],
+        )?;
         let daemon = self.dockerd.insert(Dockerd::start(&self.ns, options)?);
         let name = format!("h{}c", self.number);
         let info = daemon.run(&name, &[])?;

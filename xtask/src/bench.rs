@@ -27,6 +27,7 @@ use crate::{
     build,
     cmd::{is_root, step, workspace_root},
 };
+use overlay_tests::cluster::DockerEngine;
 use report::{ModeResult, Status};
 use rig::{Kind, MODES, Rig, SetupError};
 
@@ -65,6 +66,10 @@ pub struct Options {
     /// Measure the control plane with N peer leases in etcd instead of the datapaths.
     #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "1000")]
     pub control_plane: Option<usize>,
+    /// Who does docker's part on each host: real (a dockerd per host, as users run it) where
+    /// dockerd can run, else the imitation, saying why.
+    #[arg(long, value_enum, default_value_t = crate::run::Docker::Real)]
+    pub docker: crate::run::Docker,
     /// Skip `setup` (iperf3, sockperf, etcd, ... are proved there before the build).
     #[arg(long)]
     pub no_setup: bool,
@@ -91,10 +96,12 @@ fn install_signal_handlers() {
         }
         eprintln!("\n==> bench: interrupted, cleaning up");
         std::thread::sleep(Duration::from_secs(15));
+        let dockers = overlay_tests::docker::remove_own();
         let gone = overlay_tests::netns::remove_own(rig::PREFIX);
         eprintln!(
-            "==> bench: cleanup by force ({} namespace(s) deleted)",
-            gone.len()
+            "==> bench: cleanup by force ({} namespace(s) deleted, {} dockerd(s) removed)",
+            gone.len(),
+            dockers.len()
         );
         tcp_cc::restore_allowed();
         std::process::exit(130);
@@ -109,11 +116,13 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
         crate::setup::setup(&crate::setup::Options::default())?;
     }
     install_signal_handlers();
+    let dockers = overlay_tests::docker::remove_leftovers();
     let stale = overlay_tests::netns::remove_stale(rig::PREFIX);
-    if !stale.is_empty() {
+    if !stale.is_empty() || !dockers.is_empty() {
         step(format!(
-            "bench: removed {} namespace(s) left by an earlier run",
-            stale.len()
+            "bench: removed {} namespace(s) and {} dockerd(s) left by an earlier run",
+            stale.len(),
+            dockers.len()
         ));
     }
     let out_dir = workspace_root().join("target").join("bench");
@@ -215,7 +224,19 @@ fn datapaths(opts: &Options, out_dir: &Path, run_dir: &Path) -> anyhow::Result<(
         "bench: rig of 2 simulated hosts; {} mode(s) x {repeat} repeat(s), {secs} s per test",
         modes.len()
     ));
-    let mut rig = Rig::new(2, run_dir, cc).context("building the rig")?;
+    let docker = crate::run::lab::docker_engine("bench", opts.docker);
+    notes.push(match docker {
+        DockerEngine::Real => format!(
+            "containers: real docker ({}) per host, `dockerd --bip --mtu --ip-masq=false` from \
+             each mode's subnet, forwarding already on (FORWARD policy ACCEPT) so every mode runs \
+             under the same rules",
+            crate::run::lab::version_of_dockerd()
+        ),
+        DockerEngine::Imitate => {
+            "containers: imitated (a bridge and a veth per container, no dockerd)".to_owned()
+        }
+    });
+    let mut rig = Rig::new(2, run_dir, cc, docker).context("building the rig")?;
     let mut results: Vec<ModeResult> = modes
         .iter()
         .map(|m| ModeResult {

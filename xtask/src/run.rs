@@ -12,7 +12,7 @@
 //! `--migrate-from-flannel` migrates a running flannel cluster instead (see `migrate`).
 
 mod cleanup;
-mod lab;
+pub mod lab;
 mod migrate;
 
 use std::{os::unix::process::CommandExt as _, process::Command};

@@ -14,6 +14,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use overlay_tests::{
+    cluster::DockerEngine,
     flanneld::{self, UdpProxy},
     lab::{Host, Lab, LabConfig, SubnetEnv, UNDERLAY_IF},
     netns::NsProcess,
@@ -162,6 +163,8 @@ pub struct Rig {
     pub dir: PathBuf,
     /// Given to each mode's containers.
     pub tcp_cc: TcpCc,
+    /// Real dockerd or its imitation.
+    pub docker: DockerEngine,
 }
 
 /// What a running mode holds; dropping it stops the servers, agents, proxies and etcd.
@@ -178,7 +181,12 @@ pub struct Active {
 
 impl Rig {
     /// Builds the rig with `hosts` hosts. `dir` receives logs and per-host subnet.env files.
-    pub fn new(hosts: usize, dir: &Path, tcp_cc: TcpCc) -> anyhow::Result<Self> {
+    pub fn new(
+        hosts: usize,
+        dir: &Path,
+        tcp_cc: TcpCc,
+        docker: DockerEngine,
+    ) -> anyhow::Result<Self> {
         let lab = Lab::new(&LabConfig {
             prefix: PREFIX.into(),
             hosts,
@@ -192,6 +200,7 @@ impl Rig {
             lab,
             dir: dir.to_owned(),
             tcp_cc,
+            docker,
         })
     }
 
@@ -265,8 +274,20 @@ impl Rig {
             }
         };
         for (host, env) in self.lab.hosts.iter_mut().zip(&envs) {
-            host.start_docker(env)
-                .context("docker bridge from subnet.env")?;
+            match self.docker {
+                DockerEngine::Imitate => host
+                    .start_docker(env)
+                    .context("docker bridge from subnet.env")?,
+                DockerEngine::Real => {
+                    let options = vec![
+                        format!("--bip={}/{}", env.gateway, env.prefix_len),
+                        format!("--mtu={}", env.mtu),
+                        "--ip-masq=false".to_owned(),
+                    ];
+                    host.start_dockerd(options, false)
+                        .context("dockerd from subnet.env")?
+                }
+            };
             let container = host.container.as_ref().expect("started");
             self.tcp_cc.apply(&container.ns)?;
         }

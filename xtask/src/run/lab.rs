@@ -124,7 +124,7 @@ fn scenario(opts: &Options, binary: &Path, dir: &Path, started: Instant) -> anyh
     )
     .context("building the lab")?;
     cleanup::set_bpffs(Some(cluster.bpffs.path().to_owned()));
-    cluster.docker = docker_engine(opts.docker);
+    cluster.docker = docker_engine("run", opts.docker);
     check_interrupted()?;
     step(format!(
         "run: etcdctl put {PREFIX}/config '{config}'   (the article's `etcdctl set` is the v2 API)"
@@ -281,16 +281,18 @@ fn scenario(opts: &Options, binary: &Path, dir: &Path, started: Instant) -> anyh
 
 /// Who does docker's part: a real dockerd unless asked otherwise or it cannot run here, which is
 /// said in one line.
-fn docker_engine(choice: Docker) -> DockerEngine {
+pub fn docker_engine(who: &str, choice: Docker) -> DockerEngine {
     match choice {
         Docker::Imitate => {
-            step("run: docker: imitated (--docker=imitate): a bridge and a veth per container");
+            step(format!(
+                "{who}: docker: imitated (--docker=imitate): a bridge and a veth per container"
+            ));
             DockerEngine::Imitate
         }
         Docker::Real => match overlay_tests::docker::available() {
             Ok(()) => {
                 step(format!(
-                    "run: docker: a real dockerd per host ({}), each in its host's network \
+                    "{who}: docker: a real dockerd per host ({}), each in its host's network \
                      namespace with state of its own; containers from {}, imported from \
                      /bin/busybox",
                     version_of_dockerd(),
@@ -300,7 +302,7 @@ fn docker_engine(choice: Docker) -> DockerEngine {
             }
             Err(e) => {
                 step(format!(
-                    "run: docker: {e}; imitating it instead (a bridge and a veth per container)"
+                    "{who}: docker: {e}; imitating it instead (a bridge and a veth per container)"
                 ));
                 DockerEngine::Imitate
             }
@@ -308,7 +310,7 @@ fn docker_engine(choice: Docker) -> DockerEngine {
     }
 }
 
-fn version_of_dockerd() -> String {
+pub fn version_of_dockerd() -> String {
     std::process::Command::new("dockerd")
         .arg("--version")
         .output()
