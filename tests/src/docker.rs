@@ -292,6 +292,11 @@ impl Dockerd {
         format!("{DOCKER_CLI} -H unix://{}", self.socket.display())
     }
 
+    /// Its state directory (data and exec roots, socket, log).
+    pub fn state_dir(&self) -> &Path {
+        &self.state
+    }
+
     /// The daemon's pid, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(Child::id)
@@ -522,13 +527,22 @@ fn remove_states(creator_matches: impl Fn(u32) -> bool) -> Vec<PathBuf> {
 fn kill_processes_of(state: &Path) {
     let name = state.file_name().unwrap_or_default().to_string_lossy();
     let mut pids = Vec::new();
-    for dir in cgroup_dirs(&name) {
+    fn procs_below(dir: &Path, pids: &mut Vec<i32>) {
         if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
             pids.extend(
                 text.split_whitespace()
                     .filter_map(|p| p.parse::<i32>().ok()),
             );
         }
+        // Each container has a cgroup of its own below the daemon's parent.
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                procs_below(&e.path(), pids);
+            }
+        }
+    }
+    for dir in cgroup_dirs(&name) {
+        procs_below(&dir, &mut pids);
     }
     let needle = state.to_string_lossy().into_owned();
     if let Ok(procs) = std::fs::read_dir("/proc") {
@@ -542,10 +556,25 @@ fn kill_processes_of(state: &Path) {
             }
         }
     }
-    for pid in pids {
+    for &pid in &pids {
         // SAFETY: kill only sends a signal.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
+    // Their mounts can only go once they have: SIGKILL is delivered asynchronously.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|&p| running(p as u32)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether process `pid` exists and is not a zombie waiting for its parent.
+pub fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // After the command in parentheses, which may hold spaces: " <state> ".
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
 /// Unmounts what is mounted under `state` (containers' root filesystems, network namespace

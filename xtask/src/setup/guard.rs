@@ -55,6 +55,11 @@ const VARIABLE_SPAWNS: &[(&str, &str, &str)] = &[
     ),
     ("tests/src/etcd.rs", "cargo", "the cargo running the tests"),
     (
+        "tests/tests/docker.rs",
+        "std::env::current_exe().unwrap()",
+        "the test binary itself, as the run to be killed",
+    ),
+    (
         "tests/src/docker.rs",
         "agent_bin",
         "the agent the tests built (its docker-opts)",
