@@ -129,23 +129,13 @@ impl HostRules {
         let mut sets = Vec::new();
         let untracked = iptables::untracked_rules(net(config.network), net(subnet));
         if direct_delivery {
-            let new = matches!(
-                blocking(untracked.clone(), |u| Ok(u.present())).await,
-                Ok(false)
-            );
-            match blocking(untracked.clone(), |u| u.install()).await {
-                Ok(()) => {
-                    if new {
-                        added.sets.push(untracked.clone());
-                    }
-                    sets.push(untracked)
-                }
-                Err(e) => tracing::warn!(
+            if let Err(e) = install_kept(untracked, added, &mut sets).await {
+                tracing::warn!(
                     "raw-table rules keeping conntrack out of traffic from {subnet} to {} not \
                      installed: {e}; NAT of it (docker masquerades its bridge's subnet unless \
                      started with --ip-masq=false) would break connections from other hosts",
                     config.network
-                ),
+                );
             }
         } else {
             remove_if_present(untracked, "the datapath delivers through the host stack").await;
@@ -153,22 +143,12 @@ impl HostRules {
         let forward = iptables::forward_rules(net(config.network));
         let wants_forward = cli.iptables_forward_rules && !matches!(config.backend, Backend::Alloc);
         if wants_forward {
-            let new = matches!(
-                blocking(forward.clone(), |f| Ok(f.present())).await,
-                Ok(false)
-            );
-            match blocking(forward.clone(), |f| f.install()).await {
-                Ok(()) => {
-                    if new {
-                        added.sets.push(forward.clone());
-                    }
-                    sets.push(forward)
-                }
-                Err(e) => tracing::warn!(
+            if let Err(e) = install_kept(forward, added, &mut sets).await {
+                tracing::warn!(
                     "forward rules for {} not installed: {e}; a FORWARD policy of DROP (docker \
                      sets one) would drop overlay traffic delivered through the host stack",
                     config.network
-                ),
+                );
             }
         } else {
             remove_if_present(forward, "--iptables-forward-rules=false").await;
@@ -266,6 +246,22 @@ impl HostRules {
             }
         }
     }
+}
+
+/// Installs `set` and keeps it for the resync (`sets`), recording it in `added` when it was not
+/// there before.
+async fn install_kept(
+    set: RuleSet,
+    added: &mut Added,
+    sets: &mut Vec<RuleSet>,
+) -> Result<(), IptablesError> {
+    let new = matches!(blocking(set.clone(), |s| Ok(s.present())).await, Ok(false));
+    blocking(set.clone(), |s| s.install()).await?;
+    if new {
+        added.sets.push(set.clone());
+    }
+    sets.push(set);
+    Ok(())
 }
 
 /// Removes `set` (and its older-agent counterpart) when present, logging why.
