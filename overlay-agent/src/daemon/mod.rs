@@ -365,11 +365,8 @@ async fn start_and_run(cli: Cli, health: Health, footprint: Footprint) -> Result
     let started = overlay
         .as_ref()
         .map(|o| (o.info().kind == "eBPF", o.spec().device_name()));
-    // The eBPF programs deliver past the host stack unless asked not to (or decapsulating in
-    // XDP, which hands packets to the stack).
-    let direct_delivery = matches!(started, Some((true, _)))
-        && matches!(cli.decap, DecapKind::Tc)
-        && !cli.deliver_via_stack;
+    let direct_delivery =
+        matches!(started, Some((true, _))) && ebpf_options(&cli).delivers_directly();
     let datapath = DatapathThread::spawn(overlay, health.clone());
     if let Some(underlay) = underlay {
         let lease = LocalLease {
@@ -965,6 +962,20 @@ async fn sleep_until_some(at: Option<Instant>) {
     }
 }
 
+/// The eBPF datapath's options from the command line.
+fn ebpf_options(cli: &Cli) -> EbpfOptions {
+    EbpfOptions {
+        bpffs: Some(cli.bpffs.clone()),
+        decap: match cli.decap {
+            DecapKind::Tc => DecapHook::Tc,
+            DecapKind::Xdp => DecapHook::Xdp(XdpMode::Driver),
+            DecapKind::XdpGeneric => DecapHook::Xdp(XdpMode::Skb),
+        },
+        deliver_via_stack: cli.deliver_via_stack,
+        no_peer_counters: !cli.peer_counters,
+    }
+}
+
 /// Builds the overlay for the backend before the lease is acquired, so a kernel or privilege
 /// problem (e.g. `--datapath=ebpf` on a kernel that refuses the programs) stops the agent before
 /// it takes a subnet. `None` for alloc, which forwards nothing.
@@ -987,17 +998,7 @@ fn build_overlay(
         );
         spec = spec.keeping_vtep_mac(mac);
     }
-    let options = EbpfOptions {
-        bpffs: Some(cli.bpffs.clone()),
-        decap: match cli.decap {
-            DecapKind::Tc => DecapHook::Tc,
-            DecapKind::Xdp => DecapHook::Xdp(XdpMode::Driver),
-            DecapKind::XdpGeneric => DecapHook::Xdp(XdpMode::Skb),
-        },
-        deliver_via_stack: cli.deliver_via_stack,
-        no_peer_counters: !cli.peer_counters,
-    };
-    let overlay = dataplane::select(cli.datapath, spec, options)
+    let overlay = dataplane::select(cli.datapath, spec, ebpf_options(cli))
         .map_err(|source| DaemonError::Select { source })?;
     // Why it was chosen is dataplane::select's line (auto), or the flag itself.
     tracing::info!(

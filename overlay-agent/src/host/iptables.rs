@@ -188,8 +188,9 @@ pub fn masquerade_rules(
 /// (docker's default without `--ip-masq=false`) picks the connection up mid-stream and rewrites
 /// the container's replies to the host's address, which the far end resets. So the containers'
 /// traffic to the rest of the Network is not tracked at all (raw table, before conntrack and
-/// whatever order docker gives its nat rules), and both directions of it bypass netfilter's
-/// state alike. Traffic within this host's subnet, and to the outside world, is tracked as ever.
+/// whatever order docker gives its nat rules); the other direction already passes it where the
+/// programs deliver. Traffic within this host's subnet, and to the outside world, is tracked as
+/// ever.
 pub fn untracked_rules(network: (Ipv4Addr, u8), subnet: (Ipv4Addr, u8)) -> RuleSet {
     let (net, sub) = (cidr(network), cidr(subnet));
     let c = UNTRACKED_COMMENT;

@@ -31,6 +31,14 @@ pub struct EbpfOptions {
     pub no_peer_counters: bool,
 }
 
+impl EbpfOptions {
+    /// Whether decapsulated packets go straight into the containers (`bpf_redirect_peer`, which
+    /// needs TC decap), past the host stack and its conntrack.
+    pub fn delivers_directly(&self) -> bool {
+        self.decap == DecapHook::Tc && !self.deliver_via_stack
+    }
+}
+
 /// flannel's udp and vxlan formats, encapsulated and decapsulated in the kernel.
 pub struct EbpfDatapath {
     options: EbpfOptions,
@@ -322,7 +330,7 @@ impl Datapath for EbpfDatapath {
         }
         // Direct delivery needs TC decap (bpf_redirect_peer) and an operator who did not ask for
         // the stack.
-        if self.options.decap == DecapHook::Tc && !self.options.deliver_via_stack {
+        if self.options.delivers_directly() {
             let endpoints = self
                 .dataplane
                 .take_endpoints()
