@@ -67,6 +67,12 @@ pub enum DockerError {
         /// The last lines of its log.
         log: String,
     },
+    /// dockerd did not exit within [`STOP_WITHIN`] of SIGTERM (it was killed).
+    #[error("dockerd in {ns} did not exit within {STOP_WITHIN:?} of SIGTERM; killed")]
+    Stop {
+        /// The host namespace.
+        ns: String,
+    },
     /// A docker CLI command failed.
     #[error("`docker {command}` failed: {stderr}")]
     Command {
@@ -144,8 +150,8 @@ impl Dockerd {
     /// Starts dockerd in `host`'s network namespace with the overlay's `options` (its `--bip`,
     /// `--mtu`, ... as the host's unit or options file give them), waits for its API and imports
     /// the lab image.
+    /// Callers ask [`available`] once, before starting any.
     pub fn start(host: &NetNs, options: Vec<String>) -> Result<Self, DockerError> {
-        available()?;
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let state = std::env::temp_dir().join(format!(
             "{STATE_PREFIX}{}-{}",
@@ -381,10 +387,8 @@ impl Dockerd {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(DockerError::Start {
+                return Err(DockerError::Stop {
                     ns: self.ns.clone(),
-                    reason: format!("it did not exit within {STOP_WITHIN:?} of SIGTERM"),
-                    log: String::new(),
                 });
             }
             std::thread::sleep(Duration::from_millis(50));

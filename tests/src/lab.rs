@@ -202,36 +202,38 @@ impl Host {
             &["-qw", &format!("net.ipv4.ip_forward={forwarding}")],
         )?;
         let daemon = self.dockerd.insert(Dockerd::start(&self.ns, options)?);
-        let name = format!("h{}c", self.number);
-        let info = daemon.run(&name, &[])?;
+        let info = daemon.run(&format!("h{}c", self.number), &[])?;
+        self.name_container(info)
+    }
+
+    /// Makes docker's container `info` the host's, its namespace named after the host's.
+    fn name_container(
+        &mut self,
+        info: crate::docker::ContainerInfo,
+    ) -> Result<&Container, LabError> {
+        // A name left on the previous process's namespace goes first.
+        self.container = None;
         let ns = NetNs::of_process(&format!("{}-c", self.ns.name()), info.pid)?;
         Ok(self.container.insert(Container {
             ns,
             ip: info.ip,
-            docker_name: Some(name),
+            docker_name: Some(info.name),
         }))
     }
 
     /// After the host's container was recreated or restarted by docker: names its namespace
     /// again and takes its address from docker.
     pub fn refresh_container(&mut self) -> Result<&Container, LabError> {
+        let name = format!("h{}c", self.number);
         let daemon = self
             .dockerd
             .as_ref()
             .ok_or_else(|| DockerError::Container {
-                name: format!("h{}c", self.number),
+                name: name.clone(),
                 reason: "no dockerd runs on this host".into(),
             })?;
-        let name = format!("h{}c", self.number);
         let info = daemon.inspect(&name)?;
-        // The old name points at the old process's namespace: drop it before naming the new.
-        self.container = None;
-        let ns = NetNs::of_process(&format!("{}-c", self.ns.name()), info.pid)?;
-        Ok(self.container.insert(Container {
-            ns,
-            ip: info.ip,
-            docker_name: Some(name),
-        }))
+        self.name_container(info)
     }
 
     /// Undoes [`Host::start_docker`]: deletes the container namespace and the bridge, so the
