@@ -253,15 +253,27 @@ fn delivered_on_h1(c: &Cluster, to: Ipv4Addr) -> u64 {
 }
 
 /// The eBPF endpoint learner with containers docker creates and removes: one started after the
-/// agent is learned and delivered into; a removed one's entry goes. (One started again with the
-/// same address and another MAC was reached within 30 s in one run and not in another: open.)
-/// The learner reads the host's ARP entries and
+/// agent is learned and delivered into; a removed one's entry goes; one started again with the
+/// same address and another MAC gets the traffic. The learner reads the host's ARP entries and
 /// the bridge's FDB, so a container is learned once the host has resolved it: the first packet
 /// for it goes through the stack, which does.
 fn containers_started_and_removed_are_learned() {
     let tmp = TempDir::new("docker-learn").unwrap();
     let c = start("ovt-dl", "udp", "ebpf", &[], &tmp);
     let d1 = docker(&c, 0);
+    // Left to the kernel, an ARP entry stays reachable for 15..45 s after its last confirmation;
+    // with 10 minutes the old MAC would outlive the test, so only the agent's deletion of the
+    // stale entry lets the container started again be reached.
+    c.lab.hosts[0]
+        .ns
+        .exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.neigh.docker0.base_reachable_time_ms=600000",
+            ],
+        )
+        .unwrap();
 
     let late = d1.run("late", &[]).unwrap();
     ping_from(&c, 1, late.ip).unwrap_or_else(|e| panic!("h2 -> the new container: {e}"));
@@ -279,6 +291,36 @@ fn containers_started_and_removed_are_learned() {
             .then_some(())
             .ok_or(format!("{learned:?}"))
     });
+    wait_for(
+        10 * SECOND,
+        "h1 to drop its ARP entry for the removed container",
+        || {
+            let arp = h1_arp(&c, late.ip);
+            (!arp.contains(&late.mac)).then_some(()).ok_or(arp)
+        },
+    );
+
+    // Docker hands the freed address out again; the MAC is another.
+    let mac = "02:42:0e:0e:0e:01";
+    let again = d1.run("again", &["--mac-address", mac]).unwrap();
+    assert_eq!(again.ip, late.ip, "docker gave the freed address out again");
+    assert_eq!(again.mac, mac);
+    ping_from(&c, 1, again.ip).unwrap_or_else(|e| panic!("h2 -> the container started again: {e}"));
+    wait_learned(&c, 0, again.ip, mac);
+    let delivered = delivered_on_h1(&c, again.ip);
+    assert!(
+        delivered >= 3,
+        "{delivered} echo requests delivered into {again:?}"
+    );
+}
+
+/// h1's ARP entry for `ip` on docker0, as `ip neigh` shows it (empty: none).
+fn h1_arp(c: &Cluster, ip: Ipv4Addr) -> String {
+    let out = c.lab.hosts[0]
+        .ns
+        .ip(&["neigh", "show", &ip.to_string(), "dev", "docker0"])
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// The etcd revision that created host `i`'s lease key: a new lease would be a new key.

@@ -84,6 +84,8 @@ pub struct Ipv4Neighbour {
     pub ip: Ipv4Addr,
     /// Its MAC.
     pub mac: [u8; 6],
+    /// Set by hand (`nud permanent`): the kernel never re-resolves it.
+    pub permanent: bool,
 }
 
 /// A MAC a bridge learned behind one of its ports.
@@ -239,9 +241,25 @@ impl Netlink {
                     ifindex,
                     ip: ip?,
                     mac: mac?,
+                    permanent: m.header.state == NeighbourState::Permanent,
                 })
             })
             .collect())
+    }
+
+    /// `ip neigh del <ip> dev <ifindex>`; an entry already gone is not an error.
+    pub async fn delete_neighbour(&self, ifindex: u32, ip: Ipv4Addr) -> Result<(), NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = ifindex;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        match self.handle.neighbours().del(msg).execute().await {
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENOENT => Ok(()),
+            other => other.map_err(request(format!(
+                "deleting the neighbour {ip} on interface {ifindex}"
+            ))),
+        }
     }
 
     /// MACs the bridge `bridge` learned behind its ports (its own ports' addresses excluded).

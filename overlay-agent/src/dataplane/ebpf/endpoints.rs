@@ -8,8 +8,19 @@
 //! and go, so the learner resyncs on every link, neighbour or address event, and every few seconds
 //! as a safety net. An IP the host has not resolved yet is simply delivered through the stack, which
 //! resolves it.
+//!
+//! The learner also deletes ARP entries whose MAC no bridge port has any more: the container they
+//! were resolved for is gone (its veth went, and the bridge forgot the MAC with it). Docker hands
+//! a freed address out again, and when the new container has another MAC the kernel would go on
+//! sending to the old one until its neighbour timers run out (up to a minute, longer with raised
+//! `base_reachable_time`), the new container unreachable meanwhile. Without the entry the next
+//! packet resolves the address again.
 
-use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+    time::Duration,
+};
 
 use futures::StreamExt as _;
 use overlay_common::maps::Endpoint;
@@ -57,7 +68,10 @@ async fn run(mut map: EndpointsMap, gateway: Ipv4Addr) {
     };
     loop {
         match learn(&netlink, gateway).await {
-            Ok(desired) => apply(&mut map, &mut known, desired),
+            Ok(learned) => {
+                apply(&mut map, &mut known, learned.endpoints);
+                forget_stale(&netlink, learned.bridge, learned.stale).await;
+            }
             Err(err) => tracing::warn!("learning local containers: {err}"),
         }
         tokio::select! {
@@ -90,30 +104,39 @@ fn forget_all(map: &mut EndpointsMap) {
     }
 }
 
-/// What the endpoints map should hold now.
-async fn learn(
-    netlink: &Netlink,
-    gateway: Ipv4Addr,
-) -> Result<HashMap<Ipv4Addr, Endpoint>, NetlinkError> {
-    let mut desired = HashMap::new();
+/// What one look at the bridge found.
+#[derive(Default)]
+struct Learned {
+    /// The bridge holding the gateway address (0: none yet).
+    bridge: u32,
+    /// What the endpoints map should hold now.
+    endpoints: HashMap<Ipv4Addr, Endpoint>,
+    /// Addresses whose ARP entry names a MAC no bridge port has.
+    stale: Vec<Ipv4Addr>,
+}
+
+async fn learn(netlink: &Netlink, gateway: Ipv4Addr) -> Result<Learned, NetlinkError> {
+    let mut learned = Learned::default();
     let Some(bridge) = netlink.link_with_ipv4(gateway).await? else {
-        return Ok(desired);
+        return Ok(learned);
     };
+    learned.bridge = bridge;
     let Ok(bridge_mac) = <[u8; 6]>::try_from(netlink.link_by_index(bridge).await?.mac.as_slice())
     else {
-        return Ok(desired);
+        return Ok(learned);
     };
     let veths = netlink.veth_indexes().await?;
-    let ports: HashMap<[u8; 6], u32> = netlink
-        .bridge_fdb(bridge)
-        .await?
+    let fdb = netlink.bridge_fdb(bridge).await?;
+    // Behind any port: a MAC learned behind an uplink is no stale entry, only no container.
+    let on_bridge: HashSet<[u8; 6]> = fdb.iter().map(|e| e.mac).collect();
+    let ports: HashMap<[u8; 6], u32> = fdb
         .into_iter()
         .filter(|e| veths.contains(&e.port))
         .map(|e| (e.mac, e.port))
         .collect();
     for neighbour in netlink.ipv4_neighbours(bridge).await? {
         if let Some(&port) = ports.get(&neighbour.mac) {
-            desired.insert(
+            learned.endpoints.insert(
                 neighbour.ip,
                 Endpoint {
                     host_ifindex: port,
@@ -121,9 +144,23 @@ async fn learn(
                     bridge_mac,
                 },
             );
+        } else if !neighbour.permanent && !on_bridge.contains(&neighbour.mac) {
+            learned.stale.push(neighbour.ip);
         }
     }
-    Ok(desired)
+    Ok(learned)
+}
+
+/// Deletes the ARP entries [`learn`] found stale (see the module's comment). An entry for a
+/// container idle longer than the bridge's FDB ageing goes too: its next packet costs one ARP
+/// round trip, as it would once the kernel's timers ran out.
+async fn forget_stale(netlink: &Netlink, bridge: u32, stale: Vec<Ipv4Addr>) {
+    for ip in stale {
+        match netlink.delete_neighbour(bridge, ip).await {
+            Ok(()) => tracing::debug!(%ip, "ARP entry of a MAC gone from the bridge deleted"),
+            Err(err) => tracing::warn!(%ip, "deleting a stale ARP entry: {err}"),
+        }
+    }
 }
 
 fn apply(
