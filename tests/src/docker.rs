@@ -507,20 +507,35 @@ pub fn remove_own() -> Vec<PathBuf> {
 }
 
 fn remove_states(creator_matches: impl Fn(u32) -> bool) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return Vec::new();
+    // A daemon's name is on its state directory and on its cgroups; a run killed while removing
+    // its state leaves the cgroups alone, so both places are looked at.
+    let names_in = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(STATE_PREFIX))
+            .collect()
     };
+    let mut names: std::collections::BTreeSet<String> =
+        names_in(&std::env::temp_dir()).into_iter().collect();
+    for hierarchy in std::fs::read_dir(CGROUP_ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        names.extend(names_in(&hierarchy.path()));
+    }
     let mut removed = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(STATE_PREFIX) else {
-            continue;
-        };
+    for name in names {
+        let rest = &name[STATE_PREFIX.len()..];
         let creator = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
         if creator.is_some_and(&creator_matches) {
-            kill_processes_of(&entry.path());
-            remove_state(&entry.path());
-            removed.push(entry.path());
+            let state = std::env::temp_dir().join(&name);
+            kill_processes_of(&state);
+            remove_state(&state);
+            removed.push(state);
         }
     }
     removed

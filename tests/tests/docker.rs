@@ -572,8 +572,17 @@ fn a_killed_runs_dockerd_and_containers_are_removed_after() {
     );
     assert!(state.exists() && mounts() > 0 && cgroup.exists());
 
+    // A cgroup whose state directory is gone already (a run killed while removing its state).
+    let orphan = std::path::Path::new("/sys/fs/cgroup/pids").join(format!(
+        "{}{}-99",
+        overlay_tests::docker::STATE_PREFIX,
+        child.id()
+    ));
+    std::fs::create_dir(&orphan).unwrap();
+
     let removed = overlay_tests::docker::remove_leftovers();
     overlay_tests::netns::remove_stale("ovt-dk");
+    assert!(!orphan.exists(), "{} left", orphan.display());
     assert!(removed.contains(&state), "{removed:?}");
     assert!(!alive(container_pid), "the container still runs");
     let left = mentioning(&state.to_string_lossy());
