@@ -8,10 +8,12 @@ use std::{
 };
 
 use overlay_agent::status::Status;
+use overlay_common::maps::MAX_PEERS;
 use overlay_tests::{
-    cluster::{Cluster, HEALTHZ_PORT, http_get, metric},
+    cluster::{Cluster, HEALTHZ_PORT, PREFIX, http_get, metric},
     etcd::{TempDir, agent_binary},
     flow::PingFlow,
+    lab::LabConfig,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -271,9 +273,115 @@ fn tun_counters_are_live() {
     flow.assert_running("the TUN counters were read");
 }
 
+/// At the eBPF maps' capacity: a host that leases a subnet when h1's maps are full of other
+/// peers is refused by h1's datapath, says so in status, `/metrics` and the strict health body,
+/// loses none of the entries it had, and gets in as soon as one peer leaves.
+fn a_full_peer_map_refuses_the_newcomer_until_a_peer_leaves() {
+    let tmp = TempDir::new("obs-full").unwrap();
+    let config = LabConfig {
+        prefix: "ovt-obf".into(),
+        hosts: 2,
+        underlay_mtu: 1500,
+    };
+    // A /8 of /24s holds the fake peers, h1 and h2.
+    let network = r#"{"Network": "10.0.0.0/8", "SubnetLen": 24, "Backend": {"Type": "udp"}}"#;
+    let mut c = Cluster::new(&config, network, agent_binary(), tmp.path()).unwrap();
+    // MAX_PEERS hosts that exist only in etcd (nothing is sent to them): h1's maps are full
+    // with them alone.
+    let fake = |i: u32| {
+        (
+            format!("{PREFIX}/subnets/10.{}.{}.0-24", i / 256 + 1, i % 256),
+            format!(
+                r#"{{"PublicIP":"{}","PublicIPv6":null}}"#,
+                Ipv4Addr::from(0x6440_0000 + i)
+            ),
+        )
+    };
+    let leases: Vec<_> = (0..MAX_PEERS).map(fake).collect();
+    c.etcd.put_many(&leases).unwrap();
+
+    let mut flags = vec!["--datapath=ebpf".to_owned(), "--healthz-strict".to_owned()];
+    flags.extend(healthz_flags());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let args = c.agent_args(0, &flags);
+    c.start_agent(0, args).unwrap();
+    let env = c.wait_subnet_env(0, 60 * SECOND).unwrap();
+    c.start_docker(0, &env).unwrap();
+    c.wait_healthy(0, 120 * SECOND).unwrap();
+    let peers_entries = "overlay_map_entries{map=\"PEERS\"}";
+    wait_for(120 * SECOND, "h1 to program every fake peer", || {
+        (metric_of(&c, 0, peers_entries) == f64::from(MAX_PEERS)).then_some(())
+    });
+    assert_eq!(metric_of(&c, 0, "overlay_peers_unprogrammed"), 0.0);
+
+    // h2 (TUN: no map to fill) joins; h1 has no room for it.
+    let args = c.agent_args(1, &["--datapath=tun"]);
+    c.start_agent(1, args).unwrap();
+    let env2 = c.wait_subnet_env(1, 60 * SECOND).unwrap();
+    c.start_docker(1, &env2).unwrap();
+    // The subnet of h2's gateway address: its lease.
+    let mask = u32::MAX << (32 - env2.prefix_len);
+    let h2_subnet = format!(
+        "{}/{}",
+        Ipv4Addr::from(u32::from(env2.gateway) & mask),
+        env2.prefix_len
+    );
+    wait_for(60 * SECOND, "h1 to refuse h2", || {
+        (metric_of(&c, 0, "overlay_peers_unprogrammed") == 1.0).then_some(())
+    });
+    let (code, s) = status(&c, 0);
+    assert_eq!(
+        code, 0,
+        "a full map leaves the agent healthy: {:#?}",
+        s.agent
+    );
+    let a = s.agent.as_ref().unwrap();
+    assert_eq!(a.unprogrammed.len(), 1, "{:#?}", a.unprogrammed);
+    let refused = &a.unprogrammed[0];
+    assert_eq!(refused.subnet, h2_subnet);
+    assert_eq!(refused.public_ip, Some(c.lab.hosts[1].underlay_ip));
+    assert!(refused.map_full && refused.reason.contains("the map is full"), "{refused:?}");
+    assert_eq!(a.peers.len(), MAX_PEERS as usize + 1);
+    let dp = s.dataplane.as_ref().unwrap();
+    assert_eq!(dp.routes.len(), MAX_PEERS as usize, "an entry was lost");
+    assert!(!dp.routes.iter().any(|r| r.subnet == h2_subnet));
+    let (_, text) = status_cmd(&c, 0, false);
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&h2_subnet) && l.contains("NOT PROGRAMMED")),
+        "{}",
+        text.lines().take(20).collect::<Vec<_>>().join("\n")
+    );
+    let (code, body) = get(&c, 0, "/healthz");
+    assert_eq!(code, 200);
+    assert!(body.contains("1 peer(s) not in the dataplane"), "{body}");
+    // Refused means not forwarded to.
+    let target = c.lab.hosts[1].container.as_ref().unwrap().ip;
+    assert!(
+        c.ping(0, target, 1).is_err(),
+        "h1 reached h2 with no room for it"
+    );
+
+    // One fake peer leaves: h2 takes its place, without a resync.
+    let (gone_key, _) = fake(7);
+    c.etcd.etcdctl(&["del", &gone_key]).unwrap();
+    wait_for(30 * SECOND, "h1 to program h2", || {
+        (metric_of(&c, 0, "overlay_peers_unprogrammed") == 0.0).then_some(())
+    });
+    let (_, s) = status(&c, 0);
+    let dp = s.dataplane.as_ref().unwrap();
+    assert_eq!(dp.routes.len(), MAX_PEERS as usize);
+    assert!(dp.routes.iter().any(|r| r.subnet == h2_subnet));
+    assert!(!dp.routes.iter().any(|r| r.subnet == "10.1.7.0/24"));
+    c.ping(0, target, 3).unwrap();
+    let (_, body) = get(&c, 0, "/healthz");
+    assert_eq!(body, "ok\n");
+}
+
 overlay_tests::test_main!(
     root ebpf_udp_status_and_metrics_follow_traffic_and_survive_the_agent,
     root ebpf_vxlan_status_and_metrics_follow_traffic_and_survive_the_agent,
     root healthz_is_503_once_the_dataplane_is_torn_out,
     root tun_counters_are_live,
+    root a_full_peer_map_refuses_the_newcomer_until_a_peer_leaves,
 );

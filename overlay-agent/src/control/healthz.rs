@@ -19,7 +19,7 @@ use crate::{
         peers::PeerCounts,
     },
     dataplane::{
-        contract::{DatapathInfo, Unhealthy},
+        contract::{DatapathInfo, Unhealthy, UnprogrammedPeer},
         counters::SharedSource,
     },
     status::{
@@ -90,6 +90,8 @@ struct State {
     datapath_info: Option<DatapathInfo>,
     /// Where its counters are read.
     counters: Option<SharedSource>,
+    /// Peers the datapath refused.
+    unprogrammed: Vec<UnprogrammedPeer>,
 }
 
 /// The lease held, as status shows it.
@@ -132,6 +134,7 @@ impl Health {
             lease: None,
             datapath_info: None,
             counters: None,
+            unprogrammed: Vec::new(),
         })))
     }
 
@@ -145,6 +148,11 @@ impl Health {
         let mut s = self.state();
         s.datapath_info = Some(info);
         s.counters = counters;
+    }
+
+    /// Records the peers the datapath could not program, all of them (empty: none).
+    pub fn unprogrammed(&self, peers: Vec<UnprogrammedPeer>) {
+        self.state().unprogrammed = peers;
     }
 
     /// Records the peer set's numbers.
@@ -231,6 +239,7 @@ impl Health {
                 grace_ended: c.grace_ended,
                 shared_public_ip: c.shared_public_ip,
             },
+            unprogrammed: s.unprogrammed.clone(),
         }
     }
 
@@ -370,12 +379,25 @@ impl Health {
     /// What a healthy agent should still say: etcd is away.
     pub fn note(&self) -> Option<String> {
         let s = self.state();
-        s.etcd_lost.map(|since| {
+        let etcd = s.etcd_lost.map(|since| {
             format!(
                 "etcd unreachable for {}; forwarding with the known peers",
                 humantime::format_duration(round_secs(since.elapsed()))
             )
-        })
+        });
+        // Not unhealthy: every other peer is forwarded to, and a restart would not make room.
+        let refused = s.unprogrammed.first().map(|p| {
+            format!(
+                "{} peer(s) not in the dataplane ({}: {})",
+                s.unprogrammed.len(),
+                p.subnet,
+                p.reason
+            )
+        });
+        match (etcd, refused) {
+            (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+            (a, b) => a.or(b),
+        }
     }
 }
 

@@ -44,7 +44,26 @@ impl DatapathThread {
             .spawn(move || {
                 let _alive = alive_tx;
                 let mut overlay = overlay;
+                // Events applied but not flushed: flushed once the queue is empty.
+                let mut unflushed = false;
                 loop {
+                    if unflushed {
+                        match rx.try_recv() {
+                            Ok(cmd @ DatapathCmd::Event(_)) => {
+                                handle(cmd, &mut overlay, &health);
+                                continue;
+                            }
+                            Ok(cmd) => {
+                                flush(&mut overlay, &health);
+                                unflushed = handle(cmd, &mut overlay, &health);
+                                continue;
+                            }
+                            Err(_) => {
+                                flush(&mut overlay, &health);
+                                unflushed = false;
+                            }
+                        }
+                    }
                     let cmd = match rx.recv_timeout(POLL_INTERVAL) {
                         Ok(cmd) => cmd,
                         Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
@@ -53,51 +72,12 @@ impl DatapathThread {
                                 if let Err(e) = o.poll() {
                                     tracing::error!("datapath: {}", error_chain(&e));
                                 }
-                                health.datapath(o.check());
+                                report(&health, o);
                             }
                             continue;
                         }
                     };
-                    match cmd {
-                        DatapathCmd::Start(local, reply) => {
-                            let r = match overlay.as_mut() {
-                                Some(o) => o.start(local),
-                                None => Ok(()),
-                            };
-                            if let Some(o) = overlay.as_ref() {
-                                health.set_datapath(o.info(), o.counters());
-                            }
-                            // alloc forwards nothing: nothing to be unhealthy about.
-                            health.datapath(overlay.as_ref().map_or(Ok(()), Overlay::check));
-                            let _ = reply.send(r);
-                        }
-                        DatapathCmd::Event(ev) => {
-                            match &ev {
-                                PeerEvent::Added(p) => tracing::info!(
-                                    "peer added: {} at {} ({})",
-                                    p.subnet,
-                                    p.public_ip,
-                                    p.backend.type_name()
-                                ),
-                                PeerEvent::Removed(s) => tracing::info!("peer removed: {s}"),
-                            }
-                            if let Some(o) = overlay.as_mut() {
-                                if let Err(e) = o.apply(&ev) {
-                                    tracing::error!("datapath: {}", error_chain(&e));
-                                }
-                                health.datapath(o.check());
-                            }
-                        }
-                        DatapathCmd::Synced(reply) => {
-                            if let Some(o) = overlay.as_mut() {
-                                if let Err(e) = o.synced() {
-                                    tracing::error!("datapath: {}", error_chain(&e));
-                                }
-                                health.datapath(o.check());
-                            }
-                            let _ = reply.send(());
-                        }
-                    }
+                    unflushed |= handle(cmd, &mut overlay, &health);
                 }
             })
             .expect("spawning the datapath thread");
@@ -147,4 +127,67 @@ impl Drop for DatapathThread {
             );
         }
     }
+}
+
+/// Runs one command; whether it was a peer event (which waits for a flush).
+fn handle(cmd: DatapathCmd, overlay: &mut Option<Overlay>, health: &Health) -> bool {
+    match cmd {
+        DatapathCmd::Start(local, reply) => {
+            let r = match overlay.as_mut() {
+                Some(o) => o.start(local),
+                None => Ok(()),
+            };
+            if let Some(o) = overlay.as_ref() {
+                health.set_datapath(o.info(), o.counters());
+            }
+            match overlay.as_ref() {
+                Some(o) => report(health, o),
+                // alloc forwards nothing: nothing to be unhealthy about.
+                None => health.datapath(Ok(())),
+            }
+            let _ = reply.send(r);
+            false
+        }
+        DatapathCmd::Event(ev) => {
+            match &ev {
+                PeerEvent::Added(p) => tracing::info!(
+                    "peer added: {} at {} ({})",
+                    p.subnet,
+                    p.public_ip,
+                    p.backend.type_name()
+                ),
+                PeerEvent::Removed(s) => tracing::info!("peer removed: {s}"),
+            }
+            if let Some(o) = overlay.as_mut() {
+                if let Err(e) = o.apply(&ev) {
+                    tracing::error!("datapath: {}", error_chain(&e));
+                }
+                report(health, o);
+            }
+            true
+        }
+        DatapathCmd::Synced(reply) => {
+            if let Some(o) = overlay.as_mut() {
+                if let Err(e) = o.synced() {
+                    tracing::error!("datapath: {}", error_chain(&e));
+                }
+                report(health, o);
+            }
+            let _ = reply.send(());
+            false
+        }
+    }
+}
+
+fn flush(overlay: &mut Option<Overlay>, health: &Health) {
+    if let Some(o) = overlay.as_mut() {
+        o.flush();
+        report(health, o);
+    }
+}
+
+/// What health and status learn from the datapath after each call.
+fn report(health: &Health, overlay: &Overlay) {
+    health.datapath(overlay.check());
+    health.unprogrammed(overlay.unprogrammed());
 }

@@ -445,6 +445,14 @@ pub enum DatapathError {
     },
 }
 
+impl DatapathError {
+    /// A peer was refused because an eBPF map is full (its entries are kept).
+    pub fn is_map_full(&self) -> bool {
+        matches!(self, DatapathError::EbpfPeer { source, .. }
+            if matches!(**source, super::ebpf::EbpfError::Full { .. }))
+    }
+}
+
 /// Why a datapath does not forward as it should: what `/healthz` reports.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Unhealthy {
@@ -505,6 +513,11 @@ pub trait Datapath: Send {
     /// Removes the route of `subnet`, if any. Idempotent.
     fn withdraw(&mut self, subnet: Subnet) -> Result<(), DatapathError>;
 
+    /// Makes the installs and withdrawals since the last call take effect, for a datapath that
+    /// publishes its peer table whole (one table per batch of events, not per event: thousands
+    /// of peers arrive at once). Called when no more events are queued, and before `synced`.
+    fn flush(&mut self) {}
+
     /// The initial peer list is complete: state a previous run left behind and no peer confirmed
     /// can go now. Called once.
     fn synced(&mut self) -> Result<(), DatapathError> {
@@ -555,13 +568,38 @@ pub struct DatapathInfo {
 /// How often [`Datapath::poll`] runs.
 pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// A peer update that failed.
+#[derive(Debug, Clone)]
+struct Failed {
+    /// The route that was to be installed (`None`: a withdrawal failed).
+    route: Option<PeerRoute>,
+    /// Why, in one line.
+    error: String,
+    /// A map was full: tried again when a peer leaves.
+    map_full: bool,
+}
+
+/// A peer the datapath could not program: known, but not forwarded to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UnprogrammedPeer {
+    /// Its subnet.
+    pub subnet: String,
+    /// Its public (underlay) address (`None` when a withdrawal failed).
+    pub public_ip: Option<Ipv4Addr>,
+    /// Why, in one line.
+    pub reason: String,
+    /// A map was full; it gets in when a peer leaves.
+    pub map_full: bool,
+}
+
 /// One datapath driven by the contract's rules: the daemon's only view of the dataplane.
 pub struct Overlay {
     spec: OverlaySpec,
     datapath: Box<dyn Datapath>,
     lease: Option<LocalLease>,
-    /// Peer updates that failed, for /healthz, each until a later one to that peer works.
-    failing: BTreeMap<Subnet, String>,
+    /// Peer updates that failed, for /healthz and status, each until a later one to that peer
+    /// works.
+    failing: BTreeMap<Subnet, Failed>,
     /// Why this datapath was chosen, for status.
     chosen: String,
 }
@@ -644,19 +682,78 @@ impl Overlay {
                 (*subnet, self.datapath.withdraw(*subnet))
             }
         };
-        match &result {
-            Ok(()) => {
-                self.failing.remove(&subnet);
-            }
-            Err(e) => {
-                self.failing.insert(subnet, e.to_string());
-            }
+        let made_room = matches!(change, RouteChange::Withdraw { .. })
+            && result.is_ok()
+            && !self.failing.contains_key(&subnet);
+        self.record(&change, &result);
+        if made_room {
+            self.retry_refused();
         }
         result
     }
 
+    fn record(&mut self, change: &RouteChange, result: &Result<(), DatapathError>) {
+        let (subnet, route) = match change {
+            RouteChange::Install(route) => (route.subnet, Some(*route)),
+            RouteChange::Withdraw { subnet, .. } => (*subnet, None),
+        };
+        match result {
+            Ok(()) => {
+                if self.failing.remove(&subnet).is_some_and(|f| f.map_full) && route.is_some() {
+                    tracing::info!("peer {subnet} is in the dataplane now");
+                }
+            }
+            Err(e) => {
+                let failed = Failed {
+                    route,
+                    error: e.to_string(),
+                    map_full: e.is_map_full(),
+                };
+                self.failing.insert(subnet, failed);
+            }
+        }
+    }
+
+    /// A peer left the dataplane: the peers a full map refused get in, in subnet order, until
+    /// one is refused again (then the map is full again, and the rest would be too).
+    fn retry_refused(&mut self) {
+        let refused: Vec<PeerRoute> = self
+            .failing
+            .values()
+            .filter(|f| f.map_full)
+            .filter_map(|f| f.route)
+            .collect();
+        for route in refused {
+            let result = self.datapath.install(&route);
+            let again = result.is_err();
+            self.record(&RouteChange::Install(route), &result);
+            if again {
+                break;
+            }
+        }
+    }
+
+    /// The peers the datapath could not program, with why.
+    pub fn unprogrammed(&self) -> Vec<UnprogrammedPeer> {
+        self.failing
+            .iter()
+            .map(|(subnet, f)| UnprogrammedPeer {
+                subnet: subnet.to_string(),
+                public_ip: f.route.map(|r| r.public_ip),
+                reason: f.error.clone(),
+                map_full: f.map_full,
+            })
+            .collect()
+    }
+
+    /// See [`Datapath::flush`].
+    pub fn flush(&mut self) {
+        self.datapath.flush();
+    }
+
     /// The initial peer list is complete.
     pub fn synced(&mut self) -> Result<(), DatapathError> {
+        self.datapath.flush();
         self.datapath.synced()
     }
 
@@ -674,11 +771,14 @@ impl Overlay {
             return Err(Unhealthy::NotStarted(self.datapath.kind()));
         }
         self.datapath.check()?;
-        match self.failing.iter().next() {
-            Some((subnet, error)) => Err(Unhealthy::PeerFailed {
+        // A full map is not unhealthy: every other peer is forwarded to, and a restart (what a
+        // failing probe leads to) would not make room. Status and metrics name those peers.
+        let broken = || self.failing.iter().filter(|(_, f)| !f.map_full);
+        match broken().next() {
+            Some((subnet, f)) => Err(Unhealthy::PeerFailed {
                 subnet: *subnet,
-                failing: self.failing.len(),
-                error: error.clone(),
+                failing: broken().count(),
+                error: f.error.clone(),
             }),
             None => Ok(()),
         }

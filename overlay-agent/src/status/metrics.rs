@@ -102,7 +102,7 @@ pub fn render(status: &Status) -> String {
             o,
             "overlay_peers",
             "gauge",
-            "Peers in the dataplane, stale ones included.",
+            "Peers known, stale ones included (see overlay_peers_unprogrammed for those not in the dataplane).",
         )
         .sample(&[], c.known);
         family(
@@ -112,6 +112,13 @@ pub fn render(status: &Status) -> String {
             "Peers kept for --expired-peer-grace after their lease expired.",
         )
         .sample(&[], c.stale);
+        family(
+            o,
+            "overlay_peers_unprogrammed",
+            "gauge",
+            "Peers the datapath could not program (a full map); not forwarded to.",
+        )
+        .sample(&[], a.unprogrammed.len());
         family(
             o,
             "overlay_peers_went_stale_total",

@@ -18,7 +18,7 @@ use overlay_common::{CounterSlot, PeerCounters};
 use serde::{Deserialize, Serialize};
 
 use crate::dataplane::{
-    contract::{DatapathError, DatapathInfo},
+    contract::{DatapathError, DatapathInfo, UnprogrammedPeer},
     counters::{CounterSource, Counters, MapFill, PinnedCounters},
     ebpf::pinned::PinnedLinkInfo,
 };
@@ -61,6 +61,9 @@ pub struct AgentState {
     pub peers: Vec<PeerState>,
     /// What the peer set refused and kept, since start.
     pub peer_counts: PeerCountsState,
+    /// Peers the datapath could not program: known, but not forwarded to.
+    #[serde(default)]
+    pub unprogrammed: Vec<UnprogrammedPeer>,
 }
 
 /// The subnet lease.

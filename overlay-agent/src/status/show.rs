@@ -219,6 +219,9 @@ pub fn render(status: &Status, bpffs: &Path) -> String {
                 if p.stale {
                     backend.push_str(" STALE (lease expired, kept for the grace period)");
                 }
+                if let Some(u) = a.unprogrammed.iter().find(|u| u.subnet == p.subnet) {
+                    let _ = write!(backend, " NOT PROGRAMMED: {}", u.reason);
+                }
                 add(p.subnet.clone(), p.public_ip, backend);
             }
             let c = &a.peer_counts;

@@ -48,6 +48,8 @@ pub struct TunDatapath {
     profile: Profile,
     peers: Arc<SharedPeers>,
     routes: BTreeMap<Subnet, PeerRoute>,
+    /// `routes` changed since the forwarder's table was last published.
+    unpublished: bool,
     forwarder: Option<Forwarder>,
     /// The TUN device, once started.
     device: Option<String>,
@@ -73,6 +75,7 @@ impl TunDatapath {
             profile,
             peers: Arc::new(SharedPeers::default()),
             routes: BTreeMap::new(),
+            unpublished: false,
             forwarder: None,
             device: None,
             runtime,
@@ -197,16 +200,24 @@ impl Datapath for TunDatapath {
 
     fn install(&mut self, route: &PeerRoute) -> Result<(), DatapathError> {
         if self.routes.insert(route.subnet, *route) != Some(*route) {
-            self.publish();
+            self.unpublished = true;
         }
         Ok(())
     }
 
     fn withdraw(&mut self, subnet: Subnet) -> Result<(), DatapathError> {
         if self.routes.remove(&subnet).is_some() {
-            self.publish();
+            self.unpublished = true;
         }
         Ok(())
+    }
+
+    fn flush(&mut self) {
+        // Building the table is linear in the peers: once per batch keeps 16k peers at start
+        // from costing 16k tables.
+        if std::mem::take(&mut self.unpublished) {
+            self.publish();
+        }
     }
 
     fn check(&self) -> Result<(), Unhealthy> {
