@@ -340,7 +340,10 @@ fn a_full_peer_map_refuses_the_newcomer_until_a_peer_leaves() {
     let refused = &a.unprogrammed[0];
     assert_eq!(refused.subnet, h2_subnet);
     assert_eq!(refused.public_ip, Some(c.lab.hosts[1].underlay_ip));
-    assert!(refused.map_full && refused.reason.contains("the map is full"), "{refused:?}");
+    assert!(
+        refused.map_full && refused.reason.contains("the map is full"),
+        "{refused:?}"
+    );
     assert_eq!(a.peers.len(), MAX_PEERS as usize + 1);
     let dp = s.dataplane.as_ref().unwrap();
     assert_eq!(dp.routes.len(), MAX_PEERS as usize, "an entry was lost");

@@ -213,6 +213,17 @@ fn preflight_healthz_port_in_use() {
     assert_nothing_left(&c, &[], &log);
 }
 
+/// The TUN datapath's UDP port held by another program: refused before the lease.
+fn preflight_data_port_in_use() {
+    let (_tmp, mut c) = cluster("dataport", "udp");
+    let _taken = h1(&c)
+        .run(|| std::net::UdpSocket::bind(("0.0.0.0", 8285)).unwrap())
+        .unwrap();
+    let log = start_failing(&mut c, &["--datapath=tun"]);
+    assert_refused_early(&log, "UDP port 8285 (udp) is in use on this host");
+    assert_nothing_left(&c, &[], &log);
+}
+
 fn undo_when_the_device_cannot_be_made() {
     let (_tmp, mut c) = cluster("undo-dev", "vxlan");
     // Not the agent's kind of device, nor flanneld's: the datapath refuses to take the name,
@@ -495,6 +506,7 @@ overlay_tests::test_main!(
     root preflight_loopback_interface,
     root preflight_loopback_public_ip,
     root preflight_healthz_port_in_use,
+    root preflight_data_port_in_use,
     root undo_when_the_device_cannot_be_made,
     root undo_when_subnet_env_cannot_be_written,
     root backend_change_udp_to_vxlan,

@@ -7,7 +7,7 @@
 //! new file: a read-only mount fails here), the bpffs pin directory is usable when the eBPF
 //! datapath may run, and, for the backends that forward (udp, vxlan), the underlay is one peers
 //! can reach (not the loopback interface, not a loopback, unspecified, multicast or broadcast
-//! public IP, which peers refuse anyway). The
+//! public IP, which peers refuse anyway), and the TUN datapath's UDP port is free. The
 //! health port is bound before anything else (`daemon::run`), so a port in use fails first too.
 //! What cannot be checked without doing it (the kernel accepting the device, the programs, the
 //! rules) is undone when it fails (`daemon::footprint`).
@@ -75,6 +75,19 @@ pub enum PreflightError {
         /// The interface.
         name: String,
     },
+    /// The TUN datapath's UDP port is held by a socket that is not flannel's.
+    #[error(
+        "UDP port {port} ({backend}) is in use on this host: the TUN datapath receives its \
+         peers' packets there; stop what holds it (ss -ulpn 'sport = :{port}'), or set \
+         Backend.Port in the network config for every host (checked before taking a lease; \
+         nothing was done)"
+    )]
+    DataPortInUse {
+        /// The port.
+        port: u16,
+        /// `udp` or `vxlan`.
+        backend: &'static str,
+    },
     /// The public IP is not one another host can send to (peers refuse such a lease).
     #[error(
         "public IP {ip} is {what}: no other host can send to it, and peers refuse such a \
@@ -121,8 +134,34 @@ pub fn host(
         // auto too: a pin directory that is not on bpffs is a setting to fix, not a kernel
         // without eBPF to fall back from.
         bpffs(&cli.bpffs)?;
+    } else {
+        data_port(&config.backend)?;
     }
     Ok(())
+}
+
+/// The TUN datapath's port can be bound. flanneld's own sockets are the exception: its udp
+/// process holding `flannel0` and its kernel `flannel.<VNI>` are judged (refused, taken over)
+/// where the device is made, with what to do about each.
+fn data_port(backend: &Backend) -> Result<(), PreflightError> {
+    let (port, name, device) = match backend {
+        Backend::Udp { port } => (*port, "udp", "flannel0".to_owned()),
+        Backend::Vxlan { port, vni, .. } => (*port, "vxlan", format!("flannel.{vni}")),
+        Backend::Alloc => return Ok(()),
+    };
+    match std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::AddrInUse
+                && !Path::new("/sys/class/net").join(device).exists() =>
+        {
+            Err(PreflightError::DataPortInUse {
+                port,
+                backend: name,
+            })
+        }
+        // Bound and dropped at once; another error is the datapath's to report.
+        _ => Ok(()),
+    }
 }
 
 /// The subnet file's directory exists or can be created, and takes a new file, which is how the

@@ -59,6 +59,8 @@ async fn run(mut map: EndpointsMap, gateway: Ipv4Addr) {
             return;
         }
     };
+    // Containers the map had no room for, each warned about once until it fits or goes.
+    let mut refused: HashSet<Ipv4Addr> = HashSet::new();
     let mut known: HashMap<Ipv4Addr, Endpoint> = match map.entries() {
         Ok(entries) => entries.into_iter().collect(),
         Err(err) => {
@@ -69,7 +71,7 @@ async fn run(mut map: EndpointsMap, gateway: Ipv4Addr) {
     loop {
         match learn(&netlink, gateway).await {
             Ok(learned) => {
-                apply(&mut map, &mut known, learned.endpoints);
+                apply(&mut map, &mut known, &mut refused, learned.endpoints);
                 forget_stale(&netlink, learned.bridge, learned.stale).await;
             }
             Err(err) => tracing::warn!("learning local containers: {err}"),
@@ -166,8 +168,10 @@ async fn forget_stale(netlink: &Netlink, bridge: u32, stale: Vec<Ipv4Addr>) {
 fn apply(
     map: &mut EndpointsMap,
     known: &mut HashMap<Ipv4Addr, Endpoint>,
+    refused: &mut HashSet<Ipv4Addr>,
     desired: HashMap<Ipv4Addr, Endpoint>,
 ) {
+    refused.retain(|ip| desired.contains_key(ip));
     // Removals first: a stale entry points at a veth that may be gone, and a redirect to it drops.
     let gone: Vec<Ipv4Addr> = known
         .keys()
@@ -190,9 +194,15 @@ fn apply(
         match map.upsert(ip, endpoint) {
             Ok(()) => {
                 known.insert(ip, endpoint);
+                refused.remove(&ip);
                 tracing::debug!(%ip, port = endpoint.host_ifindex, "local container learned");
             }
-            Err(err) => tracing::warn!(%ip, "programming endpoint: {err}"),
+            // Its packets still arrive, through the kernel's stack: a warning, once.
+            Err(err) if refused.insert(ip) => tracing::warn!(
+                %ip,
+                "programming endpoint: {err}; its packets are delivered through the stack"
+            ),
+            Err(err) => tracing::debug!(%ip, "programming endpoint: {err}"),
         }
     }
 }
