@@ -47,36 +47,36 @@ impl DatapathThread {
                 // Events applied but not flushed: flushed once the queue is empty.
                 let mut unflushed = false;
                 loop {
-                    if unflushed {
+                    let cmd = if unflushed {
                         match rx.try_recv() {
-                            Ok(cmd @ DatapathCmd::Event(_)) => {
-                                handle(cmd, &mut overlay, &health);
-                                continue;
-                            }
-                            Ok(cmd) => {
-                                flush(&mut overlay, &health);
-                                unflushed = handle(cmd, &mut overlay, &health);
-                                continue;
-                            }
+                            Ok(cmd) => cmd,
+                            // The queue is empty: the batch takes effect.
                             Err(_) => {
                                 flush(&mut overlay, &health);
                                 unflushed = false;
+                                continue;
                             }
                         }
-                    }
-                    let cmd = match rx.recv_timeout(POLL_INTERVAL) {
-                        Ok(cmd) => cmd,
-                        Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
-                        Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                            if let Some(o) = overlay.as_mut() {
-                                if let Err(e) = o.poll() {
-                                    tracing::error!("datapath: {}", error_chain(&e));
+                    } else {
+                        match rx.recv_timeout(POLL_INTERVAL) {
+                            Ok(cmd) => cmd,
+                            Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+                            Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                                if let Some(o) = overlay.as_mut() {
+                                    if let Err(e) = o.poll() {
+                                        tracing::error!("datapath: {}", error_chain(&e));
+                                    }
+                                    report(&health, o);
                                 }
-                                report(&health, o);
+                                continue;
                             }
-                            continue;
                         }
                     };
+                    // What follows a batch of events sees them applied.
+                    if unflushed && !matches!(cmd, DatapathCmd::Event(_)) {
+                        flush(&mut overlay, &health);
+                        unflushed = false;
+                    }
                     unflushed |= handle(cmd, &mut overlay, &health);
                 }
             })
@@ -158,12 +158,12 @@ fn handle(cmd: DatapathCmd, overlay: &mut Option<Overlay>, health: &Health) -> b
                 ),
                 PeerEvent::Removed(s) => tracing::info!("peer removed: {s}"),
             }
-            if let Some(o) = overlay.as_mut() {
-                if let Err(e) = o.apply(&ev) {
-                    tracing::error!("datapath: {}", error_chain(&e));
-                }
-                report(health, o);
+            if let Some(o) = overlay.as_mut()
+                && let Err(e) = o.apply(&ev)
+            {
+                tracing::error!("datapath: {}", error_chain(&e));
             }
+            // Health and status learn of it at the batch's flush.
             true
         }
         DatapathCmd::Synced(reply) => {
@@ -186,7 +186,7 @@ fn flush(overlay: &mut Option<Overlay>, health: &Health) {
     }
 }
 
-/// What health and status learn from the datapath after each call.
+/// What health and status learn from the datapath after each call (and each batch of events).
 fn report(health: &Health, overlay: &Overlay) {
     health.datapath(overlay.check());
     health.unprogrammed(overlay.unprogrammed());

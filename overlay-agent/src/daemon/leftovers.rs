@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// The device name `backend` runs on, if any.
-fn own_device(backend: &Backend) -> Option<String> {
+pub(super) fn own_device(backend: &Backend) -> Option<String> {
     match backend {
         Backend::Alloc => None,
         Backend::Vxlan { vni, .. } => Some(format!("flannel.{vni}")),

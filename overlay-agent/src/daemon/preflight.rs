@@ -144,19 +144,16 @@ pub fn host(
 /// process holding `flannel0` and its kernel `flannel.<VNI>` are judged (refused, taken over)
 /// where the device is made, with what to do about each.
 fn data_port(backend: &Backend) -> Result<(), PreflightError> {
-    let (port, name, device) = match backend {
-        Backend::Udp { port } => (*port, "udp", "flannel0".to_owned()),
-        Backend::Vxlan { port, vni, .. } => (*port, "vxlan", format!("flannel.{vni}")),
-        Backend::Alloc => return Ok(()),
+    let (Backend::Udp { port } | Backend::Vxlan { port, .. }) = *backend else {
+        return Ok(());
     };
+    let flannels = super::leftovers::own_device(backend)
+        .is_some_and(|d| Path::new("/sys/class/net").join(d).exists());
     match std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
-        Err(e)
-            if e.kind() == std::io::ErrorKind::AddrInUse
-                && !Path::new("/sys/class/net").join(device).exists() =>
-        {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && !flannels => {
             Err(PreflightError::DataPortInUse {
                 port,
-                backend: name,
+                backend: backend.type_name(),
             })
         }
         // Bound and dropped at once; another error is the datapath's to report.
